@@ -1,0 +1,107 @@
+// Shared by the CPU and CUDA implementations of the fusedres BatchNorm ops.
+//
+// Every op sees its 4-D activation as a dense [outer, C, inner] array:
+//   NCHW contiguous:      outer = N,       inner = H * W
+//   channels_last (NHWC): outer = N * H*W, inner = 1
+// so one indexing rule, offset = (o * C + c) * inner + k, serves both memory formats, and an
+// elementwise kernel finds the channel of storage index i as (i / inner) % C.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fusedres {
+
+struct ChannelView {
+  int64_t outer;  // N (NCHW) or N*H*W (channels_last)
+  int64_t channels;
+  int64_t inner;  // H*W (NCHW) or 1 (channels_last)
+  int64_t numel() const { return outer * channels * inner; }
+  int64_t count() const { return outer * inner; }  // values per channel
+};
+
+inline ChannelView channel_view(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, "fusedres: ", name, " must have at least 2 dimensions [N, C, ...], got ",
+              x.dim());
+  const int64_t channels = x.size(1);
+  ChannelView v{0, channels, 1};
+  if (x.is_contiguous()) {
+    v.inner = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) v.inner *= x.size(d);
+    v.outer = x.size(0);
+  } else if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    v.inner = 1;
+    v.outer = x.size(0) * x.size(2) * x.size(3);
+  } else {
+    TORCH_CHECK(false, "fusedres: ", name,
+                " must be contiguous in NCHW or channels_last memory format, got strides ",
+                x.strides());
+  }
+  return v;
+}
+
+inline void check_same_layout(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fusedres: ", name, " must have shape ", ref.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.strides() == ref.strides(), "fusedres: ", name,
+              " must have the same memory format (strides) as input: expected ", ref.strides(),
+              ", got ", t.strides());
+  TORCH_CHECK(t.device() == ref.device(), "fusedres: ", name, " is on ", t.device(),
+              " but input is on ", ref.device());
+}
+
+inline void check_channel_vector(const at::Tensor& ref, const at::Tensor& v, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == ref.size(1), "fusedres: ", name,
+              " must be a 1-D tensor of ", ref.size(1), " per-channel values, got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, "fusedres: ", name,
+              " must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == ref.device(), "fusedres: ", name, " is on ", v.device(),
+              " but input is on ", ref.device());
+  TORCH_CHECK(v.is_contiguous(), "fusedres: ", name, " must be contiguous");
+}
+
+inline void check_float_input(const at::Tensor& x, const char* name) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "fusedres: ", name, " must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+// Per-channel statistics are accumulated in float32, or float64 for float64 input.
+inline at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// nn.BatchNorm2d's running-statistics update, shared by every device:
+//   running_mean = (1 - f) * running_mean + f * mean
+//   running_var  = (1 - f) * running_var  + f * var * n / (n - 1)   (unbiased)
+// `momentum` is the exponential-average factor f the module computed (its momentum, or
+// 1 / num_batches_tracked when momentum is None). Done with ATen ops on [C] vectors.
+inline void update_running_stats(const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var,
+                                 const at::Tensor& mean, const at::Tensor& biased_var, int64_t count,
+                                 double momentum) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "fusedres: running_mean and running_var must be given together");
+  if (!running_mean.has_value()) return;
+  TORCH_CHECK(count > 1, "fusedres: the running variance needs more than 1 value per channel");
+  at::NoGradGuard no_grad;
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  auto& rm = *running_mean;
+  auto& rv = *running_var;
+  rm.copy_(rm.to(mean.scalar_type()) * (1.0 - momentum) + mean * momentum);
+  rv.copy_(rv.to(mean.scalar_type()) * (1.0 - momentum) + biased_var * (momentum * unbias));
+}
+
+inline void check_running(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                          const c10::optional<at::Tensor>& running_var) {
+  for (const auto* rt : {&running_mean, &running_var}) {
+    if (!rt->has_value()) continue;
+    const auto& r = **rt;
+    TORCH_CHECK(r.dim() == 1 && r.size(0) == x.size(1),
+                "fusedres: running statistics must have shape [", x.size(1), "], got ", r.sizes());
+    TORCH_CHECK(r.device() == x.device(), "fusedres: running statistics are on ", r.device(),
+                " but input is on ", x.device());
+  }
+}
+
+}  // namespace fusedres

@@ -1,0 +1,44 @@
+// Op schemas of the fusedres extension. The CPU and CUDA implementations register themselves
+// with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; Python calls them as torch.ops.fusedres.<op>.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedres, m) {
+  // Per-channel batch mean and inverse standard deviation 1/sqrt(var + eps) (biased variance) of
+  // an [N, C, ...] activation, accumulated in float32 (float64 for float64 input). When running
+  // statistics are given they are updated in place as nn.BatchNorm2d does, with `momentum` the
+  // exponential-average factor.
+  m.def(
+      "bn_stats(Tensor input, float eps, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float momentum) -> (Tensor mean, Tensor invstd)");
+  // y = act((input - mean[c]) * scale[c] + shift[c] + residual), act = ReLU or identity.
+  // mean and scale are optional (absent: 0 and 1), which makes this also the epilogue of a
+  // BN-folded conv: y = act(conv + bias[c] + residual).
+  m.def(
+      "bn_act_forward(Tensor input, Tensor? mean, Tensor? scale, Tensor shift, Tensor? residual, "
+      "bool relu) -> Tensor");
+  // Backward reduction: with dz = grad_output * relu_mask, returns sum(dz) and sum(dz * (x - mean))
+  // per channel, and dz itself when write_grad_z (the residual's gradient). The ReLU mask is
+  // output > 0 when output is given, else (x - mean) * scale + shift > 0.
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor scale, "
+      "Tensor shift, Tensor? output, bool relu, bool write_grad_z) -> "
+      "(Tensor sum_dz, Tensor sum_dz_xmu, Tensor grad_z)");
+  // Backward elementwise: dz = relu ? grad * [(x - mean) * scale + shift > 0] : grad;
+  // grad_input = scale * dz + (x - mean) * coef_xmu + coef_c.
+  m.def(
+      "bn_act_backward_elementwise(Tensor grad, Tensor input, Tensor mean, Tensor scale, "
+      "Tensor shift, Tensor coef_xmu, Tensor coef_c, bool relu) -> Tensor");
+}
+
+// `import fusedres._C` loads this library, which runs the registrations above.
+static struct PyModuleDef fusedres_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedres_module); }
+
+// Whether this build contains the CUDA kernels, for fusedres.backends().
+namespace fusedres {
+bool built_with_cuda();
+}
+TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def("built_with_cuda() -> bool", [] { return fusedres::built_with_cuda(); });
+}

@@ -1,0 +1,245 @@
+"""Drop-in fused residual blocks with torchvision's constructor signatures and state_dict keys.
+
+FusedBasicBlock and FusedBottleneck hold the same submodules as torchvision's BasicBlock and
+Bottleneck (conv1, bn1, conv2, bn2[, conv3, bn3], relu, downsample), so checkpoints load both
+ways with strict=True; only forward differs. Each conv -> BN -> (add) -> ReLU runs as one
+fusedres.autograd unit:
+  training                       batch statistics, running statistics updated as nn does
+  eval, gradients needed         running statistics as constants, full backward
+  eval, no gradients (inference) BN folded into the conv weights (cached until they change),
+                                 then one bias + residual + ReLU epilogue pass
+A block whose convs or norm layers are not plain nn.Conv2d / nn.BatchNorm2d (a custom
+norm_layer, SyncBatchNorm, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference
+torchvision forward instead and says so once.
+"""
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .autograd import conv_bias_act_inference, conv_bn_act
+from .ops import fold_bn
+
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (torchvision's helper)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution (torchvision's helper)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
+    """None if conv -> bn can run as a fused unit, else why not."""
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
+    if isinstance(conv.padding, str):
+        return f"conv padding={conv.padding!r} (only explicit padding is fused)"
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    return None
+
+
+def _check_input(x: torch.Tensor, conv: nn.Conv2d, block: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{block}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{block}: expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"{block}: input has {x.shape[1]} channels but the block expects {conv.in_channels} "
+                         f"(conv1.in_channels); input shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{block}: input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+                        f"got {x.dtype}")
+    if x.device != conv.weight.device:
+        raise ValueError(f"{block}: input is on {x.device} but the block's weights are on {conv.weight.device}")
+
+
+def _grad_needed(x, residual, *modules) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or (residual is not None and residual.requires_grad):
+        return True
+    return any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+
+
+class _FusedBlockBase(nn.Module):
+    """forward() plumbing shared by the fused blocks; subclasses define `_units()`."""
+
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
+                 residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        """act(bn(conv(x)) + residual), with nn.BatchNorm2d.forward's own bookkeeping."""
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        track = not bn.training or bn.track_running_stats
+        running_mean = bn.running_mean if track else None
+        running_var = bn.running_var if track else None
+        conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        if not batch_stats and not _grad_needed(x, residual, conv, bn):
+            weight, bias = self._folded(conv, bn)
+            return conv_bias_act_inference(x, weight, bias, residual, relu=relu, **conv_args)
+        return conv_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var, residual,
+                           eps=bn.eps, momentum=momentum, batch_stats=batch_stats, relu=relu, **conv_args)
+
+    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version)."""
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+        key += (bn.eps,)
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        hit = cache.get(id(conv))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    bn.eps))
+            cache[id(conv)] = hit
+        return hit[1]
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds).forward is nn.Sequential.forward
+                and unfusable_reason(ds[0], ds[1]) is None):
+            return self._conv_bn(ds[0], ds[1], x, relu=False)
+        return ds(x)
+
+    def _fallback_reason(self) -> Optional[str]:
+        for conv, bn in self._units():
+            why = unfusable_reason(conv, bn)
+            if why is not None:
+                return why
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        _check_input(x, self.conv1, name)
+        why = self._fallback_reason()
+        if why is not None:
+            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+            return self._reference_forward(x)
+        return self._fused_forward(x)
+
+
+class FusedBasicBlock(_FusedBlockBase):
+    """torchvision.models.resnet.BasicBlock, fused: conv-BN-ReLU, then conv-BN-add-ReLU."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def _units(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2))
+
+    def _fused_forward(self, x):
+        identity = self._shortcut(x)
+        out = self._conv_bn(self.conv1, self.bn1, x)
+        return self._conv_bn(self.conv2, self.bn2, out, residual=identity)
+
+    def _reference_forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+    @classmethod
+    def from_module(cls, block: nn.Module) -> "FusedBasicBlock":
+        """A FusedBasicBlock sharing `block`'s submodules (and so its parameters and buffers)."""
+        return _adopt(cls, block, ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"))
+
+
+class FusedBottleneck(_FusedBlockBase):
+    """torchvision.models.resnet.Bottleneck (ResNet v1.5: stride on the 3x3), fused."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def _units(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+
+    def _fused_forward(self, x):
+        identity = self._shortcut(x)
+        out = self._conv_bn(self.conv1, self.bn1, x)
+        out = self._conv_bn(self.conv2, self.bn2, out)
+        return self._conv_bn(self.conv3, self.bn3, out, residual=identity)
+
+    def _reference_forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+    @classmethod
+    def from_module(cls, block: nn.Module) -> "FusedBottleneck":
+        """A FusedBottleneck sharing `block`'s submodules (and so its parameters and buffers)."""
+        return _adopt(cls, block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"))
+
+
+def _adopt(cls, block: nn.Module, names) -> nn.Module:
+    missing = [n for n in names if not hasattr(block, n)]
+    if missing:
+        raise TypeError(f"{cls.__name__}.from_module: {type(block).__name__} lacks {', '.join(missing)}; "
+                        f"expected a torchvision-style {cls.__name__[len('Fused'):]}")
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    for n in names:
+        setattr(fused, n, getattr(block, n))
+    fused.stride = getattr(block, "stride", fused.conv2.stride[0] if hasattr(fused, "conv2") else 1)
+    fused.train(block.training)
+    return fused

@@ -1,0 +1,164 @@
+"""Op: normalize-activate y = act((x - mean[c]) * scale[c] + shift[c] + residual) and its backward.
+
+Forward is one elementwise pass. With mean and scale absent it is the epilogue of a BN-folded conv,
+y = act(conv + bias[c] + residual). Backward, with dz = grad * relu_mask:
+  bn_act_backward_reduce       one pass: sum(dz), sum(dz * (x - mean)), and dz when asked
+  bn_act_backward_elementwise  one pass: grad_input = scale * dz + (x - mean) * coef_xmu + coef_c
+Reference here; kernels in fusedres/kernels/bn_act_triton.py, csrc/cpu/bn_act_cpu.cpp and
+csrc/cuda/bn_act_cuda.cu.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validate
+from .layout import dense, like, stats_dtype
+from .registry import register, resolve
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _relu_mask(x, mean, scale, shift, output):
+    if output is not None:
+        return output > 0
+    return (x - _per_channel(mean, x)) * _per_channel(scale, x) + _per_channel(shift, x) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain PyTorch references, computed in the statistics dtype (float32, float64 for float64 x).
+# ---------------------------------------------------------------------------------------------
+def bn_act_forward_reference(x, mean, scale, shift, residual, relu):
+    acc = stats_dtype(x)
+    z = x.to(acc)
+    if mean is not None:
+        z = z - _per_channel(mean, x)
+    if scale is not None:
+        z = z * _per_channel(scale, x)
+    z = z + _per_channel(shift, x)
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
+
+
+def bn_act_backward_reduce_reference(grad_output, x, mean, scale, shift, output, relu, write_grad_z):
+    acc = stats_dtype(x)
+    xf = x.to(acc)
+    dz = grad_output.to(acc)
+    if relu:
+        dz = torch.where(_relu_mask(xf, mean, scale, shift, None if output is None else output.to(acc)), dz, 0)
+    dims = [0] + list(range(2, x.dim()))
+    sum_dz = dz.sum(dims)
+    sum_dz_xmu = (dz * (xf - _per_channel(mean, x))).sum(dims)
+    grad_z = dz.to(grad_output.dtype) if write_grad_z else grad_output.new_empty(0)
+    return sum_dz, sum_dz_xmu, grad_z
+
+
+def bn_act_backward_elementwise_reference(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
+    acc = stats_dtype(x)
+    xf = x.to(acc)
+    dz = grad.to(acc)
+    if relu:
+        dz = torch.where(_relu_mask(xf, mean, scale, shift, None), dz, 0)
+    xmu = xf - _per_channel(mean, x)
+    dx = _per_channel(scale, x) * dz + xmu * _per_channel(coef_xmu, x) + _per_channel(coef_c, x)
+    return dx.to(x.dtype)
+
+
+register("bn_act_forward", "reference")(bn_act_forward_reference)
+register("bn_act_backward_reduce", "reference")(bn_act_backward_reduce_reference)
+register("bn_act_backward_elementwise", "reference")(bn_act_backward_elementwise_reference)
+
+for _backend in ("cpu", "cuda"):
+    register("bn_act_forward", _backend)(lambda *a: torch.ops.fusedres.bn_act_forward(*a))
+    register("bn_act_backward_reduce", _backend)(lambda *a: torch.ops.fusedres.bn_act_backward_reduce(*a))
+    register("bn_act_backward_elementwise", _backend)(lambda *a: torch.ops.fusedres.bn_act_backward_elementwise(*a))
+
+
+@register("bn_act_forward", "triton")
+def _forward_triton(*args):
+    from ..kernels.bn_act_triton import bn_act_forward_triton
+
+    return bn_act_forward_triton(*args)
+
+
+@register("bn_act_backward_reduce", "triton")
+def _backward_reduce_triton(*args):
+    from ..kernels.bn_act_triton import bn_act_backward_reduce_triton
+
+    return bn_act_backward_reduce_triton(*args)
+
+
+@register("bn_act_backward_elementwise", "triton")
+def _backward_elementwise_triton(*args):
+    from ..kernels.bn_act_triton import bn_act_backward_elementwise_triton
+
+    return bn_act_backward_elementwise_triton(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: validate, bring every tensor to one layout and dtype, dispatch.
+# ---------------------------------------------------------------------------------------------
+def _params(x, **vectors):
+    acc = stats_dtype(x)
+    out = []
+    for name, v in vectors.items():
+        _validate.channel_vector(x, v, name)
+        out.append(None if v is None else v.detach().to(acc).contiguous())
+    return out
+
+
+def bn_act_forward(x: torch.Tensor, mean: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                   shift: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+    """y = act((x - mean) * scale + shift + residual).
+
+    Args:
+        x (Tensor[N, C, H, W]): NCHW or channels_last; y has the same dtype and memory format.
+        mean, scale (Tensor[C], optional): absent means 0 and 1.
+        shift (Tensor[C]): beta in training, the folded bias in inference.
+        residual (Tensor[N, C, H, W], optional): added before the activation.
+        relu: ReLU if True, identity if False.
+    """
+    _validate.activation(x, "x")
+    if shift is None:
+        raise ValueError("fusedres: shift must be a tensor of per-channel values, got None")
+    _validate.same_shape(x, residual, "residual")
+    x = dense(x)
+    mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
+    _, impl = resolve("bn_act_forward", x.device)
+    return impl(x, mean, scale, shift, like(residual, x), bool(relu))
+
+
+def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                           shift: torch.Tensor, output: Optional[torch.Tensor] = None, relu: bool = True,
+                           write_grad_z: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum(dz), sum(dz * (x - mean)), dz or an empty tensor), per channel, dz = grad * relu mask.
+
+    The mask is output > 0 when the forward output is given (needed with a residual), else it is
+    recomputed from x as (x - mean) * scale + shift > 0.
+    """
+    _validate.activation(x, "x")
+    _validate.same_shape(x, grad_output, "grad_output")
+    _validate.same_shape(x, output, "output")
+    x = dense(x)
+    mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
+    grad_output = like(grad_output.to(x.dtype), x)
+    _, impl = resolve("bn_act_backward_reduce", x.device)
+    return impl(grad_output, x, mean, scale, shift, like(output, x), bool(relu), bool(write_grad_z))
+
+
+def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                                shift: torch.Tensor, coef_xmu: torch.Tensor, coef_c: torch.Tensor,
+                                relu: bool = True) -> torch.Tensor:
+    """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * [(x-mean)*scale+shift > 0] if relu."""
+    _validate.activation(x, "x")
+    _validate.same_shape(x, grad, "grad")
+    x = dense(x)
+    mean, scale, shift, coef_xmu, coef_c = _params(x, mean=mean, scale=scale, shift=shift,
+                                                   coef_xmu=coef_xmu, coef_c=coef_c)
+    grad = like(grad.to(x.dtype), x)
+    _, impl = resolve("bn_act_backward_elementwise", x.device)
+    return impl(grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))

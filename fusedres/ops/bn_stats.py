@@ -1,0 +1,76 @@
+"""Op: BatchNorm batch statistics (per-channel mean and 1/sqrt(var + eps)) with the running update.
+
+Reference here; kernels in fusedres/kernels/bn_stats_triton.py, csrc/cpu/bn_stats_cpu.cpp and
+csrc/cuda/bn_stats_cuda.cu, all registered under the one name "bn_stats".
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validate
+from .layout import channel_view, dense, stats_dtype
+from .registry import register, resolve
+
+
+def bn_stats_reference(x: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
+                       running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch in float64, rounded to the statistics dtype at the end."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)
+    count = x.numel() // x.shape[1]
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1))
+            running_mean.copy_(running_mean.to(torch.float64) * (1 - momentum) + mean * momentum)
+            running_var.copy_(running_var.to(torch.float64) * (1 - momentum) + unbiased * momentum)
+    acc = stats_dtype(x)
+    return mean.to(acc), (var + eps).rsqrt().to(acc)
+
+
+register("bn_stats", "reference")(bn_stats_reference)
+
+
+@register("bn_stats", "cpu")
+@register("bn_stats", "cuda")
+def _bn_stats_extension(x, eps, running_mean, running_var, momentum):
+    return torch.ops.fusedres.bn_stats(x, eps, running_mean, running_var, momentum)
+
+
+@register("bn_stats", "triton")
+def _bn_stats_triton(x, eps, running_mean, running_var, momentum):
+    from ..kernels.bn_stats_triton import bn_stats_triton
+
+    return bn_stats_triton(x, eps, running_mean, running_var, momentum)
+
+
+def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
+             running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch statistics of x.
+
+    Args:
+        x (Tensor[N, C, H, W]): NCHW or channels_last, any float dtype.
+        eps: added to the biased variance before the inverse square root.
+        running_mean, running_var (Tensor[C], optional): updated in place as nn.BatchNorm2d does.
+        momentum: the exponential-average factor f: running = (1 - f) * running + f * batch
+            (the module passes 1 / num_batches_tracked for momentum=None).
+    Returns:
+        mean, invstd (Tensor[C]): float32 (float64 for float64 x).
+    """
+    _validate.activation(x, "x")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fusedres: running_mean and running_var must be given together")
+    for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+        _validate.channel_vector(x, r, name)
+        if r is not None and not r.is_contiguous():
+            raise ValueError(f"fusedres: {name} must be contiguous")
+    x = dense(x)
+    count = channel_view(x).count
+    if count == 0:
+        raise ValueError(f"fusedres: bn_stats needs at least one value per channel, got shape {tuple(x.shape)}")
+    if running_mean is not None and count < 2:
+        raise ValueError("fusedres: the running variance needs more than 1 value per channel, "
+                         f"got input size {tuple(x.shape)}")
+    _, impl = resolve("bn_stats", x.device)
+    return impl(x, float(eps), running_mean, running_var, float(momentum))

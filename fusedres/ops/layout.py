@@ -1,0 +1,58 @@
+"""Memory-layout helpers shared by every backend of the BatchNorm ops.
+
+A 4-D activation in NCHW or channels_last is seen as a dense [outer, C, inner] array
+(NCHW: outer = N, inner = H*W; channels_last: outer = N*H*W, inner = 1), so storage index i
+belongs to channel (i // inner) % C. Same rule as csrc/bn_common.h.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class ChannelView(NamedTuple):
+    outer: int
+    channels: int
+    inner: int
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.outer * self.inner
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself if it is NCHW- or channels_last-contiguous, else a copy in the format it suggests."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    fmt = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def like(t: Optional[torch.Tensor], ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """t with ref's memory format (strides), copied only when they differ."""
+    if t is None or t.stride() == ref.stride():
+        return t
+    fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def channel_view(x: torch.Tensor) -> ChannelView:
+    """[outer, C, inner] view of a dense x (see module docstring)."""
+    channels = x.shape[1]
+    if x.is_contiguous():
+        inner = 1
+        for s in x.shape[2:]:
+            inner *= s
+        return ChannelView(x.shape[0], channels, inner)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return ChannelView(x.shape[0] * x.shape[2] * x.shape[3], channels, 1)
+    raise ValueError(f"fusedres: expected an NCHW- or channels_last-contiguous tensor, got strides {x.stride()}")
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-channel statistics are float32, or float64 for float64 activations."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

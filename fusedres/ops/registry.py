@@ -1,0 +1,162 @@
+"""The one op registry: every backend of every op, and the dispatch between them.
+
+Backends:
+  reference  plain PyTorch (any device; also the fallback for unsupported cases)
+  cpu        C++ kernels of fusedres._C, CPU tensors
+  cuda       CUDA kernels of fusedres._C, CUDA tensors
+  triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
+`set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks cuda > triton > reference on a
+GPU and cpu > reference on the CPU. A backend that was asked for but cannot run a call falls back
+to the reference path and warns once per (op, backend, reason).
+"""
+import contextlib
+import importlib.util
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .. import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_CHOICES = ("auto",) + BACKENDS
+
+_impls: Dict[str, Dict[str, Callable]] = {}
+_state = threading.local()
+_default_backend = None
+_warned = set()
+_warn_lock = threading.Lock()
+
+
+def register(op: str, backend: str):
+    """Decorator: fn implements `op` for `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fusedres: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _impls.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def _check_choice(name: str, source: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"fusedres: {source} must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernels: "auto" | "triton" | "cuda" | "cpu" | "reference" (process-wide)."""
+    global _default_backend
+    _default_backend = _check_choice(name, "backend")
+
+
+def get_backend() -> str:
+    override = getattr(_state, "override", None)
+    if override is not None:
+        return override
+    if _default_backend is not None:
+        return _default_backend
+    return _check_choice(os.environ.get("FUSEDRES_BACKEND", "auto"), "FUSEDRES_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily choose a backend in this thread (tests and benchmarks)."""
+    _check_choice(name, "backend")
+    previous = getattr(_state, "override", None)
+    _state.override = name
+    try:
+        yield
+    finally:
+        _state.override = previous
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_missing() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None if `backend` can run on `device`, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if not _extension.loaded():
+            return _extension.LOAD_ERROR
+        return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, got a {device.type} tensor"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
+        if not _extension.loaded():
+            return _extension.LOAD_ERROR
+        if not _extension.built_with_cuda():
+            return "fusedres._C was built without CUDA kernels"
+        return None
+    if backend == "triton":
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        return f"triton runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got a {device.type} tensor"
+    raise ValueError(f"fusedres: unknown backend {backend!r}")
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """What each backend can run here: {name: {"cpu": reason-or-True, "cuda": reason-or-True}}."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    table = {}
+    for b in BACKENDS:
+        table[b] = {}
+        for d in devices:
+            why = unavailable_reason(b, d)
+            table[b][d.type] = True if why is None else why
+    table["selected"] = get_backend()
+    return table
+
+
+def _auto(device: torch.device) -> str:
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    for b in order:
+        if unavailable_reason(b, device) is None:
+            return b
+    return "reference"
+
+
+def warn_once(key, message: str) -> None:
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
+    """(backend, implementation) that runs `op` on `device` under the current choice."""
+    impls = _impls[op]
+    choice = get_backend()
+    backend = _auto(device) if choice == "auto" else choice
+    why = unavailable_reason(backend, device)
+    if why is None and backend not in impls:
+        why = f"{op} has no {backend} implementation"
+    if why is not None:
+        warn_once((op, backend, why), f"fusedres: {op}: backend {backend!r} unavailable ({why}); "
+                                      "using the reference PyTorch path")
+        backend = "reference"
+    return backend, impls[backend]
+
+
+def implementations(op: str) -> Dict[str, Callable]:
+    """Every registered backend of `op` (tests check them against each other)."""
+    return dict(_impls[op])
