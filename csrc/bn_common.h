@@ -10,6 +10,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <limits>
+
 namespace fusedres {
 
 struct ChannelView {
@@ -38,6 +41,33 @@ inline ChannelView channel_view(const at::Tensor& x, const char* name) {
                 x.strides());
   }
   return v;
+}
+
+// Output allocation. With FUSEDRES_POISON_OUTPUTS=1 (the test suite sets it) outputs start as NaN,
+// so an element a kernel fails to write shows up in the comparison with the reference.
+inline bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSEDRES_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+inline at::Tensor new_output_like(const at::Tensor& ref) {
+  auto out = at::empty_like(ref);
+  if (poison_outputs() && out.numel() > 0) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+inline at::Tensor new_channel_output(const at::Tensor& ref, at::ScalarType dtype) {
+  auto out = at::empty({ref.size(1)}, ref.options().dtype(dtype));
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+inline at::Tensor new_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poison_outputs() ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options)
+                          : at::empty(sizes, options);
 }
 
 inline void check_same_layout(const at::Tensor& ref, const at::Tensor& t, const char* name) {

@@ -26,7 +26,7 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::T
   if (scale) check_channel_vector(input, *scale, "scale");
   check_channel_vector(input, shift, "shift");
   if (residual) check_same_layout(input, *residual, "residual");
-  auto out = at::empty_like(input);
+  auto out = new_output_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const auto mu = channel_params<acc_t>(mean, v.channels, 0);
@@ -62,9 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   check_channel_vector(input, scale, "scale");
   check_channel_vector(input, shift, "shift");
   if (output) check_same_layout(input, *output, "output");
-  auto grad_z = write_grad_z ? at::empty_like(grad_output) : at::empty({0}, grad_output.options());
-  auto sum_dz = at::empty({v.channels}, input.options().dtype(stats_dtype(input)));
-  auto sum_dz_xmu = at::empty_like(sum_dz);
+  auto grad_z = write_grad_z ? new_output_like(grad_output) : at::empty({0}, grad_output.options());
+  auto sum_dz = new_channel_output(input, stats_dtype(input));
+  auto sum_dz_xmu = new_channel_output(input, stats_dtype(input));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const auto mu = channel_params<acc_t>(mean, v.channels, 0);
@@ -107,7 +107,7 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
                                 {scale, "scale"}, {shift, "shift"}, {coef_xmu, "coef_xmu"},
                                 {coef_c, "coef_c"}})
     check_channel_vector(input, t, name);
-  auto grad_input = at::empty_like(input);
+  auto grad_input = new_output_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_elementwise_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const auto mu = channel_params<acc_t>(mean, v.channels, 0);

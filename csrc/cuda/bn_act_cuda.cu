@@ -153,7 +153,7 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const c10::optional<at::
     res = residual->to(input.scalar_type());
   }
   c10::cuda::CUDAGuard guard(input.device());
-  auto out = at::empty_like(input);
+  auto out = new_output_like(input);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_forward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -191,13 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   }
   c10::cuda::CUDAGuard guard(input.device());
   const auto acc = stats_dtype(input);
-  auto grad_z = write_grad_z ? at::empty_like(grad_output) : at::empty({0}, grad_output.options());
+  auto grad_z = write_grad_z ? new_output_like(grad_output) : at::empty({0}, grad_output.options());
   if (v.count() == 0) {
     auto zeros = at::zeros({v.channels}, input.options().dtype(acc));
     return {zeros, zeros.clone(), grad_z};
   }
   const ReduceShape shape = reduce_shape(v, input.get_device());
-  auto part = at::empty({2, static_cast<int64_t>(shape.grid.y), v.channels}, input.options().dtype(acc));
+  auto part = new_scratch({2, static_cast<int64_t>(shape.grid.y), v.channels}, input.options().dtype(acc));
   const auto mean_a = mean.to(acc), scale_a = scale.to(acc), shift_a = shift.to(acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -230,7 +230,7 @@ at::Tensor bn_act_backward_elementwise_cuda(const at::Tensor& grad, const at::Te
   const auto mean_a = as_acc(mean, "mean"), scale_a = as_acc(scale, "scale"), shift_a = as_acc(shift, "shift");
   const auto kx = as_acc(coef_xmu, "coef_xmu"), kc = as_acc(coef_c, "coef_c");
   c10::cuda::CUDAGuard guard(input.device());
-  auto grad_input = at::empty_like(input);
+  auto grad_input = new_output_like(input);
   if (grad_input.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_elementwise_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;

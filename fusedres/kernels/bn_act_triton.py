@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import channel_view, stats_dtype
+from ..ops.layout import channel_view, new_output_like, poison_outputs, stats_dtype
 from .bn_stats_triton import _tl_acc
 from .tiles import reduce_launch_shape, tile_count, tile_offsets
 
@@ -102,7 +102,7 @@ def _elementwise_grid(numel):
 def bn_act_forward_triton(x, mean, scale, shift, residual, relu):
     """y [same shape/strides as x] = act((x - mean) * scale + shift + residual)."""
     _, channels, inner = channel_view(x)
-    y = torch.empty_like(x)
+    y = new_output_like(x)
     if x.numel() == 0:
         return y
     _bn_act_forward_kernel[_elementwise_grid(x.numel())](
@@ -118,12 +118,13 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
     """(sum dz, sum dz*(x - mean), dz or empty) with dz = grad_output * relu mask."""
     outer, channels, inner = channel_view(x)
     acc = stats_dtype(x)
-    grad_z = torch.empty_like(grad_output) if write_grad_z else grad_output.new_empty(0)
+    grad_z = new_output_like(grad_output) if write_grad_z else grad_output.new_empty(0)
     if outer * inner == 0:
         zeros = torch.zeros(channels, dtype=acc, device=x.device)
         return zeros, zeros.clone(), grad_z
     block_c, block_r, outer_per_split, splits = reduce_launch_shape(outer, channels, inner, x.device)
-    part = torch.empty((2, splits, channels), dtype=acc, device=x.device)
+    part = torch.full((2, splits, channels), float("nan"), dtype=acc, device=x.device) if poison_outputs() \
+        else torch.empty((2, splits, channels), dtype=acc, device=x.device)
     _bn_act_backward_reduce_kernel[(triton.cdiv(channels, block_c), splits)](
         grad_output, x, output if output is not None else x, grad_z if write_grad_z else x,
         mean, scale, shift, part, outer, channels, inner, outer_per_split, splits,
@@ -136,7 +137,7 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
 def bn_act_backward_elementwise_triton(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
     """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * relu mask."""
     _, channels, inner = channel_view(x)
-    grad_input = torch.empty_like(x)
+    grad_input = new_output_like(x)
     if x.numel() == 0:
         return grad_input
     _bn_act_backward_elementwise_kernel[_elementwise_grid(x.numel())](

@@ -4,6 +4,7 @@ A 4-D activation in NCHW or channels_last is seen as a dense [outer, C, inner] a
 (NCHW: outer = N, inner = H*W; channels_last: outer = N*H*W, inner = 1), so storage index i
 belongs to channel (i // inner) % C. Same rule as csrc/bn_common.h.
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -51,6 +52,26 @@ def channel_view(x: torch.Tensor) -> ChannelView:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return ChannelView(x.shape[0] * x.shape[2] * x.shape[3], channels, 1)
     raise ValueError(f"fusedres: expected an NCHW- or channels_last-contiguous tensor, got strides {x.stride()}")
+
+
+def poison_outputs() -> bool:
+    """FUSEDRES_POISON_OUTPUTS=1 (set by the tests): kernels' outputs start as NaN, so an element a
+    kernel fails to write shows up against the reference. Same switch as csrc/bn_common.h."""
+    return os.environ.get("FUSEDRES_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output_like(ref: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(ref)
+    if poison_outputs() and out.numel() > 0:
+        out.fill_(float("nan"))
+    return out
+
+
+def new_channel_output(channels: int, dtype: torch.dtype, device) -> torch.Tensor:
+    out = torch.empty(channels, dtype=dtype, device=device)
+    if poison_outputs():
+        out.fill_(float("nan"))
+    return out
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,71 @@
+"""Shared test helpers: device/backend cases, inputs, per-dtype tolerances, comparisons."""
+import contextlib
+import os
+
+import pytest
+import torch
+
+import fusedres
+from fusedres.ops.registry import resolve
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cases():
+    cases = [pytest.param("cpu", "reference", id="cpu-reference"), pytest.param("cpu", "cpu", id="cpu-cpp")]
+    if INTERPRETED:
+        cases.append(pytest.param("cpu", "triton", id="cpu-triton-interpreted"))
+    for b in ("reference", "cuda", "triton"):
+        cases.append(pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.needs_cuda))
+    return cases
+
+
+# (device, backend) pairs every op test runs over; every backend is compared with the same
+# float64 reference, so they are also checked against each other.
+BACKEND_CASES = _cases()
+FAST_BACKENDS = [c for c in BACKEND_CASES if c.values[1] != "reference"]
+
+OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise")
+
+
+@contextlib.contextmanager
+def backend(name: str, device: str):
+    """Select `name` and fail (rather than silently test the fallback) if it cannot run on `device`."""
+    with fusedres.use_backend(name):
+        for op in OPS:
+            chosen, _ = resolve(op, torch.device(device))
+            assert chosen == name, f"{op}: backend {name} did not run on {device} (got {chosen})"
+        yield
+
+
+# (atol, rtol) of an activation-sized result against a float64 reference, by result dtype:
+# float32 results are a few ulps off; half types one rounding of the output (fp16 2^-11, bf16 2^-8).
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def activation(shape, dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format, spread=1.0):
+    """Random activation with a non-zero mean that differs per channel."""
+    n, c = shape[0], shape[1]
+    per_channel = torch.randn(c, dtype=torch.float64) * 2 + 0.5
+    x = torch.randn(shape, dtype=torch.float64) * spread + per_channel.view(1, c, 1, 1)
+    return x.to(dtype=dtype, device=device).contiguous(memory_format=memory_format)
+
+
+def assert_close(actual, expected, dtype=None, atol=None, rtol=None, msg=""):
+    """Per-dtype tolerances; NaN/Inf must sit at the same positions."""
+    dtype = dtype or actual.dtype
+    a, r = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol if atol is not None else a,
+                               rtol=rtol if rtol is not None else r, equal_nan=False, msg=lambda m: f"{msg}\n{m}")
+
+
+def same_format(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.stride() == b.stride()
