@@ -73,9 +73,13 @@ inline at::Tensor new_scratch(at::IntArrayRef sizes, const at::TensorOptions& op
 inline void check_same_layout(const at::Tensor& ref, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.sizes() == ref.sizes(), "fusedres: ", name, " must have shape ", ref.sizes(),
               ", got ", t.sizes());
-  TORCH_CHECK(t.strides() == ref.strides(), "fusedres: ", name,
-              " must have the same memory format (strides) as input: expected ", ref.strides(),
-              ", got ", t.strides());
+  // Same rule as fusedres/ops/layout.py:same_layout: strides of size-1 dims may differ freely.
+  const bool both_nchw = ref.is_contiguous() && t.is_contiguous();
+  const bool both_nhwc = ref.dim() == 4 && ref.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                         t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(both_nchw || both_nhwc, "fusedres: ", name,
+              " must have the same memory format as input: input strides ", ref.strides(), ", ", name,
+              " strides ", t.strides());
   TORCH_CHECK(t.device() == ref.device(), "fusedres: ", name, " is on ", t.device(),
               " but input is on ", ref.device());
 }

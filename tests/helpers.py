@@ -69,3 +69,11 @@ def assert_close(actual, expected, dtype=None, atol=None, rtol=None, msg=""):
 
 def same_format(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.stride() == b.stride()
+
+
+def assert_close_scaled(actual, expected, tol, msg=""):
+    """|actual - expected| <= tol * (max|expected| + |expected|): for results of whole blocks and
+    models, whose rounding (e.g. BN folded into weights vs applied after the conv) scales with
+    the largest value rather than with each element."""
+    scale = expected.detach().double().abs().max().item()
+    assert_close(actual, expected, atol=tol * scale + 1e-12, rtol=tol, msg=msg)

@@ -127,3 +127,23 @@ def test_non_dense_input_is_accepted(device, name):
         m, s = ops.bn_stats(x, 1e-5)
     assert_close(y, bn_act_forward_reference(x.double(), mean.double(), scale.double(), shift.double(), None, True))
     assert_close(m, x.double().mean((0, 2, 3)), torch.float32)
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+def test_spatial_one_gradient_with_other_strides(device, name):
+    """[N, C, 1, 1]: a channels_last activation and a gradient with NCHW strides index memory alike
+    (found by the small-ResNet test: autograd handed back such a gradient)."""
+    x = torch.empty_strided((4, 6, 1, 1), (6, 1, 6, 6), device=device).copy_(activation((4, 6, 1, 1), device=device))
+    grad = activation((4, 6, 1, 1), torch.float32, device).contiguous()
+    assert x.stride() != grad.stride()
+    mean, scale, shift = _channel_params(6, device)
+    with backend(name, device):
+        sums = ops.bn_act_backward_reduce(grad, x, mean, scale, shift, None, True)
+        dx = ops.bn_act_backward_elementwise(grad, x, mean, scale, shift, scale, shift, True)
+    ref_sums = bn_act_backward_reduce_reference(grad.double(), x.double(), mean.double(), scale.double(),
+                                                shift.double(), None, True, False)
+    ref_dx = bn_act_backward_elementwise_reference(grad.double(), x.double(), mean.double(), scale.double(),
+                                                   shift.double(), scale.double(), shift.double(), True)
+    assert_close(sums[0], ref_sums[0], torch.float32)
+    assert_close(sums[1], ref_sums[1], torch.float32)
+    assert_close(dx, ref_dx, torch.float32)

@@ -33,12 +33,21 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=fmt)
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether dense a and b of one shape index memory alike. Strides alone can differ without
+    mattering: an [N, C, 1, 1] tensor is both NCHW- and channels_last-contiguous, and autograd
+    may hand back its gradient with other strides for the size-1 dims."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl)
+
+
 def like(t: Optional[torch.Tensor], ref: torch.Tensor) -> Optional[torch.Tensor]:
-    """t with ref's memory format (strides), copied only when they differ."""
-    if t is None or t.stride() == ref.stride():
+    """t laid out in memory as dense ref is, copied only when it is not already."""
+    if t is None or same_layout(ref, t):
         return t
-    fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
+    return t.contiguous(memory_format=torch.contiguous_format if ref.is_contiguous() else torch.channels_last)
 
 
 def channel_view(x: torch.Tensor) -> ChannelView:
