@@ -1,0 +1,106 @@
+"""Bad input gets a clear error naming the argument; bad configuration likewise."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from fusedres import FusedBasicBlock, FusedBottleneck, ops
+from helpers import activation
+
+
+def test_op_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got 3-D"):
+        ops.bn_stats(torch.randn(2, 3, 4))
+
+
+def test_op_rejects_integer_input():
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int64"):
+        ops.bn_act_forward(torch.ones(2, 3, 4, 4, dtype=torch.long), None, None, torch.zeros(3))
+
+
+def test_op_rejects_wrong_channel_vector():
+    x = activation((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"shift must have shape \[3\]"):
+        ops.bn_act_forward(x, None, None, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"running_mean must have shape \[3\]"):
+        ops.bn_stats(x, 1e-5, torch.zeros(5), torch.ones(5))
+    with pytest.raises(ValueError, match="given together"):
+        ops.bn_stats(x, 1e-5, torch.zeros(3), None)
+
+
+def test_op_rejects_mismatched_residual():
+    x = activation((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 3, 4, 4\), got \(2, 3, 2, 2\)"):
+        ops.bn_act_forward(x, None, None, torch.zeros(3), activation((2, 3, 2, 2)))
+
+
+def test_op_rejects_running_stats_with_one_value_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.bn_stats(activation((1, 3, 1, 1)), 1e-5, torch.zeros(3), torch.ones(3))
+
+
+def test_cpp_kernel_checks_its_own_arguments():
+    """Called directly through the dispatcher, the C++ ops still name the bad argument."""
+    x = activation((2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="shift must be a 1-D tensor of 3 per-channel values"):
+        torch.ops.fusedres.bn_act_forward(x, None, None, torch.zeros(5), None, True)
+    with pytest.raises(RuntimeError, match="residual must have the same memory format as input"):
+        torch.ops.fusedres.bn_act_forward(x, None, None, torch.zeros(3),
+                                          x.contiguous(memory_format=torch.channels_last), True)
+    with pytest.raises(RuntimeError, match="input must be contiguous in NCHW or channels_last"):
+        torch.ops.fusedres.bn_stats(x.transpose(2, 3), 1e-5, None, None, 0.1)
+
+
+@pytest.mark.parametrize("block", [FusedBasicBlock(4, 4), FusedBottleneck(16, 4)])
+def test_block_rejects_wrong_rank(block):
+    with pytest.raises(ValueError, match=r"expected a 4-D input \[N, C, H, W\], got 3-D"):
+        block(torch.randn(block.conv1.in_channels, 5, 5))
+
+
+@pytest.mark.parametrize("block", [FusedBasicBlock(4, 4), FusedBottleneck(16, 4)])
+def test_block_rejects_channel_mismatch(block):
+    with pytest.raises(ValueError, match=r"input has 3 channels but the block expects \d+"):
+        block(torch.randn(2, 3, 5, 5))
+
+
+def test_block_rejects_integer_input():
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        FusedBasicBlock(4, 4)(torch.ones(2, 4, 5, 5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("make,ref", [(lambda: FusedBasicBlock(4, 4), lambda: nn.BatchNorm2d(4)),
+                                      (lambda: FusedBottleneck(16, 4), lambda: nn.BatchNorm2d(4))])
+def test_block_batch_of_one_value_per_channel_matches_nn_message(make, ref):
+    block = make()
+    x = torch.randn(1, block.conv1.in_channels, 1, 1)
+    with pytest.raises(ValueError) as ours:
+        block(x)
+    with pytest.raises(ValueError) as theirs:
+        ref()(torch.randn(1, 4, 1, 1))
+    assert str(ours.value) == str(theirs.value)
+    block.eval()
+    with torch.no_grad():
+        assert block(x).shape[0] == 1  # fine in eval, as in nn
+
+
+def test_constructor_errors_match_torchvision():
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1 and base_width=64"):
+        FusedBasicBlock(4, 4, groups=2)
+    with pytest.raises(NotImplementedError, match="Dilation > 1 not supported in BasicBlock"):
+        FusedBasicBlock(4, 4, dilation=2)
+
+
+def test_backend_names_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedres.set_backend("cudnn")
+    monkeypatch.setenv("FUSEDRES_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FUSEDRES_BACKEND must be one of"):
+        fusedres.get_backend()
+
+
+def test_unavailable_backend_falls_back_to_reference_and_warns_once():
+    x = activation((2, 3, 4, 4))
+    with fusedres.use_backend("cuda"):
+        with pytest.warns(RuntimeWarning, match="backend 'cuda' unavailable .*using the reference PyTorch path"):
+            mean, _ = ops.bn_stats(x)
+    torch.testing.assert_close(mean, x.double().mean((0, 2, 3)).float())
