@@ -37,13 +37,14 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::T
     at::Tensor res;
     if (residual) res = residual->to(input.scalar_type());
     const scalar_t* rp = residual ? res.const_data_ptr<scalar_t>() : nullptr;
-    for_each_channel_run(v, [&](int64_t c, int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t z = (static_cast<acc_t>(xp[i]) - mu[c]) * sc[c] + sh[c];
-        if (rp) z += static_cast<acc_t>(rp[i]);
-        // z < 0, not !(z > 0): ReLU passes NaN through, as torch.relu does.
-        yp[i] = static_cast<scalar_t>(relu && z < 0 ? acc_t(0) : z);
-      }
+    const acc_t* mup = mu.data();
+    const acc_t* scp = sc.data();
+    const acc_t* shp = sh.data();
+    for_each_element(v, [&](int64_t c, int64_t i) {
+      acc_t z = (static_cast<acc_t>(xp[i]) - mup[c]) * scp[c] + shp[c];
+      if (rp) z += static_cast<acc_t>(rp[i]);
+      // z < 0, not !(z > 0): ReLU passes NaN through, as torch.relu does.
+      yp[i] = static_cast<scalar_t>(relu && z < acc_t(0) ? acc_t(0) : z);
     });
   });
   return out;
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     if (output) out_cast = output->to(input.scalar_type());
     const scalar_t* op = output ? out_cast.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dzp = write_grad_z ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
-    auto sums = reduce_per_channel<2>(v, [&](int64_t c, int64_t i, double* acc) {
+    auto sums = reduce_per_channel<2>(v, [&](int64_t c, int64_t i, double* acc, int64_t stride) {
       const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
       acc_t dz = static_cast<acc_t>(gp[i]);
       if (relu) {
@@ -85,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
       }
       if (dzp) dzp[i] = static_cast<scalar_t>(dz);
       acc[0] += static_cast<double>(dz);
-      acc[1] += static_cast<double>(dz) * static_cast<double>(xmu);
+      acc[stride] += static_cast<double>(dz) * static_cast<double>(xmu);
     });
     auto sums_d = at::from_blob(sums.data(), {2, v.channels}, at::kDouble);
     sum_dz.copy_(sums_d[0]);
@@ -118,13 +119,11 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
-    for_each_channel_run(v, [&](int64_t c, int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
-        acc_t dz = static_cast<acc_t>(gp[i]);
-        if (relu && !(xmu * sc[c] + sh[c] > 0)) dz = 0;
-        dxp[i] = static_cast<scalar_t>(sc[c] * dz + xmu * kx[c] + kc[c]);
-      }
+    for_each_element(v, [&](int64_t c, int64_t i) {
+      const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
+      acc_t dz = static_cast<acc_t>(gp[i]);
+      if (relu && !(xmu * sc[c] + sh[c] > 0)) dz = 0;
+      dxp[i] = static_cast<scalar_t>(sc[c] * dz + xmu * kx[c] + kc[c]);
     });
   });
   return grad_input;

@@ -13,10 +13,10 @@ void bn_stats_kernel(const at::Tensor& x, const ChannelView& v, at::Tensor& mean
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   std::vector<double> pivot(v.channels);
   for (int64_t c = 0; c < v.channels; ++c) pivot[c] = static_cast<double>(xp[c * v.inner]);
-  auto sums = reduce_per_channel<2>(v, [&](int64_t c, int64_t i, double* acc) {
+  auto sums = reduce_per_channel<2>(v, [&](int64_t c, int64_t i, double* acc, int64_t stride) {
     const double d = static_cast<double>(xp[i]) - pivot[c];
     acc[0] += d;
-    acc[1] += d * d;
+    acc[stride] += d * d;
   });
   const double n = static_cast<double>(v.count());
   auto mean_d = at::empty({v.channels}, mean.options().dtype(at::kDouble));

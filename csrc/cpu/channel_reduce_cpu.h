@@ -11,10 +11,11 @@
 namespace fusedres {
 namespace cpu {
 
-// Adds, for every storage index i of channel c, contribution(c, i, acc) into acc[0..K) and
-// returns the per-channel totals as a [K * C] vector. NCHW (inner > 1): one task per channel,
-// reading contiguous planes. channels_last (inner == 1): one task per chunk of rows, each with
-// its own [K, C] accumulators, summed at the end (a per-channel loop would stride by C).
+// Adds, for every storage index i of channel c, contribution(c, i, acc, stride) into
+// acc[0], acc[stride], ..., acc[(K-1)*stride] and returns the per-channel totals as [K * C].
+// NCHW (inner > 1): one task per channel over contiguous planes, local accumulators (stride 1).
+// channels_last (inner == 1): one task per chunk of rows with [K][C] accumulators (stride C), so
+// the inner loop over channels walks contiguous memory on both sides and vectorizes.
 template <int K, typename Contribution>
 std::vector<double> reduce_per_channel(const ChannelView& v, const Contribution& contribution) {
   const int64_t C = v.channels;
@@ -25,7 +26,7 @@ std::vector<double> reduce_per_channel(const ChannelView& v, const Contribution&
         double acc[K] = {};
         for (int64_t o = 0; o < v.outer; ++o) {
           const int64_t base = (o * C + c) * v.inner;
-          for (int64_t k = 0; k < v.inner; ++k) contribution(c, base + k, acc);
+          for (int64_t k = 0; k < v.inner; ++k) contribution(c, base + k, acc, 1);
         }
         for (int j = 0; j < K; ++j) totals[j * C + c] = acc[j];
       }
@@ -37,29 +38,36 @@ std::vector<double> reduce_per_channel(const ChannelView& v, const Contribution&
   std::vector<double> partial(chunks * K * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t ch_begin, int64_t ch_end) {
     for (int64_t ch = ch_begin; ch < ch_end; ++ch) {
-      double* acc_c = partial.data() + ch * K * C;  // [C][K] for this chunk
+      double* acc = partial.data() + ch * K * C;  // [K][C] for this chunk
       const int64_t o_end = std::min(v.outer, (ch + 1) * rows_per_chunk);
       for (int64_t o = ch * rows_per_chunk; o < o_end; ++o)
-        for (int64_t c = 0; c < C; ++c) contribution(c, o * C + c, acc_c + c * K);
+        for (int64_t c = 0; c < C; ++c) contribution(c, o * C + c, acc + c, C);
     }
   });
   for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t c = 0; c < C; ++c)
-      for (int j = 0; j < K; ++j) totals[j * C + c] += partial[(ch * C + c) * K + j];
+    for (int64_t j = 0; j < K * C; ++j) totals[j] += partial[ch * K * C + j];
   return totals;
 }
 
-// Calls body(c, begin, end) over runs of storage indices [begin, end) that share channel c,
-// in parallel; a run is one NCHW plane (inner values) or one channels_last element.
-template <typename Body>
-void for_each_channel_run(const ChannelView& v, const Body& body) {
-  const int64_t planes = v.outer * v.channels;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, v.inner));
-  at::parallel_for(0, planes, grain, [&](int64_t p_begin, int64_t p_end) {
-    int64_t c = p_begin % v.channels;
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      body(c, p * v.inner, (p + 1) * v.inner);
-      if (++c == v.channels) c = 0;
+// Calls f(c, i) for every storage index i (channel c), in parallel, with the innermost loop over
+// contiguous memory so the compiler can vectorize it: channels of one row (channels_last) or
+// positions of one plane (NCHW). f must be a small inlinable lambda.
+template <typename F>
+void for_each_element(const ChannelView& v, const F& f) {
+  const int64_t C = v.channels;
+  if (v.inner == 1) {
+    at::parallel_for(0, v.outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C)), [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        const int64_t base = o * C;
+        for (int64_t c = 0; c < C; ++c) f(c, base + c);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, v.outer * C, std::max<int64_t>(1, 32768 / v.inner), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t c = p % C, base = p * v.inner;
+      for (int64_t k = 0; k < v.inner; ++k) f(c, base + k);
     }
   });
 }

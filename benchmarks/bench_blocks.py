@@ -1,0 +1,76 @@
+"""Blocks: fused vs stock residual blocks (same weights), train step (fwd + bwd) and eval forward."""
+import copy
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from fusedres import FusedBasicBlock, FusedBottleneck
+from fusedres.models import BasicBlock, Bottleneck
+
+from common import bench
+
+
+def block_cases(small: bool):
+    """(name, stock block, fused class, input shape without batch): ResNet-18/50 stage blocks at 224x224."""
+    s = 4 if small else 1
+
+    def down(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    return [
+        ("resnet18 layer1 BasicBlock", BasicBlock(64, 64), FusedBasicBlock, (64, 56 // s, 56 // s)),
+        ("resnet18 layer3.0 BasicBlock s2", BasicBlock(128, 256, 2, down(128, 256, 2)), FusedBasicBlock,
+         (128, 28 // s, 28 // s)),
+        ("resnet50 layer1.1 Bottleneck", Bottleneck(256, 64), FusedBottleneck, (256, 56 // s, 56 // s)),
+        ("resnet50 layer2.0 Bottleneck s2", Bottleneck(256, 128, 2, down(256, 512, 2)), FusedBottleneck,
+         (256, 56 // s, 56 // s)),
+        ("resnet50 layer4.1 Bottleneck", Bottleneck(2048, 512), FusedBottleneck, (2048, 7 // s if small else 7, 7)),
+    ]
+
+
+def _peak_mb(device, fn):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool) -> List[Dict[str, object]]:
+    rows = []
+    for name, stock, fused_cls, shape in block_cases(device.type == "cpu"):
+        for dtype in dtypes:
+            stock_m = copy.deepcopy(stock).to(device, memory_format=torch.channels_last)
+            fused_m = fused_cls.from_module(copy.deepcopy(stock_m))
+            models = {"stock eager": stock_m, "fusedres": fused_m}
+            if compile_baseline:
+                models["stock torch.compile"] = torch.compile(copy.deepcopy(stock_m))
+            xs = [torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
+                  for _ in range(3)]
+            amp = dtype != torch.float32
+            for mode in ("train", "eval"):
+                base = None
+                for impl, m in models.items():
+                    m.train(mode == "train")
+
+                    def make(i, m=m, mode=mode):
+                        x = xs[i].requires_grad_(mode == "train")
+
+                        def call():
+                            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                                if mode == "train":
+                                    m(x).float().sum().backward()
+                                else:
+                                    with torch.no_grad():
+                                        m(x)
+                        return call
+                    ms = bench(make, len(xs), device, quick)
+                    base = base or ms
+                    peak = _peak_mb(device, make(0))
+                    rows.append(dict(block=name, mode=mode, impl=impl, dtype=str(dtype).replace("torch.", ""),
+                                     batch=batch, ms=ms, speedup_vs_eager=base / ms, peak_MB=peak))
+    return rows

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build with CUDA, run the whole test suite on the GPU, run the
+# benchmark report, and leave everything under $OUT (logs, JUnit XML, JSON).
+#   run: bash benchmarks/gpu_check.sh            (OUT defaults to ./benchmarks/out/gpu)
+# Copy $OUT/report_cuda_*.json to benchmarks/results/ and commit it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/benchmarks/out/gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+echo "== build (CUDA kernels for sm_90)"
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" -m pip install -v --no-build-isolation --no-deps . \
+  > "$OUT/build.log" 2>&1
+build_rc=$?
+grep -E "fusedres build" "$OUT/build.log" | head -n 1
+[ $build_rc -eq 0 ] || { tail -n 40 "$OUT/build.log"; exit $build_rc; }
+
+echo "== tests on the GPU"
+PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider -x --junitxml="$OUT/tests.xml" -rs tests/ \
+  > "$OUT/tests.log" 2>&1
+test_rc=$?
+tail -n 15 "$OUT/tests.log"
+
+echo "== benchmarks"
+"$PY" benchmarks/report.py --out "$OUT" "$@" > "$OUT/report.txt" 2>&1
+bench_rc=$?
+tail -n 60 "$OUT/report.txt"
+echo "tests rc=$test_rc bench rc=$bench_rc; files in $OUT"
+exit $(( test_rc != 0 || bench_rc != 0 ))

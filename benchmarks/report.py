@@ -1,0 +1,112 @@
+"""The main job: correctness of every fused block, then benchmark tables, then where the files went.
+
+    python benchmarks/report.py [--suites stats,bn_act,blocks] [--dtypes bf16,fp32] [--batch N]
+                               [--out DIR] [--quick] [--compile / --no-compile]
+
+On the CPU it runs small sizes (and the C++ kernels; the Triton interpreter is no benchmark); on a
+GPU the full ResNet-50 sizes at batch 256 with the CUDA and Triton kernels, torch.compile included.
+"""
+import argparse
+import copy
+import datetime
+import os
+import sys
+
+import torch
+
+import bench_blocks
+import bench_bn_act
+import bench_bn_stats
+from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def correctness(device, dtypes):
+    """Largest error of each fused block against the stock block, relative to the largest output
+    value (train forward + input gradient), per dtype; float64 stock as the reference."""
+    rows = []
+    for name, stock, fused_cls, shape in bench_blocks.block_cases(small=True):
+        for dtype in dtypes:
+            ref64 = copy.deepcopy(stock).to(device, torch.float64)
+            fused = fused_cls.from_module(copy.deepcopy(stock).to(device))
+            stock_m = copy.deepcopy(stock).to(device)
+            x = torch.randn(4, *shape, device=device)
+            errs = {}
+            for impl, m in (("fusedres", fused), ("stock", stock_m)):
+                xi = x.clone().requires_grad_()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    y = m(xi)
+                y.float().sum().backward()
+                x64 = x.double().requires_grad_()
+                y64 = ref64(x64)
+                y64.sum().backward()
+                scale_y, scale_g = y64.abs().max().item(), x64.grad.abs().max().item()
+                errs[impl] = max((y.double() - y64).abs().max().item() / scale_y,
+                                 (xi.grad.double() - x64.grad).abs().max().item() / scale_g)
+            rows.append(dict(block=name, dtype=str(dtype).replace("torch.", ""), fused_rel_err=errs["fusedres"],
+                             stock_rel_err=errs["stock"], ok=errs["fusedres"] <= 2 * errs["stock"] + 1e-5))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suites", default="stats,bn_act,blocks")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
+    parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="include torch.compile baselines (default: on a GPU only)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    batch = args.batch or (256 if device.type == "cuda" else 8)
+    compile_baseline = args.compile if args.compile is not None else device.type == "cuda"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or os.path.join("benchmarks", "out", stamp)
+    suites = args.suites.split(",")
+
+    env = environment()
+    print(f"fusedres benchmark report on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"CUDA {env['cuda']}), batch {batch}, dtypes {args.dtypes}", flush=True)
+
+    print("\n== correctness: fused blocks vs stock, error relative to a float64 run (train fwd + input grad)")
+    checks = correctness(device, dtypes)
+    print(table(checks, ["block", "dtype", "fused_rel_err", "stock_rel_err", "ok"]), flush=True)
+
+    copy_gbps = copy_bandwidth_gbps(device, args.quick)
+    tflops = matmul_tflops(device, args.quick)
+    print(f"\n== measured ceilings: copy {copy_gbps:.0f} GB/s (read + write), matmul {tflops:.1f} TFLOP/s", flush=True)
+
+    results = dict(environment=env, batch=batch, ceilings=dict(copy_GBps=copy_gbps, matmul_TFLOPs=tflops),
+                   correctness=checks, command=" ".join([sys.executable, os.path.abspath(__file__)] + (argv or sys.argv[1:])))
+    if "stats" in suites:
+        rows = bench_bn_stats.run(device, dtypes, batch, copy_gbps, args.quick)
+        results["bn_stats"] = rows
+        print("\n== bn_stats (bytes: one read of x)")
+        print(table(rows, ["shape", "dtype", "impl", "ms", "GBps", "pct_copy_bw", "speedup_vs_eager"]), flush=True)
+    if "bn_act" in suites:
+        rows = bench_bn_act.run(device, dtypes, batch, copy_gbps, args.quick, compile_baseline)
+        results["bn_act"] = rows
+        print("\n== normalize-activate (bytes: the fewest a fused pass must move)")
+        print(table(rows, ["op", "shape", "dtype", "impl", "ms", "GBps", "pct_copy_bw", "speedup_vs_eager"]), flush=True)
+    if "blocks" in suites:
+        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline)
+        results["blocks"] = rows
+        print("\n== blocks (same weights; train = fwd + bwd)")
+        print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB"]), flush=True)
+
+    path = os.path.join(out, f"report_{device.type}_{stamp}.json")
+    write_json(path, results)
+    print(f"\nresults written to {path}")
+    if not all(r["ok"] for r in checks):
+        print("CORRECTNESS CHECK FAILED for: " + ", ".join(f"{r['block']} {r['dtype']}" for r in checks if not r["ok"]))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
