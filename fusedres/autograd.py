@@ -133,12 +133,10 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
-            return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                                   tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum,
-                                   batch_stats, relu)
-    return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                           tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum, batch_stats, relu)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                               tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum, batch_stats,
+                               relu)
 
 
 def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -240,6 +240,6 @@ def _adopt(cls, block: nn.Module, names) -> nn.Module:
     nn.Module.__init__(fused)
     for n in names:
         setattr(fused, n, getattr(block, n))
-    fused.stride = getattr(block, "stride", fused.conv2.stride[0] if hasattr(fused, "conv2") else 1)
+    fused.stride = getattr(block, "stride", fused.conv2.stride[0])
     fused.train(block.training)
     return fused
