@@ -4,11 +4,10 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-import fusedres
 from fusedres import ops
 
 from bench_bn_stats import fast_backends, resnet50_activation_shapes
-from common import bench
+from common import bench, on_backend
 
 
 def _stock_train(x, gamma, beta, residual):
@@ -34,28 +33,23 @@ def run(device: torch.device, dtypes, batch: int, copy_gbps: float, quick: bool,
 
             cases = []
             # Whole BN + add + ReLU in training (statistics + normalize): fused vs eager vs compiled.
+            def train_forward(i):
+                m, inv = ops.bn_stats(xs[i], 1e-5)
+                ops.bn_act_forward(xs[i], m, inv, shift, rs[i], True)
+
+            def backward(i):
+                s1, s2, dz = ops.bn_act_backward_reduce(gs[i], xs[i], mean, scale, shift, y[i], True, True)
+                ops.bn_act_backward_elementwise(dz, xs[i], mean, scale, shift, s1, s2, False)
+
             for b in fast_backends(device):
-                def fused_fwd(i, b=b):
-                    def call():
-                        with fusedres.use_backend(b):
-                            m, inv = ops.bn_stats(xs[i], 1e-5)
-                            ops.bn_act_forward(xs[i], m, inv, shift, rs[i], True)
-                    return call
-                cases.append(("train fwd: stats+bn_act+add", f"fusedres {b}", fused_fwd, 4 * elem))
-                def fwd_only(i, b=b):
-                    def call():
-                        with fusedres.use_backend(b):
-                            ops.bn_act_forward(xs[i], mean, scale, shift, rs[i], True)
-                    return call
-                cases.append(("bn_act fwd (+residual)", f"fusedres {b}", fwd_only, 3 * elem))
-                def bwd(i, b=b):
-                    def call():
-                        with fusedres.use_backend(b):
-                            s1, s2, dz = ops.bn_act_backward_reduce(gs[i], xs[i], mean, scale, shift, y[i], True, True)
-                            ops.bn_act_backward_elementwise(dz, xs[i], mean, scale, shift, s1, s2, False)
-                    return call
+                cases.append(("train fwd: stats+bn_act+add", f"fusedres {b}",
+                              lambda i, b=b: on_backend(b, lambda: train_forward(i)), 4 * elem))
+                cases.append(("bn_act fwd (+residual)", f"fusedres {b}",
+                              lambda i, b=b: on_backend(b, lambda: ops.bn_act_forward(xs[i], mean, scale, shift,
+                                                                                      rs[i], True)), 3 * elem))
                 # reduce: read g, x, y, write dz; elementwise: read dz, x, write dx
-                cases.append(("bn_act bwd (+residual)", f"fusedres {b}", bwd, 7 * elem))
+                cases.append(("bn_act bwd (+residual)", f"fusedres {b}",
+                              lambda i, b=b: on_backend(b, lambda: backward(i)), 7 * elem))
             cases.append(("train fwd: stats+bn_act+add", "eager BN+add+ReLU",
                           lambda i: (lambda: _stock_train(xs[i], gamma, beta, rs[i])), 4 * elem))
             if compiled is not None:

@@ -3,11 +3,10 @@ from typing import Dict, List
 
 import torch
 
-import fusedres
 from fusedres import ops
 from fusedres.ops.registry import unavailable_reason
 
-from common import bench
+from common import bench, on_backend
 
 
 def resnet50_activation_shapes(batch: int, small: bool) -> List[tuple]:
@@ -31,12 +30,7 @@ def run(device: torch.device, dtypes, batch: int, copy_gbps: float, quick: bool)
             nbytes = xs[0].numel() * xs[0].element_size()
             candidates = {"eager var_mean": lambda i: (lambda: torch.var_mean(xs[i], dim=(0, 2, 3)))}
             for b in fast_backends(device):
-                def make(i, b=b):
-                    def call():
-                        with fusedres.use_backend(b):
-                            ops.bn_stats(xs[i], 1e-5)
-                    return call
-                candidates[f"fusedres {b}"] = make
+                candidates[f"fusedres {b}"] = lambda i, b=b: on_backend(b, lambda: ops.bn_stats(xs[i], 1e-5))
             base_ms = None
             for name, fn in candidates.items():
                 ms = bench(fn, len(xs), device, quick)

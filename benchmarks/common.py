@@ -66,6 +66,17 @@ def bench(fn_for_input: Callable[[int], Callable[[], object]], n_inputs: int, de
     return statistics.median(times)
 
 
+def on_backend(backend: str, fn: Callable[[], object]) -> Callable[[], None]:
+    """fn, run with fusedres dispatching to `backend`."""
+    import fusedres
+
+    def call():
+        with fusedres.use_backend(backend):
+            fn()
+
+    return call
+
+
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
     """Measured device copy bandwidth (bytes read + written) with a buffer far over cache size."""
     numel = (256 if device.type == "cuda" else 16) * 2**20  # 1 GiB / 64 MiB of float32

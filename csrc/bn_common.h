@@ -59,15 +59,14 @@ inline at::Tensor new_output_like(const at::Tensor& ref) {
   return out;
 }
 
-inline at::Tensor new_channel_output(const at::Tensor& ref, at::ScalarType dtype) {
-  auto out = at::empty({ref.size(1)}, ref.options().dtype(dtype));
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
-
+// A fresh tensor a kernel fills in whole (NaN under FUSEDRES_POISON_OUTPUTS=1).
 inline at::Tensor new_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return poison_outputs() ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options)
                           : at::empty(sizes, options);
+}
+
+inline at::Tensor new_channel_output(const at::Tensor& ref, at::ScalarType dtype) {
+  return new_scratch({ref.size(1)}, ref.options().dtype(dtype));
 }
 
 inline void check_same_layout(const at::Tensor& ref, const at::Tensor& t, const char* name) {

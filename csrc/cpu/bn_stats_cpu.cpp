@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input, double 
   TORCH_CHECK(v.count() > 0, "fusedres: bn_stats needs at least one value per channel, got input of shape ",
               input.sizes());
   auto opts = input.options().dtype(stats_dtype(input));
-  auto mean = new_channel_output(input, opts.dtype().toScalarType());
-  auto var = new_channel_output(input, opts.dtype().toScalarType());
+  auto mean = new_channel_output(input, stats_dtype(input));
+  auto var = new_channel_output(input, stats_dtype(input));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_stats_cpu",
                                   [&] { bn_stats_kernel<scalar_t>(input, v, mean, var); });
   update_running_stats(running_mean, running_var, mean, var, v.count(), momentum);

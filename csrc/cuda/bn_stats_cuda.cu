@@ -76,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input, double
   const ReduceShape shape = reduce_shape(v, input.get_device());
   auto opts = input.options().dtype(stats_dtype(input));
   auto part = new_scratch({2, static_cast<int64_t>(shape.grid.y), v.channels}, opts);
-  auto mean = new_channel_output(input, opts.dtype().toScalarType());
-  auto var = new_channel_output(input, opts.dtype().toScalarType());
+  auto mean = new_channel_output(input, stats_dtype(input));
+  auto var = new_channel_output(input, stats_dtype(input));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_stats_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const size_t smem = 3 * shape.block.x * shape.block.y * sizeof(acc_t);

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import channel_view, new_output_like, poison_outputs, stats_dtype
+from ..ops.layout import channel_view, new_output_like, new_scratch, stats_dtype
 from .bn_stats_triton import _tl_acc
 from .tiles import reduce_launch_shape, tile_count, tile_offsets
 
@@ -123,8 +123,7 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
         zeros = torch.zeros(channels, dtype=acc, device=x.device)
         return zeros, zeros.clone(), grad_z
     block_c, block_r, outer_per_split, splits = reduce_launch_shape(outer, channels, inner, x.device)
-    part = torch.full((2, splits, channels), float("nan"), dtype=acc, device=x.device) if poison_outputs() \
-        else torch.empty((2, splits, channels), dtype=acc, device=x.device)
+    part = new_scratch((2, splits, channels), acc, x.device)
     _bn_act_backward_reduce_kernel[(triton.cdiv(channels, block_c), splits)](
         grad_output, x, output if output is not None else x, grad_z if write_grad_z else x,
         mean, scale, shift, part, outer, channels, inner, outer_per_split, splits,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import channel_view, new_channel_output, poison_outputs, stats_dtype
+from ..ops.layout import channel_view, new_channel_output, new_scratch, stats_dtype
 from .tiles import reduce_launch_shape, tile_count, tile_offsets
 
 
@@ -83,8 +83,7 @@ def bn_stats_triton(x, eps, running_mean, running_var, momentum):
     outer, channels, inner = channel_view(x)
     block_c, block_r, outer_per_split, splits = reduce_launch_shape(outer, channels, inner, x.device)
     acc = stats_dtype(x)
-    part = torch.full((2, splits, channels), float("nan"), dtype=acc, device=x.device) if poison_outputs() \
-        else torch.empty((2, splits, channels), dtype=acc, device=x.device)
+    part = new_scratch((2, splits, channels), acc, x.device)
     _bn_stats_partial_kernel[(triton.cdiv(channels, block_c), splits)](
         x, part[0], part[1], outer, channels, inner, outer_per_split,
         BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=_tl_acc(x.dtype))

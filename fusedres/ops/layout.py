@@ -76,11 +76,15 @@ def new_output_like(ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def new_channel_output(channels: int, dtype: torch.dtype, device) -> torch.Tensor:
-    out = torch.empty(channels, dtype=dtype, device=device)
+def new_scratch(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh tensor a kernel fills in whole (NaN under FUSEDRES_POISON_OUTPUTS=1)."""
     if poison_outputs():
-        out.fill_(float("nan"))
-    return out
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_channel_output(channels: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return new_scratch((channels,), dtype, device)
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
