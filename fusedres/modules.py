@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .autograd import conv_bias_act_inference, conv_bn_act
+from .autograd import BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act_inference, conv_bn_act, conv_bn_chain
 from .ops import fold_bn
 
 _warned = set()
@@ -80,23 +80,60 @@ def _grad_needed(x, residual, *modules) -> bool:
 class _FusedBlockBase(nn.Module):
     """forward() plumbing shared by the fused blocks; subclasses define `_units()`."""
 
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
-                 residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
-        """act(bn(conv(x)) + residual), with nn.BatchNorm2d.forward's own bookkeeping."""
+    @staticmethod
+    def _bn_args(bn: nn.BatchNorm2d) -> BNArgs:
+        """BatchNorm's arguments for this forward, with nn.BatchNorm2d.forward's own bookkeeping."""
         momentum = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         track = not bn.training or bn.track_running_stats
-        running_mean = bn.running_mean if track else None
-        running_var = bn.running_var if track else None
+        return BNArgs(bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+                      bn.eps, momentum, batch_stats)
+
+    @staticmethod
+    def _conv_args(conv: nn.Conv2d) -> ConvArgs:
+        return ConvArgs(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
+                 residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        """act(bn(conv(x)) + residual) as one core unit: aten's conv, then the BatchNorm ops."""
+        b = self._bn_args(bn)
         conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-        if not batch_stats and not _grad_needed(x, residual, conv, bn):
+        if not b.batch_stats and not _grad_needed(x, residual, conv, bn):
             weight, bias = self._folded(conv, bn)
             return conv_bias_act_inference(x, weight, bias, residual, relu=relu, **conv_args)
-        return conv_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var, residual,
-                           eps=bn.eps, momentum=momentum, batch_stats=batch_stats, relu=relu, **conv_args)
+        return conv_bn_act(x, conv.weight, conv.bias, b.weight, b.bias, b.running_mean, b.running_var, residual,
+                           eps=b.eps, momentum=b.momentum, batch_stats=b.batch_stats, relu=relu, **conv_args)
+
+    def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        """The units as one conv_bn_chain on the fused conv kernels."""
+        return conv_bn_chain(x, [(self._conv_args(c), self._bn_args(b)) for c, b in units], residual, relu)
+
+    def _use_chain(self, x: torch.Tensor) -> bool:
+        """Training, or eval with gradients, where every conv runs on the fused conv kernels. Eval
+        without gradients keeps BN folded into the weights (per-unit path, whose conv uses the
+        kernels' bias + residual + ReLU epilogue where they run)."""
+        units = list(self._units())
+        if not any(bn.training for _, bn in units) and not _grad_needed(x, None, *[m for u in units for m in u]):
+            return False
+        convs = [self._conv_args(c) for c, _ in units]
+        ds = self._fusable_downsample()
+        if ds is not None:
+            convs.append(self._conv_args(ds[0]))
+        return chain_unsupported_reason(x, convs) is None
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = list(self._units())
+        if self._use_chain(x):
+            identity = self._shortcut(x, chain=True)
+            return self._chain(units, x, identity, relu=True)
+        identity = self._shortcut(x)
+        out = x
+        for i, (conv, bn) in enumerate(units):
+            out = self._conv_bn(conv, bn, out, residual=identity if i == len(units) - 1 else None)
+        return out
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version)."""
@@ -112,14 +149,22 @@ class _FusedBlockBase(nn.Module):
             cache[id(conv)] = hit
         return hit[1]
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+    def _fusable_downsample(self):
         ds = self.downsample
-        if ds is None:
-            return x
         if (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds).forward is nn.Sequential.forward
                 and unfusable_reason(ds[0], ds[1]) is None):
-            return self._conv_bn(ds[0], ds[1], x, relu=False)
-        return ds(x)
+            return ds
+        return None
+
+    def _shortcut(self, x: torch.Tensor, chain: bool = False) -> torch.Tensor:
+        if self.downsample is None:
+            return x
+        ds = self._fusable_downsample()
+        if ds is None:
+            return self.downsample(x)
+        if chain:
+            return self._chain([(ds[0], ds[1])], x, None, relu=False)
+        return self._conv_bn(ds[0], ds[1], x, relu=False)
 
     def _fallback_reason(self) -> Optional[str]:
         for conv, bn in self._units():
@@ -164,11 +209,6 @@ class FusedBasicBlock(_FusedBlockBase):
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2))
 
-    def _fused_forward(self, x):
-        identity = self._shortcut(x)
-        out = self._conv_bn(self.conv1, self.bn1, x)
-        return self._conv_bn(self.conv2, self.bn2, out, residual=identity)
-
     def _reference_forward(self, x):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
@@ -208,12 +248,6 @@ class FusedBottleneck(_FusedBlockBase):
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-
-    def _fused_forward(self, x):
-        identity = self._shortcut(x)
-        out = self._conv_bn(self.conv1, self.bn1, x)
-        out = self._conv_bn(self.conv2, self.bn2, out)
-        return self._conv_bn(self.conv3, self.bn3, out, residual=identity)
 
     def _reference_forward(self, x):
         identity = x

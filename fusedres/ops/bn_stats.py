@@ -74,3 +74,30 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
                          f"got input size {tuple(x.shape)}")
     _, impl = resolve("bn_stats", x.device)
     return impl(x, float(eps), running_mean, running_var, float(momentum))
+
+
+def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor, eps: float = 1e-5,
+                           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                           momentum: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and invstd from per-tile partials (a conv epilogue's StatsPartials), with the
+    running update of bn_stats. Tile i: rows[i] values per channel, sum sums[i], centered sum of
+    squares m2s[i]; merged exactly (Chan et al.): M2 = sum_i m2_i + rows_i * (mean_i - mean)^2, so a
+    large mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops."""
+    if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
+        raise ValueError(f"fusedres: partials must be rows [T], sums [T, C], m2s [T, C]; got {tuple(rows.shape)}, "
+                         f"{tuple(sums.shape)}, {tuple(m2s.shape)}")
+    count = float(rows.sum())
+    if count < 1:
+        raise ValueError("fusedres: bn_stats_from_partials needs at least one value per channel")
+    if running_mean is not None and count < 2:
+        raise ValueError("fusedres: the running variance needs more than 1 value per channel")
+    acc = sums.dtype
+    mean = sums.sum(0) / count
+    tile_mean = sums / rows[:, None].clamp_min(1)
+    var = (m2s.sum(0) + (rows[:, None] * (tile_mean - mean) ** 2).sum(0)) / count
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1))
+            running_mean.copy_((running_mean.to(acc) * (1 - momentum) + mean * momentum).to(running_mean.dtype))
+            running_var.copy_((running_var.to(acc) * (1 - momentum) + unbiased * momentum).to(running_var.dtype))
+    return mean, (var + eps).rsqrt()

@@ -76,11 +76,12 @@ def new_output_like(ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def new_scratch(shape, dtype: torch.dtype, device) -> torch.Tensor:
+def new_scratch(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A fresh tensor a kernel fills in whole (NaN under FUSEDRES_POISON_OUTPUTS=1)."""
-    if poison_outputs():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if poison_outputs() and out.numel() > 0:
+        out.fill_(float("nan"))
+    return out
 
 
 def new_channel_output(channels: int, dtype: torch.dtype, device) -> torch.Tensor:

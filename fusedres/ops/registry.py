@@ -5,8 +5,8 @@ Backends:
   cpu        C++ kernels of fusedres._C, CPU tensors
   cuda       CUDA kernels of fusedres._C, CUDA tensors
   triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
-`set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks cuda > triton > reference on a
-GPU and cpu > reference on the CPU. A backend that was asked for but cannot run a call falls back
+`set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks, per op, the first of cuda > triton
+that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but cannot run a call falls back
 to the reference path and warns once per (op, backend, reason).
 """
 import contextlib
@@ -126,12 +126,23 @@ def backends() -> Dict[str, Dict[str, object]]:
     return table
 
 
-def _auto(device: torch.device) -> str:
+def _auto(op: str, device: torch.device) -> str:
+    """The first backend, in order of preference, that implements `op` and can run on `device`."""
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for b in order:
-        if unavailable_reason(b, device) is None:
+        if b in _impls[op] and unavailable_reason(b, device) is None:
             return b
     return "reference"
+
+
+def available_backend(op: str, device: torch.device) -> Optional[str]:
+    """The backend that runs `op` on `device` under the current choice, or None where that choice
+    would fall back to the reference path (no warning: for callers choosing between paths)."""
+    choice = get_backend()
+    backend = _auto(op, device) if choice == "auto" else choice
+    if backend not in _impls[op] or unavailable_reason(backend, device) is not None:
+        return None
+    return backend
 
 
 def warn_once(key, message: str) -> None:
@@ -146,7 +157,7 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
     """(backend, implementation) that runs `op` on `device` under the current choice."""
     impls = _impls[op]
     choice = get_backend()
-    backend = _auto(device) if choice == "auto" else choice
+    backend = _auto(op, device) if choice == "auto" else choice
     why = unavailable_reason(backend, device)
     if why is None and backend not in impls:
         why = f"{op} has no {backend} implementation"

@@ -1,0 +1,553 @@
+"""Implicit-GEMM 2-D convolution in Triton with BatchNorm fused at both ends: forward, input
+gradient (dgrad) and weight gradient (wgrad).
+
+GEMM views (M rows x N columns, reduced over K), x [N, C_in, H, W] -> y [N, C_out, P, Q]:
+  forward  M = N*P*Q output pixels, N = C_out,          K = KH*KW taps x C_in/groups
+  dgrad    M = N*H*W input pixels,  N = C_in,           K = KH*KW taps x C_out/groups
+  wgrad    M = C_out,               N = C_in/groups x tap, K = N*P*Q output pixels (split across programs)
+Tensors are addressed through their strides, so NCHW and channels_last both work; channels_last is
+the fast layout (a K step reads BLOCK_K contiguous channels of each pixel).
+
+Groups: a program owning output channels [n0, n0 + BLOCK_N) reads only the input channels of the
+groups those channels belong to and masks the weight tile to the block diagonal, so one program
+covers several small groups (ResNeXt's 32 groups of 4..32 channels) and its tensor-core tiles stay
+full; with groups=1 the mask is compiled out.
+
+Fusions:
+  forward prologue  a = act((x - mean[c]) * scale[c] + shift[c]) as each input tile is loaded;
+                    padded positions are 0 after it (padding belongs to the normalized activation)
+  forward epilogue  + bias, per-tile channel sum and centered sum of squares (BatchNorm
+                    statistics of the stored output), + residual, ReLU
+  dgrad epilogue    with the forward prologue's BN: the ReLU mask recomputed from the saved pre-BN
+                    input, and per-tile sums of dU and dU * (x - mean) for BatchNorm's backward
+  wgrad prologue    the forward prologue recomputed from the saved pre-BN input, so the
+                    normalized activation is never stored, forward or backward
+Strided dgrad is split into stride_h * stride_w phases (input pixels with the same h % s and
+w % s): within a phase a tap either hits every pixel or none, so no tap is computed and thrown
+away (a 3x3 stride-2 dgrad does 9/4 taps per pixel on average, not 9).
+Partial results (statistics, split-K weight gradients) go to per-program rows that the caller
+sums in float32: deterministic, no atomics.
+"""
+import os
+import threading
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.layout import new_scratch
+
+
+@triton.jit
+def _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, RELU: tl.constexpr, ACC: tl.constexpr):
+    """act((a - mean) * scale + shift) on a loaded input tile, 0 where the tile is masked (padding)."""
+    mu = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
+    sc = tl.load(scale_ptr + rc, mask=cmask, other=0.0)
+    sf = tl.load(shift_ptr + rc, mask=cmask, other=0.0)
+    u = (a.to(ACC) - mu[None, :]) * sc[None, :] + sf[None, :]
+    if RELU:
+        u = tl.where(u < 0.0, 0.0, u)  # u < 0, not a max: NaN passes as in torch.relu
+    return tl.where(amask, u, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong; products of bf16 are exact in fp32
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _group_span(first, last, per_group_this, per_group_other):
+    """[begin, end) of the other side's channels for the groups of channels first..last (inclusive)."""
+    return (first // per_group_this) * per_group_other, (last // per_group_this + 1) * per_group_other
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr, shift_ptr, psum_ptr, pm2_ptr,
+                     N, H, W, C_in, P, Q, C_out, cin_g, cout_g,
+                     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, srn, src, srh, srw,
+                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, PROLOGUE: tl.constexpr,
+                     PROLOGUE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                     RELU: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    M = N * P * Q
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(C_out, BLOCK_N)
+    # GROUP_M row tiles share each weight tile while it is in L2
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rm < M
+    img = rm // (P * Q)
+    oh = (rm % (P * Q)) // Q
+    ow = rm % Q
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < C_out
+    rk = tl.arange(0, BLOCK_K)
+    if GROUPED:
+        c_begin, c_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1, cout_g, cin_g)
+        w_col = (rn // cout_g) * cin_g  # first input channel of each output channel's group
+    else:
+        c_begin = 0
+        c_end = C_in
+        w_col = rn * 0
+    x_img = img.to(tl.int64) * sxn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for kh in range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        for kw in range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = x_img + ih * sxh + iw * sxw
+            for c0 in range(c_begin, c_end, BLOCK_K):
+                rc = c0 + rk
+                cmask = rc < c_end
+                amask = valid[:, None] & cmask[None, :]
+                a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=amask, other=0.0)
+                if PROLOGUE:
+                    a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
+                wc = rc[:, None] - w_col[None, :]
+                wmask = cmask[:, None] & nmask[None, :]
+                if GROUPED:
+                    wmask = wmask & (wc >= 0) & (wc < cin_g)
+                b = tl.load(w_ptr + rn[None, :] * swo + wc * swi + kh * swh + kw * sww, mask=wmask, other=0.0)
+                acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
+
+    omask = mmask[:, None] & nmask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
+    if STATS:
+        # statistics of the values as stored (rounded to y's dtype), as BatchNorm would see them
+        v = tl.where(omask, acc.to(y_ptr.dtype.element_ty).to(ACC), 0.0)
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
+        t_sum = tl.sum(v, axis=0)
+        d = tl.where(omask, v - (t_sum / rows)[None, :], 0.0)
+        tl.store(psum_ptr + pid_m * C_out + rn, t_sum, mask=nmask)
+        tl.store(pm2_ptr + pid_m * C_out + rn, tl.sum(d * d, axis=0), mask=nmask)
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + rn[None, :] * src
+        acc += tl.load(res_ptr + r_off, mask=omask, other=0.0).to(ACC)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    y_off = (img.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr,
+                       N, H, W, C_in, P, Q, C_out, cin_g, cout_g,
+                       sdn, sdc, sdh, sdw, swo, swi, swh, sww, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, num_m, part_rows,
+                       KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, EPILOGUE_BN: tl.constexpr,
+                       EPILOGUE_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    ph = phase // stride_w
+    pw = phase % stride_w
+    Hp = tl.cdiv(H - ph, stride_h)
+    Wp = tl.cdiv(W - pw, stride_w)
+    plane = tl.maximum(Hp * Wp, 1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rm < N * Hp * Wp
+    img = rm // plane
+    h = ph + ((rm % plane) // tl.maximum(Wp, 1)) * stride_h
+    w = pw + (rm % tl.maximum(Wp, 1)) * stride_w
+    rc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = rc < C_in
+    rk = tl.arange(0, BLOCK_K)
+    if GROUPED:
+        k_begin, k_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_in) - 1, cin_g, cout_g)
+        w_col = (rc // cin_g) * cin_g
+    else:
+        k_begin = 0
+        k_end = C_out
+        w_col = rc * 0
+    dy_img = img.to(tl.int64) * sdn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for kh in range(KH):
+        th = h + pad_h - kh * dil_h  # = p * stride_h for the output row p this tap reads
+        if (ph + pad_h - kh * dil_h) % stride_h == 0:  # the same for every pixel of the phase
+            p = th // stride_h
+            for kw in range(KW):
+                tw = w + pad_w - kw * dil_w
+                if (pw + pad_w - kw * dil_w) % stride_w == 0:
+                    q = tw // stride_w
+                    valid = mmask & (th >= 0) & (p < P) & (tw >= 0) & (q < Q)
+                    dy_row = dy_img + p * sdh + q * sdw
+                    for k0 in range(k_begin, k_end, BLOCK_K):
+                        ko = k0 + rk
+                        kmask = ko < k_end
+                        a = tl.load(dy_ptr + dy_row[:, None] + ko[None, :] * sdc,
+                                    mask=valid[:, None] & kmask[None, :], other=0.0)
+                        wc = rc[None, :] - w_col[None, :]
+                        wmask = kmask[:, None] & cmask[None, :]
+                        if GROUPED:
+                            wmask = wmask & ((ko // cout_g)[:, None] == (rc // cin_g)[None, :])
+                        b = tl.load(w_ptr + ko[:, None] * swo + wc * swi + kh * swh + kw * sww, mask=wmask,
+                                    other=0.0)
+                        acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
+
+    omask = mmask[:, None] & cmask[None, :]
+    if EPILOGUE_BN:
+        # dU = dA * relu'(U), U = (x - mean) * scale + shift recomputed exactly as the forward prologue did
+        x_off = (img.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
+        mu = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
+        xmu = tl.load(x_ptr + x_off, mask=omask, other=0.0).to(ACC) - mu[None, :]
+        if EPILOGUE_RELU:
+            sc = tl.load(scale_ptr + rc, mask=cmask, other=0.0)
+            sf = tl.load(shift_ptr + rc, mask=cmask, other=0.0)
+            acc = tl.where(xmu * sc[None, :] + sf[None, :] > 0.0, acc, 0.0)
+        acc = tl.where(omask, acc, 0.0)
+        row = phase * num_m + pid_m
+        tl.store(part_ptr + row * C_in + rc, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(part_ptr + (part_rows + row) * C_in + rc, tl.sum(acc * tl.where(omask, xmu, 0.0), axis=0),
+                 mask=cmask)
+    g_off = (img.to(tl.int64) * sgn + h * sgh + w * sgw)[:, None] + rc[None, :] * sgc
+    tl.store(dx_ptr + g_off, acc.to(dx_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
+                       N, H, W, C_in, P, Q, C_out, cin_g, cout_g,
+                       sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_per_split, num_c,
+                       KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, PROLOGUE: tl.constexpr,
+                       PROLOGUE_RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    pid_o = pid // num_c
+    pid_c = pid % num_c
+    kh = tap // KW
+    kw = tap % KW
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = ro < C_out
+    if GROUPED:
+        c_begin, c_end = _group_span(pid_o * BLOCK_O, tl.minimum(pid_o * BLOCK_O + BLOCK_O, C_out) - 1, cout_g, cin_g)
+    else:
+        c_begin = 0
+        c_end = C_in
+    rc = c_begin + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = rc < c_end
+    M = N * P * Q
+    m_begin = split * m_per_split
+    m_end = tl.minimum(m_begin + m_per_split, M)
+    acc = tl.zeros([BLOCK_O, BLOCK_C], ACC)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        mmask = rm < m_end
+        img = rm // (P * Q)
+        oh = (rm % (P * Q)) // Q
+        ow = rm % Q
+        g_off = (img.to(tl.int64) * sdn + oh * sdh + ow * sdw)[None, :] + ro[:, None] * sdc
+        g = tl.load(dy_ptr + g_off, mask=omask[:, None] & mmask[None, :], other=0.0)  # [BLOCK_O, BLOCK_M]
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        amask = valid[:, None] & cmask[None, :]
+        a_off = (img.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc
+        a = tl.load(x_ptr + a_off, mask=amask, other=0.0)
+        if PROLOGUE:
+            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
+        acc = _mma(acc, g, a, UPCAST, PRECISION, ACC)
+    # rows [split, o, tap, c - first channel of o's group]: only the block diagonal is a real weight
+    if GROUPED:
+        cl = rc[None, :] - ((ro // cout_g) * cin_g)[:, None]
+        smask = omask[:, None] & cmask[None, :] & (cl >= 0) & (cl < cin_g)
+    else:
+        cl = rc[None, :] + ro[:, None] * 0
+        smask = omask[:, None] & cmask[None, :]
+    ws_off = ((split * C_out + ro[:, None]).to(tl.int64) * (KH * KW) + tap) * cin_g + cl
+    tl.store(ws_ptr + ws_off, acc, mask=smask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: geometry, launch configurations, autotuning.
+# ---------------------------------------------------------------------------------------------
+class ConvGeometry(NamedTuple):
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    P: int
+    Q: int
+    KH: int
+    KW: int
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def cin_g(self) -> int:
+        return self.C_in // self.groups
+
+    @property
+    def cout_g(self) -> int:
+        return self.C_out // self.groups
+
+    @property
+    def flat(self) -> tuple:
+        return (self.N, self.H, self.W, self.C_in, self.P, self.Q, self.C_out, self.cin_g, self.cout_g)
+
+    @property
+    def conv_scalars(self) -> tuple:
+        return (*self.stride, *self.padding, *self.dilation)
+
+
+def geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeometry:
+    N, C_in, H, W = x_shape
+    C_out, _, KH, KW = w_shape
+    P = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return ConvGeometry(N, C_in, H, W, C_out, P, Q, KH, KW, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _nchw_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride())  # (n, c, h, w) whatever the memory format
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device):
+    """(ACC, UPCAST, PRECISION): fp32 accumulation (fp64 for fp64); tf32 for fp32 operands where cuDNN
+    would use it (torch.backends.cudnn.allow_tf32, on by default), else exact fp32."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    upcast = _interpreted() and dtype == torch.bfloat16
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    return acc, upcast, precision
+
+
+def _span(block: int, channels: int, per_group_this: int, per_group_other: int, grouped: bool) -> int:
+    """Most channels of the other side that one block of `block` channels needs (see _group_span)."""
+    if not grouped:
+        return channels * per_group_other // per_group_this  # every channel of the other side
+    most = 0
+    for first in range(0, channels, block):
+        last = min(first + block, channels) - 1
+        most = max(most, (last // per_group_this - first // per_group_this + 1) * per_group_other)
+    return most
+
+
+def _k_block(span: int, dtype: torch.dtype) -> int:
+    cap = 32 if dtype in (torch.float32, torch.float64) else 64
+    return max(16, min(cap, triton.next_power_of_2(span)))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K follows the reduction span.
+_FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 4, 4),
+                (256, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 5)]
+_WGRAD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4),
+                  (64, 32, 4, 4)]
+_INTERPRETER_CONFIG = (32, 16, 1, 1)  # small tiles so the tests cross tile edges at tiny shapes
+
+
+def _default_config(rows: int, cols: int, table) -> tuple:
+    """Autotuning off: the largest tiles that still give the device a few waves of programs."""
+    if _interpreted():
+        return _INTERPRETER_CONFIG
+    for cfg in table:
+        if cfg[1] <= max(32, triton.next_power_of_2(cols)) and cfg[0] <= max(64, triton.next_power_of_2(rows)):
+            return cfg
+    return table[-1]
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """FUSEDRES_AUTOTUNE=1|0; on by default on CUDA, never under the interpreter (tests never tune)."""
+    if device.type != "cuda" or _interpreted():
+        return False
+    return os.environ.get("FUSEDRES_AUTOTUNE", "1") == "1"
+
+
+_tuned: Dict[tuple, tuple] = {}
+_tune_lock = threading.Lock()
+
+
+def _choose(key: tuple, device, candidates: Sequence[tuple], default: tuple, run) -> tuple:
+    """The fastest of `candidates` for `key` (timed once per process with do_bench), or `default`."""
+    if not autotune_enabled(device):
+        return default
+    with _tune_lock:  # one thread tunes a key; the others wait and reuse its answer
+        hit = _tuned.get(key)
+        if hit is None:
+            from triton.testing import do_bench
+
+            best, best_ms = default, float("inf")
+            for cfg in candidates:
+                try:
+                    ms = do_bench(lambda: run(cfg), warmup=5, rep=20)
+                except Exception:  # e.g. out of shared memory for this tile size: not a candidate
+                    continue
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+            _tuned[key] = hit = best
+        return hit
+
+
+def tuned_configs() -> Dict[tuple, tuple]:
+    """Every configuration chosen so far in this process (for the benchmark notes)."""
+    with _tune_lock:
+        return dict(_tuned)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------
+def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False,
+                 residual=None, relu=False, stats=False, out_format=torch.contiguous_format):
+    """y [N, C_out, P, Q] in x's dtype and `out_format`, and (tile_rows [T], sum [T, C_out], m2 [T, C_out])
+    float partial statistics of y (before residual and ReLU) when `stats`."""
+    N, P, Q, C_out = geo.N, geo.P, geo.Q, geo.C_out
+    y = new_scratch((N, C_out, P, Q), x.dtype, x.device, memory_format=out_format)
+    M = N * P * Q
+    acc_dtype, upcast, precision = _dot_flags(x.dtype, x.device)
+    grouped = geo.groups > 1
+    dummy = y
+    res = residual if residual is not None else dummy
+
+    def launch(cfg, psum, pm2):
+        bm, bn, warps, stages = cfg
+        bk = _k_block(_span(bn, C_out, geo.cout_g, geo.cin_g, grouped), x.dtype)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(C_out, bn),)
+        _conv_fwd_kernel[grid](
+            x, weight, y, bias if bias is not None else dummy, res,
+            in_mean if in_mean is not None else dummy, in_scale if in_scale is not None else dummy,
+            in_shift if in_shift is not None else dummy, psum, pm2,
+            *geo.flat, *_nchw_strides(x), *_nchw_strides(weight), *_nchw_strides(y), *_nchw_strides(res),
+            *geo.conv_scalars,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+
+    def partial_buffers(cfg):
+        rows = triton.cdiv(M, cfg[0]) if stats else 1
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return new_scratch((rows, C_out), acc, x.device), new_scratch((rows, C_out), acc, x.device)
+
+    key = ("fwd", geo, x.dtype, tuple(x.stride()), in_scale is not None, residual is not None, stats)
+    cfg = _choose(key, x.device, _FWD_CONFIGS, _default_config(M, C_out, _FWD_CONFIGS),
+                  lambda c: launch(c, *partial_buffers(c)))
+    psum, pm2 = partial_buffers(cfg)
+    launch(cfg, psum, pm2)
+    if not stats:
+        return y, None
+    bm = cfg[0]
+    rows = torch.full((psum.shape[0],), float(bm), dtype=psum.dtype, device=x.device)
+    rows[-1] = M - bm * (psum.shape[0] - 1)
+    return y, (rows, psum, pm2)
+
+
+def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, in_scale=None, in_shift=None,
+                    in_relu=False, out_format=torch.contiguous_format):
+    """dA [N, C_in, H, W] = the gradient of the conv's input. With the forward prologue's BN given
+    (x, in_mean, in_scale, in_shift): dU = dA * relu'(U) instead, with float per-channel sums
+    sum(dU) and sum(dU * (x - mean))."""
+    N, C_in, H, W = geo.N, geo.C_in, geo.H, geo.W
+    dx = new_scratch((N, C_in, H, W), grad_y.dtype, grad_y.device, memory_format=out_format)
+    acc_dtype, upcast, precision = _dot_flags(grad_y.dtype, grad_y.device)
+    grouped = geo.groups > 1
+    sh, sw = geo.stride
+    phases = sh * sw
+    rows_per_phase = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
+    epilogue = in_scale is not None
+    xs = x if epilogue else dx
+    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+
+    def launch(cfg, part):
+        bm, bn, warps, stages = cfg
+        bk = _k_block(_span(bn, C_in, geo.cin_g, geo.cout_g, grouped), grad_y.dtype)
+        num_m = triton.cdiv(rows_per_phase, bm)
+        _conv_dgrad_kernel[(num_m * triton.cdiv(C_in, bn), phases)](
+            grad_y, weight, dx, xs, in_mean if epilogue else dx, in_scale if epilogue else dx,
+            in_shift if epilogue else dx, part,
+            *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(weight), *_nchw_strides(dx), *_nchw_strides(xs),
+            *geo.conv_scalars, num_m, num_m * phases,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, EPILOGUE_BN=epilogue, EPILOGUE_RELU=in_relu,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+
+    def part_buffer(cfg):
+        rows = triton.cdiv(rows_per_phase, cfg[0]) * phases if epilogue else 1
+        return new_scratch((2, rows, C_in), acc, grad_y.device)
+
+    key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), epilogue)
+    cfg = _choose(key, grad_y.device, _FWD_CONFIGS, _default_config(rows_per_phase, C_in, _FWD_CONFIGS),
+                  lambda c: launch(c, part_buffer(c)))
+    part = part_buffer(cfg)
+    launch(cfg, part)
+    if not epilogue:
+        return dx, None, None
+    sums = part.sum(1)
+    return dx, sums[0], sums[1]
+
+
+def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False):
+    """dW [C_out, C_in/groups, KH, KW] as float32 (float64 for float64), from the conv's output
+    gradient and its pre-prologue input x (the prologue is recomputed)."""
+    M = geo.N * geo.P * geo.Q
+    acc_dtype, upcast, precision = _dot_flags(x.dtype, x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grouped = geo.groups > 1
+    taps = geo.KH * geo.KW
+    prologue = in_scale is not None
+    target_programs = 4 * _sm_count(x.device)
+
+    def plan(cfg):
+        bo, bc, _, _ = cfg
+        num_c = triton.cdiv(_span(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped), bc)
+        tiles = triton.cdiv(geo.C_out, bo) * num_c * taps
+        bm = 16 if _interpreted() else (64 if x.dtype in (torch.float32, torch.float64) else 128)
+        # split the pixel reduction until the device has ~4 programs per SM, keeping >= 8 steps each
+        splits = max(1, min(triton.cdiv(target_programs, tiles), M // (8 * bm)))
+        m_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
+        splits = triton.cdiv(M, m_per_split)
+        return num_c, tiles // taps, bm, splits, m_per_split
+
+    def launch(cfg, ws):
+        bo, bc, warps, stages = cfg
+        num_c, tiles, bm, splits, m_per_split = plan(cfg)
+        _conv_wgrad_kernel[(tiles, taps, splits)](
+            grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
+            *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
+            BLOCK_O=bo, BLOCK_C=bc, BLOCK_M=bm, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+
+    def workspace(cfg):
+        return new_scratch((plan(cfg)[3], geo.C_out, taps, geo.cin_g), acc, x.device)
+
+    key = ("wgrad", geo, x.dtype, tuple(x.stride()), tuple(grad_y.stride()), prologue)
+    cfg = _choose(key, x.device, _WGRAD_CONFIGS, _default_config(geo.C_out, _span(geo.C_out, geo.C_out, geo.cout_g, geo.cin_g, grouped), _WGRAD_CONFIGS),
+                  lambda c: launch(c, workspace(c)))
+    ws = workspace(cfg)
+    launch(cfg, ws)
+    dw = ws.sum(0) if ws.shape[0] > 1 else ws[0]
+    return dw.view(geo.C_out, geo.KH, geo.KW, geo.cin_g).permute(0, 3, 1, 2)

@@ -1,0 +1,252 @@
+"""Ops: 2-D convolution with BatchNorm fused at both ends (forward, input gradient, weight gradient).
+
+  conv2d_forward      y = act(conv2d(pro(x), W) + bias + residual), pro(x) = act((x - mean) * scale + shift)
+                      per input channel (optional), with partial BatchNorm statistics of
+                      conv2d(pro(x), W) + bias when asked
+  conv2d_input_grad   the gradient of pro(x)'s conv; with the prologue's BN given, dU = dA * relu'(U)
+                      (U the prologue's pre-activation) and its per-channel sums for BatchNorm's backward
+  conv2d_weight_grad  the weight gradient, recomputing pro(x) from x
+Reference here (plain PyTorch; it materializes pro(x)); Triton kernels in
+fusedres/kernels/conv_triton.py. There is no C++ backend for these: on the CPU and where the
+kernels do not apply, fusedres.autograd keeps aten's conv with the core BatchNorm ops.
+"""
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate
+from .layout import stats_dtype
+from .registry import available_backend, register, resolve
+
+CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
+
+
+class StatsPartials(NamedTuple):
+    """Per-tile BatchNorm statistics: tile i holds rows[i] values per channel with sum[i] and
+    centered sum of squares m2[i] (merged with Chan's formula by ops.bn_stats_from_partials)."""
+    rows: torch.Tensor  # [T]
+    sum: torch.Tensor  # [T, C]
+    m2: torch.Tensor  # [T, C]
+
+
+def _pc(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    cl = torch.channels_last
+    return cl if (not x.is_contiguous() and x.is_contiguous(memory_format=cl)) else torch.contiguous_format
+
+
+def _prologue_reference(x, in_mean, in_scale, in_shift, in_relu):
+    if in_scale is None:
+        return x
+    u = (x.to(stats_dtype(x)) - _pc(in_mean)) * _pc(in_scale) + _pc(in_shift)
+    return (torch.relu(u) if in_relu else u).to(x.dtype)
+
+
+def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                             in_relu, residual, relu, stats):
+    acc = stats_dtype(x)
+    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
+    z = F.conv2d(a, weight, None, stride, padding, dilation, groups).to(acc)
+    if bias is not None:
+        z = z + _pc(bias.to(acc))
+    partials = None
+    if stats:
+        stored = z.to(x.dtype).to(acc)
+        count = stored.numel() // stored.shape[1]
+        s = stored.sum((0, 2, 3))
+        m2 = ((stored - _pc(s / count)) ** 2).sum((0, 2, 3))
+        partials = StatsPartials(torch.full((1,), float(count), dtype=acc, device=x.device), s[None], m2[None])
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype).contiguous(memory_format=_memory_format(x)), partials
+
+
+def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                                in_relu):
+    acc = stats_dtype(grad_y)
+    da = torch.nn.grad.conv2d_input(x.shape, weight, grad_y, stride, padding, dilation, groups)
+    if in_scale is None:
+        return da.to(grad_y.dtype).contiguous(memory_format=_memory_format(x)), None, None
+    da = da.to(acc)
+    xmu = x.to(acc) - _pc(in_mean)
+    if in_relu:
+        da = torch.where(xmu * _pc(in_scale) + _pc(in_shift) > 0, da, 0)
+    du = da.to(grad_y.dtype).contiguous(memory_format=_memory_format(x))
+    return du, da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
+
+
+def conv2d_weight_grad_reference(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                                 in_relu):
+    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
+    return torch.nn.grad.conv2d_weight(a.to(stats_dtype(x)), weight.shape, grad_y.to(stats_dtype(x)), stride,
+                                       padding, dilation, groups)
+
+
+register("conv2d_forward", "reference")(conv2d_forward_reference)
+register("conv2d_input_grad", "reference")(conv2d_input_grad_reference)
+register("conv2d_weight_grad", "reference")(conv2d_weight_grad_reference)
+
+
+def _geometry(x, weight, stride, padding, dilation, groups):
+    from ..kernels.conv_triton import geometry
+
+    return geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
+
+
+@register("conv2d_forward", "triton")
+def _conv2d_forward_triton(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
+                           residual, relu, stats):
+    from ..kernels.conv_triton import conv_forward
+
+    return conv_forward(x, weight, bias, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
+                        in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, residual=residual, relu=relu,
+                        stats=stats, out_format=_memory_format(x))
+
+
+@register("conv2d_input_grad", "triton")
+def _conv2d_input_grad_triton(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                              in_relu):
+    from ..kernels.conv_triton import conv_input_grad
+
+    return conv_input_grad(grad_y, weight, _geometry(x, weight, stride, padding, dilation, groups), x=x,
+                           in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
+                           out_format=_memory_format(x))
+
+
+@register("conv2d_weight_grad", "triton")
+def _conv2d_weight_grad_triton(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                               in_relu):
+    from ..kernels.conv_triton import conv_weight_grad
+
+    return conv_weight_grad(grad_y, x, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
+                            in_scale=in_scale, in_shift=in_shift, in_relu=in_relu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and public functions.
+# ---------------------------------------------------------------------------------------------
+def _pair(v, name) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"fusedres: {name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _check_conv(x, weight, bias, stride, padding, dilation, groups):
+    _validate.activation(x, "x")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"fusedres: weight must be a 4-D tensor [C_out, C_in/groups, kh, kw], got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"fusedres: groups={groups!r} must be a positive int dividing the input's {x.shape[1]} "
+                         f"and the weight's {weight.shape[0]} channels")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"fusedres: weight {tuple(weight.shape)} with groups={groups} expects "
+                         f"{weight.shape[1] * groups} input channels, got x with {x.shape[1]}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"fusedres: weight ({weight.dtype}, {weight.device}) must match x ({x.dtype}, {x.device})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"fusedres: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"fusedres: need stride >= 1, dilation >= 1, padding >= 0; got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    return stride, padding, dilation
+
+
+def _check_prologue(x, in_mean, in_scale, in_shift):
+    given = [t is not None for t in (in_mean, in_scale, in_shift)]
+    if any(given) and not all(given):
+        raise ValueError("fusedres: in_mean, in_scale and in_shift must be given together (the input's BatchNorm)")
+    for name, v in (("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)):
+        _validate.channel_vector(x, v, name)
+    if in_scale is not None:
+        acc = stats_dtype(x)
+        return tuple(v.to(acc).contiguous() for v in (in_mean, in_scale, in_shift))
+    return None, None, None
+
+
+def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    """None if the fused conv kernels (not the reference) will run this conv, else why not."""
+    backend = available_backend("conv2d_forward", x.device)
+    if backend is None or backend == "reference":
+        return f"no fused conv kernel for {x.device.type} tensors under backend {resolve_name()!r}"
+    if x.device.type == "cuda":
+        if x.dtype == torch.float64:
+            return "float64 convolutions run in aten on CUDA"
+        if _memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
+            return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
+    if weight.dtype != x.dtype:
+        return f"weight dtype {weight.dtype} differs from the input's {x.dtype}"
+    return None
+
+
+def resolve_name() -> str:
+    from .registry import get_backend
+
+    return get_backend()
+
+
+def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
+                   groups: int = 1, *, in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
+                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
+                   residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False
+                   ) -> Tuple[torch.Tensor, Optional[StatsPartials]]:
+    """y = act(conv2d(pro(x), weight) + bias + residual), pro(x) = act((x - in_mean) * in_scale + in_shift).
+
+    Args:
+        x (Tensor[N, C_in, H, W]); weight (Tensor[C_out, C_in/groups, kh, kw]) of x's dtype; bias (Tensor[C_out]).
+        in_mean, in_scale, in_shift (Tensor[C_in]): the input's BatchNorm, applied as each tile is
+            loaded; padding is zero after it. in_relu: ReLU after it.
+        residual (Tensor[N, C_out, P, Q]): added after the bias; relu: ReLU last.
+        stats: also return StatsPartials of conv2d(pro(x)) + bias (before residual and ReLU).
+    Returns:
+        (y in x's dtype and memory format, StatsPartials or None).
+    """
+    stride, padding, dilation = _check_conv(x, weight, bias, stride, padding, dilation, groups)
+    in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
+    if residual is not None:
+        _validate.activation(residual, "residual")
+    _, impl = resolve("conv2d_forward", x.device)
+    y, partials = impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
+                       residual, bool(relu), bool(stats))
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError(f"fusedres: residual must have the output's shape {tuple(y.shape)}, got "
+                         f"{tuple(residual.shape)}")
+    return y, (StatsPartials(*partials) if partials is not None else None)
+
+
+def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: Sequence[int] = (1, 1),
+                      padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
+                      in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
+                      in_shift: Optional[torch.Tensor] = None, in_relu: bool = False):
+    """(dA, None, None) with dA the gradient of the conv's input; with the prologue's BN given,
+    (dU, sum(dU), sum(dU * (x - in_mean))) with dU = dA * relu'(U), U = (x - mean) * scale + shift.
+    x is the forward's input (its shape always; its values only for the prologue)."""
+    stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
+    in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
+    _validate.activation(grad_y, "grad_y")
+    _, impl = resolve("conv2d_input_grad", x.device)
+    return impl(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu))
+
+
+def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = (1, 1),
+                       padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
+                       in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
+                       in_shift: Optional[torch.Tensor] = None, in_relu: bool = False) -> torch.Tensor:
+    """The weight gradient, in weight's dtype and memory format (summed in float32 / float64)."""
+    stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
+    in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
+    _validate.activation(grad_y, "grad_y")
+    _, impl = resolve("conv2d_weight_grad", x.device)
+    dw = impl(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu))
+    return dw.to(weight.dtype).contiguous(memory_format=_memory_format(weight))
