@@ -1,6 +1,7 @@
 """Test configuration. Must run before triton is first imported:
 - no GPU: Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1);
 - FUSEDRES_POISON_OUTPUTS=1: every kernel's outputs start as NaN, so an unwritten element fails;
+- FUSEDRES_AUTOTUNE=0: no autotuning inside tests;
 - tests marked needs_cuda skip, with the reason, where no GPU is present (the only skips)."""
 import os
 
@@ -10,6 +11,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["FUSEDRES_POISON_OUTPUTS"] = "1"
+os.environ["FUSEDRES_AUTOTUNE"] = "0"  # tests run the fixed default conv configurations, never tune
 
 import pytest  # noqa: E402
 

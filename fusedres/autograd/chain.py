@@ -87,7 +87,8 @@ class BNReLUConv(torch.autograd.Function):
         if need_w:
             grad_w = ops.conv2d_weight_grad(grad_z, x, weight, *conv_args, **pro)
         if need_b:
-            grad_b = grad_z.sum((0, 2, 3), dtype=torch.float32).to(ctx.dtypes[0])
+            acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
+            grad_b = grad_z.sum((0, 2, 3), dtype=acc).to(ctx.dtypes[0])
         return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None
 
 

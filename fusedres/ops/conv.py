@@ -69,11 +69,10 @@ def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups,
 
 def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
                                 in_relu):
-    acc = stats_dtype(grad_y)
-    da = torch.nn.grad.conv2d_input(x.shape, weight, grad_y, stride, padding, dilation, groups)
+    acc = stats_dtype(grad_y)  # summed in float32 as the kernels' accumulators are, rounded once
+    da = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), grad_y.to(acc), stride, padding, dilation, groups)
     if in_scale is None:
         return da.to(grad_y.dtype).contiguous(memory_format=_memory_format(x)), None, None
-    da = da.to(acc)
     xmu = x.to(acc) - _pc(in_mean)
     if in_relu:
         da = torch.where(xmu * _pc(in_scale) + _pc(in_shift) > 0, da, 0)
@@ -216,12 +215,15 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     if residual is not None:
         _validate.activation(residual, "residual")
+        out_shape = (x.shape[0], weight.shape[0]) + tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+        if tuple(residual.shape) != out_shape or residual.device != x.device:
+            raise ValueError(f"fusedres: residual must have the output's shape {out_shape} on {x.device}, got "
+                             f"{tuple(residual.shape)} on {residual.device}")
     _, impl = resolve("conv2d_forward", x.device)
     y, partials = impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
                        residual, bool(relu), bool(stats))
-    if residual is not None and residual.shape != y.shape:
-        raise ValueError(f"fusedres: residual must have the output's shape {tuple(y.shape)}, got "
-                         f"{tuple(residual.shape)}")
     return y, (StatsPartials(*partials) if partials is not None else None)
 
 

@@ -1,0 +1,396 @@
+"""The fused conv ops (fusedres.ops.conv2d_*) and the conv-BN-ReLU chain against float64 references.
+
+Every backend is compared with a float64 ground truth built from torch.nn.functional.conv2d, so
+the Triton kernels (interpreted on the CPU, compiled on a GPU) and the reference path are also
+checked against each other. Shapes are tiny and odd on the CPU (the interpreter runs every
+program in Python): C not a multiple of 16, odd H and W, N = 1, H*W = 1, several groups per tile.
+"""
+import os
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedres
+from fusedres import ops
+from fusedres.autograd import BNArgs, ConvArgs, chain, conv_bn_chain
+from fusedres.ops.registry import resolve
+from helpers import FORMATS, HAS_CUDA, INTERPRETED, assert_close_scaled
+
+# (kernel, stride, padding, dilation, groups, C_in, C_out, N, H, W)
+GEOMETRIES = {
+    "3x3": (3, 1, 1, 1, 1, 5, 7, 2, 7, 6),
+    "3x3-stride2-odd": (3, 2, 1, 1, 1, 5, 7, 2, 7, 5),
+    "1x1": (1, 1, 0, 1, 1, 13, 20, 2, 5, 3),
+    "1x1-stride2": (1, 2, 0, 1, 1, 13, 20, 1, 5, 5),
+    "7x7-stem": (7, 2, 3, 1, 1, 3, 16, 1, 11, 9),
+    "3x3-groups4-of3": (3, 2, 1, 1, 4, 12, 8, 2, 5, 5),
+    "3x3-groups8-of4": (3, 1, 1, 1, 8, 32, 32, 1, 4, 5),  # 4 groups per 16-channel tile
+    "3x3-depthwise": (3, 2, 1, 1, 6, 6, 6, 2, 5, 5),
+    "3x3-dilation2": (3, 1, 2, 2, 2, 6, 10, 1, 6, 7),
+    "3x3-hw1": (3, 2, 1, 1, 1, 5, 7, 3, 1, 1),
+}
+
+
+def _cases():
+    cases = [pytest.param("cpu", "reference", id="cpu-reference")]
+    if INTERPRETED:
+        cases.append(pytest.param("cpu", "triton", id="cpu-triton-interpreted"))
+    for b in ("reference", "triton"):
+        cases.append(pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.needs_cuda))
+    return cases
+
+
+CONV_CASES = _cases()
+# tolerance of a whole result against float64, relative to its largest value: one rounding of the
+# output for half types, a few ulps of the sums for float32 (tf32 off in these tests)
+SCALED_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """tf32 off, so float32 is checked tightly (test_tf32_follows_cudnn_flag covers it on)."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+def _conv_backend(name, device):
+    """Select `name`; fail rather than test the reference fallback by accident."""
+    ctx = fusedres.use_backend(name)
+    ctx.__enter__()
+    for op in ops.CONV_OPS:
+        assert resolve(op, torch.device(device))[0] == name, f"{op} did not run on {name}"
+    return ctx
+
+
+def _tensor(shape, dtype, device, fmt=torch.contiguous_format, mean=0.5):
+    t = torch.randn(shape, dtype=torch.float64) + mean
+    return t.to(dtype=dtype, device=device).contiguous(memory_format=fmt) if len(shape) == 4 else t.to(dtype=dtype, device=device)
+
+
+def _problem(geo, dtype, device, fmt, prologue=True, in_relu=True):
+    k, s, p, d, g, cin, cout, n, h, w = geo
+    x = _tensor((n, cin, h, w), dtype, device, fmt)
+    weight = _tensor((cout, cin // g, k, k), dtype, device, mean=0.0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    pro = {}
+    if prologue:
+        # a positive shift on some channels: relu(shift) != 0, so padding done before the prologue shows
+        pro = dict(in_mean=torch.randn(cin, dtype=acc, device=device), in_scale=torch.rand(cin, dtype=acc, device=device)
+                   + 0.5, in_shift=torch.randn(cin, dtype=acc, device=device) + 0.5, in_relu=in_relu)
+    return x, weight, dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g), pro
+
+
+def _activated64(x, pro):
+    """The prologue's output in float64, from x's stored values, rounded as the kernels round it."""
+    if not pro:
+        return x.double()
+    u = (x.double() - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
+        + pro["in_shift"].double().view(1, -1, 1, 1)
+    u = torch.relu(u) if pro["in_relu"] else u
+    return u.to(x.dtype).double()
+
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geo", list(GEOMETRIES))
+def test_forward_with_every_fusion(device, name, dtype, geo):
+    fmt = torch.channels_last if geo != "1x1" else torch.contiguous_format
+    x, weight, conv, pro = _problem(GEOMETRIES[geo], dtype, device, fmt)
+    bias = _tensor((weight.shape[0],), dtype, device)
+    a64 = _activated64(x, pro)
+    z64 = F.conv2d(a64, weight.double(), bias.double(), **conv)
+    residual = _tensor(z64.shape, dtype, device, fmt, mean=-0.5)
+    ctx = _conv_backend(name, device)
+    try:
+        y, partials = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=True, stats=True)
+        stored, _ = ops.conv2d_forward(x, weight, bias, **conv, **pro)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert y.dtype == dtype and y.shape == z64.shape
+    assert y.is_contiguous(memory_format=fmt), "output keeps the input's memory format"
+    expected = torch.relu(z64 + residual.double())
+    assert expected.abs().max() > 0
+    assert_close_scaled(y, expected, SCALED_TOL[dtype], msg=f"{geo} {dtype}")
+    # statistics are of the stored conv output (before residual and ReLU)
+    var, mean = torch.var_mean(stored.double(), dim=(0, 2, 3), unbiased=False)
+    got_mean, got_invstd = ops.bn_stats_from_partials(*partials, eps=1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got_mean.double().cpu(), mean.cpu(), atol=tol * (1 + mean.abs().max().item()), rtol=tol)
+    torch.testing.assert_close(got_invstd.double().cpu(), (var + 1e-5).rsqrt().cpu(), atol=0, rtol=10 * tol)
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("fusions", ["plain", "bias", "relu", "residual", "prologue-no-relu", "prologue-relu"])
+def test_forward_fusion_combinations(device, name, fmt, fusions):
+    x, weight, conv, pro = _problem(GEOMETRIES["3x3-stride2-odd"], torch.float64, device, fmt,
+                                    prologue=fusions.startswith("prologue"), in_relu=fusions == "prologue-relu")
+    bias = _tensor((weight.shape[0],), torch.float64, device) if fusions == "bias" else None
+    expected = F.conv2d(_activated64(x, pro), weight, bias, **conv)
+    residual = _tensor(expected.shape, torch.float64, device, fmt) if fusions == "residual" else None
+    if residual is not None:
+        expected = expected + residual
+    if fusions == "relu":
+        expected = torch.relu(expected)
+    ctx = _conv_backend(name, device)
+    try:
+        y, partials = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=fusions == "relu")
+    finally:
+        ctx.__exit__(None, None, None)
+    assert partials is None
+    assert_close_scaled(y, expected, 1e-12, msg=fusions)
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geo", list(GEOMETRIES))
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn-relu-fused", "plain"])
+def test_input_and_weight_gradients(device, name, dtype, geo, prologue):
+    fmt = torch.channels_last if geo != "3x3-stride2-odd" else torch.contiguous_format
+    x, weight, conv, pro = _problem(GEOMETRIES[geo], dtype, device, fmt, prologue=prologue)
+    a64 = _activated64(x, pro).requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    z64 = F.conv2d(a64, w64, None, **conv)
+    grad_y = _tensor(z64.shape, dtype, device, fmt, mean=0.2)
+    z64.backward(grad_y.double())
+    ctx = _conv_backend(name, device)
+    try:
+        dx, sum_du, sum_du_xmu = ops.conv2d_input_grad(grad_y, weight, x, **conv, **pro)
+        dw = ops.conv2d_weight_grad(grad_y, x, weight, **conv, **pro)
+    finally:
+        ctx.__exit__(None, None, None)
+    tol = SCALED_TOL[dtype]
+    assert dw.dtype == dtype and dw.shape == weight.shape
+    assert w64.grad.abs().max() > 0
+    assert_close_scaled(dw, w64.grad, tol, msg="weight gradient")
+    assert dx.is_contiguous(memory_format=fmt)
+    da = a64.grad
+    if not prologue:
+        assert sum_du is None and sum_du_xmu is None
+        assert_close_scaled(dx, da, tol, msg="input gradient")
+        return
+    u = (x.double() - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
+        + pro["in_shift"].double().view(1, -1, 1, 1)
+    du = torch.where(u > 0, da, 0)
+    assert du.abs().max() > 0 and (du == 0).any(), "the ReLU mask must matter"
+    assert_close_scaled(dx, du, tol, msg="masked input gradient dU")
+    xmu = x.double() - pro["in_mean"].double().view(1, -1, 1, 1)
+    # the sums are of the float dU before it is rounded to dtype
+    sum_tol = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, SCALED_TOL[dtype])
+    assert_close_scaled(sum_du, du.sum((0, 2, 3)), sum_tol, msg="sum dU")
+    assert_close_scaled(sum_du_xmu, (du * xmu).sum((0, 2, 3)), sum_tol, msg="sum dU (x - mean)")
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+def test_large_mean_statistics_do_not_cancel(device, name):
+    """1e3 + N(0, 1) conv outputs: the merged centered sums keep the variance, where
+    sum(x^2) - n * mean^2 in float32 would lose it."""
+    x = _tensor((2, 4, 9, 9), torch.float32, device, torch.channels_last, mean=0.0)
+    weight = torch.zeros(6, 4, 1, 1, device=device)
+    weight[:, 0] = 1.0
+    bias = torch.full((6,), 1e3, device=device)
+    ctx = _conv_backend(name, device)
+    try:
+        y, partials = ops.conv2d_forward(x, weight, bias, stats=True)
+    finally:
+        ctx.__exit__(None, None, None)
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    _, invstd = ops.bn_stats_from_partials(*partials, eps=0.0)
+    torch.testing.assert_close(invstd.double().cpu(), var.rsqrt().cpu(), rtol=1e-4, atol=0)
+
+
+def test_tf32_follows_cudnn_flag():
+    from fusedres.kernels.conv_triton import _dot_flags
+
+    cuda = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = True
+    assert _dot_flags(torch.float32, cuda)[2] == "tf32"
+    torch.backends.cudnn.allow_tf32 = False
+    assert _dot_flags(torch.float32, cuda)[2] == "ieee"
+    assert _dot_flags(torch.float64, cuda)[2] == "ieee"
+
+
+def test_no_autotuning_in_tests_or_on_cpu():
+    from fusedres.kernels.conv_triton import autotune_enabled
+
+    assert not autotune_enabled(torch.device("cpu"))
+    if HAS_CUDA:
+        assert os.environ.get("FUSEDRES_AUTOTUNE") == "0", "tests run the fixed default configurations"
+        assert not autotune_enabled(torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The conv-BN-ReLU chain (autograd).
+# ---------------------------------------------------------------------------------------------
+def _chain_params(device, dtype, groups=1):
+    torch.manual_seed(3)
+    convs = [nn.Conv2d(4, 6, 1, bias=False), nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=groups, bias=False),
+             nn.Conv2d(6, 5, 1, bias=True)]
+    bns = [nn.BatchNorm2d(6), nn.BatchNorm2d(6), nn.BatchNorm2d(5, momentum=None)]
+    for bn in bns:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return nn.ModuleList(convs + bns).to(device=device, dtype=dtype)
+
+
+def _run_chain(mods, x, residual, train):
+    mods.train(train)
+    units = []
+    for conv, bn in zip(mods[:3], mods[3:]):
+        momentum = bn.momentum
+        if train:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        units.append((ConvArgs(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups),
+                      BNArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, momentum, train)))
+    return conv_bn_chain(x, units, residual, relu=True)
+
+
+def _run_nn(mods, x, residual, train):
+    mods.train(train)
+    h = x
+    for i, (conv, bn) in enumerate(zip(mods[:3], mods[3:])):
+        h = bn(conv(h))
+        if i < 2:
+            h = torch.relu(h)
+    return torch.relu(h + residual)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch-stats", "running-stats"])
+def test_chain_gradcheck_float64(train):
+    """The chain's backward (through batch statistics, prologue ReLU masks, the epilogue sums) is
+    the derivative of its forward: numerical gradcheck on the reference ops."""
+    mods = _chain_params("cpu", torch.float64)
+    convs, bns = mods[:3], mods[3:]
+    x = _tensor((2, 4, 5, 5), torch.float64, "cpu").requires_grad_(True)
+    residual = _tensor((2, 5, 3, 3), torch.float64, "cpu").requires_grad_(True)
+    weights = [c.weight.detach().clone().requires_grad_(True) for c in convs]
+    bias3 = convs[2].bias.detach().clone().requires_grad_(True)
+    affine = [t.detach().clone().requires_grad_(True) for bn in bns for t in (bn.weight, bn.bias)]
+
+    def run(x, residual, w1, w2, w3, b3, *gamma_beta):
+        units = []
+        for i, (conv, bn, w, b) in enumerate(zip(convs, bns, (w1, w2, w3), (None, None, b3))):
+            g, be = gamma_beta[2 * i], gamma_beta[2 * i + 1]
+            running = (None, None) if train else (bn.running_mean, bn.running_var)
+            units.append((ConvArgs(w, b, conv.stride, conv.padding, conv.dilation, conv.groups),
+                          BNArgs(g, be, *running, bn.eps, 0.1, train)))
+        return conv_bn_chain(x, units, residual, relu=True)
+
+    with fusedres.use_backend("reference"):
+        assert torch.autograd.gradcheck(run, [x, residual, *weights, bias3, *affine], eps=1e-6, atol=1e-6,
+                                        rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-with-grad"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["dense", "groups3"])
+def test_chain_matches_nn_over_sgd_steps(device, name, fmt, train, groups):
+    """Three SGD steps of the chain against nn.Conv2d / nn.BatchNorm2d / ReLU in float64: outputs,
+    every gradient, and the running statistics (momentum and momentum=None)."""
+    ours = _chain_params(device, torch.float64, groups)
+    ref = _chain_params(device, torch.float64, groups)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    calls = []
+    real_apply = chain.BNReLUConv.apply
+    with fusedres.use_backend(name), mock.patch.object(chain.BNReLUConv, "apply",
+                                                      side_effect=lambda *a: calls.append(1) or real_apply(*a)):
+        for step in range(3):
+            x = _tensor((2, 4, 7, 5), torch.float64, device, fmt).requires_grad_(True)
+            x_ref = x.detach().clone().requires_grad_(True)
+            residual = _tensor((2, 5, 4, 3), torch.float64, device, fmt)
+            y = _run_chain(ours, x, residual, train)
+            y_ref = _run_nn(ref, x_ref, residual, train)
+            assert_close_scaled(y, y_ref, 1e-12, msg=f"step {step} output")
+            grad = _tensor(y.shape, torch.float64, device, fmt)
+            y.backward(grad)
+            y_ref.backward(grad)
+            assert_close_scaled(x.grad, x_ref.grad, 1e-11, msg=f"step {step} input gradient")
+            for (pn, p), pr in zip(ours.named_parameters(), ref.parameters()):
+                assert_close_scaled(p.grad, pr.grad, 1e-11, msg=f"step {step} grad {pn}")
+            for o in (opt, opt_ref):
+                o.step()
+                o.zero_grad()
+        for (bn_name, b), b_ref in zip(ours.named_buffers(), ref.buffers()):
+            if b.is_floating_point():
+                assert_close_scaled(b, b_ref, 1e-12, msg=f"buffer {bn_name}")
+            else:
+                assert torch.equal(b, b_ref), bn_name
+    assert len(calls) == 9, "every conv ran through the fused chain"
+
+
+def test_blocks_use_the_chain_only_where_the_kernels_run():
+    """Under the triton backend a training bottleneck runs its 3 convs and the projection through
+    the chain; on the C++ CPU backend (no conv kernel) it keeps the core path."""
+    block = fusedres.FusedBottleneck(8, 2, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 8, 1, 2, bias=False),
+                                                                               nn.BatchNorm2d(8)))
+    x = torch.randn(2, 8, 5, 5)
+    for name, expected in (("cpu", 0),) + ((("triton", 4),) if INTERPRETED else ()):
+        with fusedres.use_backend(name), mock.patch.object(chain.BNReLUConv, "apply",
+                                                          wraps=chain.BNReLUConv.apply) as spy:
+            block(x).sum().backward()
+        assert spy.call_count == expected, name
+
+
+def test_conv_op_errors_name_the_argument():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="weight must be a 4-D"):
+        ops.conv2d_forward(x, w[0])
+    with pytest.raises(ValueError, match="groups=3"):
+        ops.conv2d_forward(x, w, groups=3)
+    with pytest.raises(ValueError, match="expects 8 input channels"):
+        ops.conv2d_forward(x, torch.randn(6, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"weight \(torch.float64"):
+        ops.conv2d_forward(x, w.double())
+    with pytest.raises(ValueError, match="given together"):
+        ops.conv2d_forward(x, w, in_mean=torch.zeros(4))
+    with pytest.raises(ValueError, match="in_scale must have shape"):
+        ops.conv2d_forward(x, w, in_mean=torch.zeros(4), in_scale=torch.ones(5), in_shift=torch.zeros(4))
+    with pytest.raises(ValueError, match="stride"):
+        ops.conv2d_forward(x, w, stride=(0, 1))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.conv2d_forward(x, w, residual=torch.randn(1, 6, 5, 5))
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.conv2d_forward(x.long(), w)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [
+    (256, 64, 1, 1, 1, 56), (64, 64, 3, 1, 1, 56), (128, 128, 3, 2, 1, 56), (1024, 512, 1, 2, 1, 28),
+    (3, 64, 7, 2, 1, 112), (128, 128, 3, 1, 32, 56), (256, 256, 3, 2, 32, 56), (1024, 1024, 3, 1, 32, 14)],
+    ids=lambda s: f"cin{s[0]}-cout{s[1]}-k{s[2]}-s{s[3]}-g{s[4]}-hw{s[5]}")
+def test_real_resnet_shapes_on_gpu(dtype, shape):
+    """ResNet-50 / ResNeXt-50 conv shapes at batch 4 in channels_last: forward with prologue and
+    statistics, both gradients, against float64 on the same GPU."""
+    cin, cout, k, s, g, hw = shape
+    geo = (k, s, k // 2, 1, g, cin, cout, 4, hw, hw)
+    x, weight, conv, pro = _problem(geo, dtype, "cuda", torch.channels_last, prologue=cin > 3)
+    weight = (weight / (weight.shape[1] * k * k) ** 0.5).to(dtype)
+    with fusedres.use_backend("triton"):
+        y, partials = ops.conv2d_forward(x, weight, None, **conv, **pro, stats=True)
+        grad_y = torch.randn_like(y)
+        dx, _, _ = ops.conv2d_input_grad(grad_y, weight, x, **conv, **pro)
+        dw = ops.conv2d_weight_grad(grad_y, x, weight, **conv, **pro)
+    a64 = _activated64(x, pro).requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    z64 = F.conv2d(a64, w64, None, **conv)
+    z64.backward(grad_y.double())
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}[dtype]
+    assert_close_scaled(y, z64, tol, msg="forward")
+    assert_close_scaled(dw, w64.grad, tol, msg="weight gradient")
+    if not pro:
+        assert_close_scaled(dx, a64.grad, tol, msg="input gradient")
