@@ -1,4 +1,7 @@
-"""Blocks: fused vs stock residual blocks (same weights), train step (fwd + bwd) and eval forward."""
+"""Blocks: fused vs stock residual blocks (same weights), train step (fwd + bwd) and eval forward.
+
+On a GPU in channels_last the fused blocks run the conv-BN-ReLU chain on the Triton conv kernels
+(BatchNorm in the convs' prologues and epilogues); on the CPU, aten's conv with the C++ BN kernels."""
 import copy
 from typing import Dict, List
 
@@ -26,6 +29,10 @@ def block_cases(small: bool):
         ("resnet50 layer2.0 Bottleneck s2", Bottleneck(256, 128, 2, down(256, 512, 2)), FusedBottleneck,
          (256, 56 // s, 56 // s)),
         ("resnet50 layer4.1 Bottleneck", Bottleneck(2048, 512), FusedBottleneck, (2048, 7 // s if small else 7, 7)),
+        ("resnext50 layer1.1 Bottleneck g32x4", Bottleneck(256, 64, groups=32, base_width=4), FusedBottleneck,
+         (256, 56 // s, 56 // s)),
+        ("resnext50 layer3.0 Bottleneck g32x16 s2", Bottleneck(512, 256, 2, down(512, 1024, 2), groups=32,
+                                                              base_width=4), FusedBottleneck, (512, 28 // s, 28 // s)),
     ]
 
 
@@ -40,7 +47,8 @@ def _peak_mb(device, fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool) -> List[Dict[str, object]]:
+def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool,
+        compile_mode: str = "default") -> List[Dict[str, object]]:
     rows = []
     for name, stock, fused_cls, shape in block_cases(device.type == "cpu"):
         for dtype in dtypes:
@@ -48,7 +56,7 @@ def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline:
             fused_m = fused_cls.from_module(copy.deepcopy(stock_m))
             models = {"stock eager": stock_m, "fusedres": fused_m}
             if compile_baseline:
-                models["stock torch.compile"] = torch.compile(copy.deepcopy(stock_m))
+                models[f"stock torch.compile({compile_mode})"] = torch.compile(copy.deepcopy(stock_m), mode=compile_mode)
             xs = [torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
                   for _ in range(3)]
             amp = dtype != torch.float32

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build with CUDA, run the whole test suite on the GPU, run the
 # benchmark report, and leave everything under $OUT (logs, JUnit XML, JSON).
-#   run: bash benchmarks/gpu_check.sh            (OUT defaults to ./benchmarks/out/gpu)
+#   run: bash benchmarks/gpu_check.sh [report.py options]   (OUT defaults to ./benchmarks/out/gpu)
+#   STAGES=build,test,bench (the default) picks stages, so the check can span two calls where one
+#   call's time limit is short: STAGES=build,test, then STAGES=bench (the build stays installed).
 # Copy $OUT/report_cuda_*.json to benchmarks/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,22 +17,30 @@ PY="${PYTHON:-python3}"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
+STAGES=",${STAGES:-build,test,bench},"
+build_rc=0; test_rc=0; bench_rc=0
+if [[ $STAGES == *,build,* ]]; then
 echo "== build (CUDA kernels for sm_90)"
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" -m pip install -v --no-build-isolation --no-deps . \
   > "$OUT/build.log" 2>&1
 build_rc=$?
 grep -E "fusedres build" "$OUT/build.log" | head -n 1
 [ $build_rc -eq 0 ] || { tail -n 40 "$OUT/build.log"; exit $build_rc; }
+fi
 
+if [[ $STAGES == *,test,* ]]; then
 echo "== tests on the GPU"
 PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider -x --junitxml="$OUT/tests.xml" -rs tests/ \
   > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -n 15 "$OUT/tests.log"
+fi
 
-echo "== benchmarks"
+if [[ $STAGES == *,bench,* ]]; then
+echo "== benchmarks (conv kernels autotuned per shape: FUSEDRES_AUTOTUNE=${FUSEDRES_AUTOTUNE:-1})"
 "$PY" benchmarks/report.py --out "$OUT" "$@" > "$OUT/report.txt" 2>&1
 bench_rc=$?
 tail -n 60 "$OUT/report.txt"
+fi
 echo "tests rc=$test_rc bench rc=$bench_rc; files in $OUT"
 exit $(( test_rc != 0 || bench_rc != 0 ))

@@ -1,7 +1,8 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites stats,bn_act,blocks] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites stats,bn_act,conv,blocks] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
+                               [--compile-mode default|max-autotune]
 
 On the CPU it runs small sizes (and the C++ kernels; the Triton interpreter is no benchmark); on a
 GPU the full ResNet-50 sizes at batch 256 with the CUDA and Triton kernels, torch.compile included.
@@ -17,6 +18,7 @@ import torch
 import bench_blocks
 import bench_bn_act
 import bench_bn_stats
+import bench_conv
 from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +53,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="stats,bn_act,blocks")
+    parser.add_argument("--suites", default="stats,bn_act,conv,blocks")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -59,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="include torch.compile baselines (default: on a GPU only)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of the stock baseline (max-autotune tunes for minutes per block)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,8 +97,23 @@ def main(argv=None):
         results["bn_act"] = rows
         print("\n== normalize-activate (bytes: the fewest a fused pass must move)")
         print(table(rows, ["op", "shape", "dtype", "impl", "ms", "GBps", "pct_copy_bw", "speedup_vs_eager"]), flush=True)
+    if "conv" in suites:
+        if device.type == "cuda":
+            rows = bench_conv.run(device, dtypes, batch, tflops, args.quick)
+            results["conv"] = rows
+            results["conv_summary"] = bench_conv.summary(rows)
+            from fusedres.kernels.conv_triton import tuned_configs
+
+            results["conv_tuned_configs"] = {str(k): v for k, v in tuned_configs().items()}
+            print("\n== conv kernels vs cuDNN (channels_last, no fusion), every distinct ResNet-50 / ResNeXt-50 conv")
+            print(table(rows, ["arch", "conv", "x", "w", "stride", "groups", "dtype", "kind", "TFLOPs_cudnn",
+                               "TFLOPs_fusedres", "pct_matmul_peak", "speedup_vs_cudnn"]), flush=True)
+            print(table(results["conv_summary"], ["dtype", "kind", "convs", "count", "geomean_speedup_vs_cudnn",
+                                                  "worst", "worst_speedup"]), flush=True)
+        else:
+            print("\n== conv kernels: skipped, the Triton conv kernels need a GPU (the interpreter is no benchmark)")
     if "blocks" in suites:
-        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline)
+        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline, args.compile_mode)
         results["blocks"] = rows
         print("\n== blocks (same weights; train = fwd + bwd)")
         print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB"]), flush=True)

@@ -2,12 +2,18 @@
 
 FusedBasicBlock and FusedBottleneck hold the same submodules as torchvision's BasicBlock and
 Bottleneck (conv1, bn1, conv2, bn2[, conv3, bn3], relu, downsample), so checkpoints load both
-ways with strict=True; only forward differs. Each conv -> BN -> (add) -> ReLU runs as one
-fusedres.autograd unit:
+ways with strict=True; only forward differs.
+
+Where the fused conv kernels run (GPU, channels_last, not float64; or the triton backend under the
+interpreter), training and eval with gradients run the block's conv -> BN -> ReLU units as one
+fusedres.autograd.conv_bn_chain: BN statistics in each conv's epilogue, BN + ReLU in the next
+conv's prologue, BN + residual + ReLU of the last unit in one pass. Elsewhere each
+conv -> BN -> (add) -> ReLU runs as one core unit (aten's conv, then the BN ops):
   training                       batch statistics, running statistics updated as nn does
   eval, gradients needed         running statistics as constants, full backward
   eval, no gradients (inference) BN folded into the conv weights (cached until they change),
-                                 then one bias + residual + ReLU epilogue pass
+                                 then bias + residual + ReLU in the conv's epilogue (fused conv
+                                 kernels) or in one pass after aten's conv
 A block whose convs or norm layers are not plain nn.Conv2d / nn.BatchNorm2d (a custom
 norm_layer, SyncBatchNorm, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference
 torchvision forward instead and says so once.

@@ -137,7 +137,7 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
                     raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                      f"{z.size()}")
                 mean, invstd = ops.bn_stats_from_partials(*partials, bn.eps, bn.running_mean, bn.running_var,
-                                                          bn.momentum)
+                                                          bn.momentum, count=count)
             else:
                 mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z.dtype)
             h, prev = z, bn

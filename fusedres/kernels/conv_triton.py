@@ -363,16 +363,21 @@ def _sm_count(device: torch.device) -> int:
 
 # Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K follows the reduction span.
 _FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 4, 4),
-                (256, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 5)]
+                (256, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 5), (256, 32, 8, 3), (128, 16, 4, 4)]
 _WGRAD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4),
-                  (64, 32, 4, 4)]
+                  (64, 32, 4, 4), (32, 32, 4, 4), (16, 16, 2, 4)]
 _INTERPRETER_CONFIG = (32, 16, 1, 1)  # small tiles so the tests cross tile edges at tiny shapes
 
 
-def _default_config(rows: int, cols: int, table) -> tuple:
-    """Autotuning off: the largest tiles that still give the device a few waves of programs."""
+def _default_config(rows: int, cols: int, table, per_group: int = 0) -> tuple:
+    """Autotuning off: the largest tiles that still give the device a few waves of programs. Grouped
+    convs (per_group = channels per group on the tile's side) take about 4 groups per tile: every
+    group more in a tile multiplies the block-diagonal tile's wasted products (32 groups of 4 in a
+    128-wide tile would compute 32x the useful work)."""
     if _interpreted():
         return _INTERPRETER_CONFIG
+    if per_group:
+        cols = min(cols, max(16, 4 * triton.next_power_of_2(per_group)))
     for cfg in table:
         if cfg[1] <= max(32, triton.next_power_of_2(cols)) and cfg[0] <= max(64, triton.next_power_of_2(rows)):
             return cfg
@@ -453,7 +458,7 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
         return new_scratch((rows, C_out), acc, x.device), new_scratch((rows, C_out), acc, x.device)
 
     key = ("fwd", geo, x.dtype, tuple(x.stride()), in_scale is not None, residual is not None, stats)
-    cfg = _choose(key, x.device, _FWD_CONFIGS, _default_config(M, C_out, _FWD_CONFIGS),
+    cfg = _choose(key, x.device, _FWD_CONFIGS, _default_config(M, C_out, _FWD_CONFIGS, geo.cout_g * grouped),
                   lambda c: launch(c, *partial_buffers(c)))
     psum, pm2 = partial_buffers(cfg)
     launch(cfg, psum, pm2)
@@ -499,7 +504,8 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
         return new_scratch((2, rows, C_in), acc, grad_y.device)
 
     key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), epilogue)
-    cfg = _choose(key, grad_y.device, _FWD_CONFIGS, _default_config(rows_per_phase, C_in, _FWD_CONFIGS),
+    cfg = _choose(key, grad_y.device, _FWD_CONFIGS,
+                  _default_config(rows_per_phase, C_in, _FWD_CONFIGS, geo.cin_g * grouped),
                   lambda c: launch(c, part_buffer(c)))
     part = part_buffer(cfg)
     launch(cfg, part)
@@ -545,7 +551,8 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
         return new_scratch((plan(cfg)[3], geo.C_out, taps, geo.cin_g), acc, x.device)
 
     key = ("wgrad", geo, x.dtype, tuple(x.stride()), tuple(grad_y.stride()), prologue)
-    cfg = _choose(key, x.device, _WGRAD_CONFIGS, _default_config(geo.C_out, _span(geo.C_out, geo.C_out, geo.cout_g, geo.cin_g, grouped), _WGRAD_CONFIGS),
+    cfg = _choose(key, x.device, _WGRAD_CONFIGS,
+                  _default_config(geo.C_out, geo.C_in, _WGRAD_CONFIGS, geo.cout_g * grouped),
                   lambda c: launch(c, workspace(c)))
     ws = workspace(cfg)
     launch(cfg, ws)

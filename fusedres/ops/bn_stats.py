@@ -78,15 +78,18 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
 
 def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor, eps: float = 1e-5,
                            running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
-                           momentum: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+                           momentum: float = 0.1, count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and invstd from per-tile partials (a conv epilogue's StatsPartials), with the
     running update of bn_stats. Tile i: rows[i] values per channel, sum sums[i], centered sum of
     squares m2s[i]; merged exactly (Chan et al.): M2 = sum_i m2_i + rows_i * (mean_i - mean)^2, so a
-    large mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops."""
+    large mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops.
+    count (values per channel, = rows.sum()) lets a caller that knows it spare a device sync."""
     if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
         raise ValueError(f"fusedres: partials must be rows [T], sums [T, C], m2s [T, C]; got {tuple(rows.shape)}, "
                          f"{tuple(sums.shape)}, {tuple(m2s.shape)}")
-    count = float(rows.sum())
+    if count is None:
+        count = float(rows.sum())  # a device -> host sync on a GPU
+    count = float(count)
     if count < 1:
         raise ValueError("fusedres: bn_stats_from_partials needs at least one value per channel")
     if running_mean is not None and count < 2:
