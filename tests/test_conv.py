@@ -30,6 +30,7 @@ GEOMETRIES = {
     "3x3-groups8-of4": (3, 1, 1, 1, 8, 32, 32, 1, 4, 5),  # 4 groups per 16-channel tile
     "3x3-depthwise": (3, 2, 1, 1, 6, 6, 6, 2, 5, 5),
     "3x3-dilation2": (3, 1, 2, 2, 2, 6, 10, 1, 6, 7),
+    "3x3-stride2-dilation2": (3, 2, 2, 2, 1, 6, 10, 1, 7, 8),
     "3x3-hw1": (3, 2, 1, 1, 1, 5, 7, 3, 1, 1),
 }
 

@@ -3,6 +3,7 @@ gradient (dgrad) and weight gradient (wgrad).
 
 GEMM views (M rows x N columns, reduced over K), x [N, C_in, H, W] -> y [N, C_out, P, Q]:
   forward  M = N*P*Q output pixels, N = C_out,          K = KH*KW taps x C_in/groups
+           (a 1x1 stride-1 conv is compiled as a plain GEMM: no tap loop, no bounds checks)
   dgrad    M = N*H*W input pixels,  N = C_in,           K = KH*KW taps x C_out/groups
   wgrad    M = C_out,               N = C_in/groups x tap, K = N*P*Q output pixels (split across programs)
 Tensors are addressed through their strides, so NCHW and channels_last both work; channels_last is
@@ -70,8 +71,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
                      N, H, W, C_in, P, Q, C_out, cin_g, cout_g,
                      sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, srn, src, srh, srw,
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, PROLOGUE: tl.constexpr,
-                     PROLOGUE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                     KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, PLAIN_GEMM: tl.constexpr,
+                     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      RELU: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -103,25 +104,33 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
         w_col = rn * 0
     x_img = img.to(tl.int64) * sxn
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        for kw in range(KW):
+    # one flat loop over (tap, channel block), so Triton pipelines loads across taps too (a 3x3
+    # conv over 64 channels would otherwise be 9 loops of one unpipelined step)
+    c_blocks = tl.cdiv(c_end - c_begin, BLOCK_K)
+    for step in range(0, KH * KW * c_blocks):
+        tap = step // c_blocks
+        kh = tap // KW
+        kw = tap % KW
+        rc = c_begin + (step % c_blocks) * BLOCK_K + rk
+        if PLAIN_GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m, no bounds
+            valid = mmask
+            x_row = x_img + oh * sxh + ow * sxw
+        else:
+            ih = oh * stride_h - pad_h + kh * dil_h
             iw = ow * stride_w - pad_w + kw * dil_w
             valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_row = x_img + ih * sxh + iw * sxw
-            for c0 in range(c_begin, c_end, BLOCK_K):
-                rc = c0 + rk
-                cmask = rc < c_end
-                amask = valid[:, None] & cmask[None, :]
-                a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=amask, other=0.0)
-                if PROLOGUE:
-                    a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
-                wc = rc[:, None] - w_col[None, :]
-                wmask = cmask[:, None] & nmask[None, :]
-                if GROUPED:
-                    wmask = wmask & (wc >= 0) & (wc < cin_g)
-                b = tl.load(w_ptr + rn[None, :] * swo + wc * swi + kh * swh + kw * sww, mask=wmask, other=0.0)
-                acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
+        cmask = rc < c_end
+        amask = valid[:, None] & cmask[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=amask, other=0.0)
+        if PROLOGUE:
+            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
+        wc = rc[:, None] - w_col[None, :]
+        wmask = cmask[:, None] & nmask[None, :]
+        if GROUPED:
+            wmask = wmask & (wc >= 0) & (wc < cin_g)
+        b = tl.load(w_ptr + rn[None, :] * swo + wc * swi + kh * swh + kw * sww, mask=wmask, other=0.0)
+        acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
 
     omask = mmask[:, None] & nmask[None, :]
     if HAS_BIAS:
@@ -148,7 +157,8 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
                        N, H, W, C_in, P, Q, C_out, cin_g, cout_g,
                        sdn, sdc, sdh, sdw, swo, swi, swh, sww, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, num_m, part_rows,
-                       KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, EPILOGUE_BN: tl.constexpr,
+                       KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, TAP_CHECK: tl.constexpr,
+                       EPILOGUE_BN: tl.constexpr,
                        EPILOGUE_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     num_n = tl.cdiv(C_in, BLOCK_N)
@@ -178,28 +188,38 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
         w_col = rc * 0
     dy_img = img.to(tl.int64) * sdn
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for kh in range(KH):
+    # Taps this phase reads: kh with (ph + pad_h - kh * dil_h) % stride_h == 0. With dilation 1
+    # (every strided ResNet conv) they are kh0, kh0 + stride_h, ..., so only those are visited;
+    # otherwise every tap is visited and the others masked. One flat loop over (tap, channel
+    # block), as in the forward, so loads pipeline across taps.
+    kh0 = tl.where(dil_h == 1, (ph + pad_h) % stride_h, 0)
+    kh_step = tl.where(dil_h == 1, stride_h, 1)
+    kw0 = tl.where(dil_w == 1, (pw + pad_w) % stride_w, 0)
+    kw_step = tl.where(dil_w == 1, stride_w, 1)
+    n_kh = tl.maximum(tl.cdiv(KH - kh0, kh_step), 0)
+    n_kw = tl.maximum(tl.cdiv(KW - kw0, kw_step), 0)
+    k_blocks = tl.cdiv(k_end - k_begin, BLOCK_K)
+    for step in range(0, n_kh * n_kw * k_blocks):
+        tap = step // k_blocks
+        kh = kh0 + (tap // n_kw) * kh_step
+        kw = kw0 + (tap % n_kw) * kw_step
+        ko = k_begin + (step % k_blocks) * BLOCK_K + rk
         th = h + pad_h - kh * dil_h  # = p * stride_h for the output row p this tap reads
-        if (ph + pad_h - kh * dil_h) % stride_h == 0:  # the same for every pixel of the phase
-            p = th // stride_h
-            for kw in range(KW):
-                tw = w + pad_w - kw * dil_w
-                if (pw + pad_w - kw * dil_w) % stride_w == 0:
-                    q = tw // stride_w
-                    valid = mmask & (th >= 0) & (p < P) & (tw >= 0) & (q < Q)
-                    dy_row = dy_img + p * sdh + q * sdw
-                    for k0 in range(k_begin, k_end, BLOCK_K):
-                        ko = k0 + rk
-                        kmask = ko < k_end
-                        a = tl.load(dy_ptr + dy_row[:, None] + ko[None, :] * sdc,
-                                    mask=valid[:, None] & kmask[None, :], other=0.0)
-                        wc = rc[None, :] - w_col[None, :]
-                        wmask = kmask[:, None] & cmask[None, :]
-                        if GROUPED:
-                            wmask = wmask & ((ko // cout_g)[:, None] == (rc // cin_g)[None, :])
-                        b = tl.load(w_ptr + ko[:, None] * swo + wc * swi + kh * swh + kw * sww, mask=wmask,
-                                    other=0.0)
-                        acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
+        tw = w + pad_w - kw * dil_w
+        p = th // stride_h
+        q = tw // stride_w
+        valid = mmask & (th >= 0) & (p < P) & (tw >= 0) & (q < Q)
+        if TAP_CHECK:  # stride and dilation both > 1: not every visited tap hits this phase
+            valid = valid & ((th % stride_h) == 0) & ((tw % stride_w) == 0)
+        kmask = ko < k_end
+        a = tl.load(dy_ptr + (dy_img + p * sdh + q * sdw)[:, None] + ko[None, :] * sdc,
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        wc = rc[None, :] - w_col[None, :]
+        wmask = kmask[:, None] & cmask[None, :]
+        if GROUPED:
+            wmask = wmask & ((ko // cout_g)[:, None] == (rc // cin_g)[None, :])
+        b = tl.load(w_ptr + ko[:, None] * swo + wc * swi + kh * swh + kw * sww, mask=wmask, other=0.0)
+        acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
 
     omask = mmask[:, None] & cmask[None, :]
     if EPILOGUE_BN:
@@ -301,6 +321,11 @@ class ConvGeometry(NamedTuple):
     @property
     def cout_g(self) -> int:
         return self.C_out // self.groups
+
+    @property
+    def is_plain_gemm(self) -> bool:
+        """1x1, stride 1, no padding: the forward is a plain GEMM over pixels."""
+        return (self.KH, self.KW, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))
 
     @property
     def flat(self) -> tuple:
@@ -447,7 +472,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
             in_shift if in_shift is not None else dummy, psum, pm2,
             *geo.flat, *_nchw_strides(x), *_nchw_strides(weight), *_nchw_strides(y), *_nchw_strides(res),
             *geo.conv_scalars,
-            KH=geo.KH, KW=geo.KW, GROUPED=grouped, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, PLAIN_GEMM=geo.is_plain_gemm, PROLOGUE=in_scale is not None,
+            PROLOGUE_RELU=in_relu,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
@@ -496,6 +522,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(weight), *_nchw_strides(dx), *_nchw_strides(xs),
             *geo.conv_scalars, num_m, num_m * phases,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, EPILOGUE_BN=epilogue, EPILOGUE_RELU=in_relu,
+            TAP_CHECK=any(s > 1 and d > 1 for s, d in zip(geo.stride, geo.dilation)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
 
