@@ -216,7 +216,7 @@ def test_tf32_follows_cudnn_flag():
     assert _dot_flags(torch.float32, cuda)[2] == "tf32"
     torch.backends.cudnn.allow_tf32 = False
     assert _dot_flags(torch.float32, cuda)[2] == "ieee"
-    assert _dot_flags(torch.float64, cuda)[2] == "ieee"
+    assert _dot_flags(torch.bfloat16, cuda)[2] is None
 
 
 def test_no_autotuning_in_tests_or_on_cpu():

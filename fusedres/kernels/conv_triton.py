@@ -353,14 +353,14 @@ def _nchw_strides(t: torch.Tensor) -> tuple:
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device):
-    """(ACC, UPCAST, PRECISION): fp32 accumulation (fp64 for fp64); tf32 for fp32 operands where cuDNN
-    would use it (torch.backends.cudnn.allow_tf32, on by default), else exact fp32."""
+    """(ACC, UPCAST, PRECISION): fp32 accumulation (fp64 for fp64); for fp32 operands tf32 where
+    cuDNN would use it (torch.backends.cudnn.allow_tf32, on by default for convs), else exact
+    ("ieee"); None (Triton's default, unused) for the other dtypes."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     upcast = _interpreted() and dtype == torch.bfloat16
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        precision = "tf32"
-    else:
-        precision = "ieee"
+    precision = None
+    if dtype == torch.float32:
+        precision = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
     return acc, upcast, precision
 
 
