@@ -73,3 +73,22 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
         results = list(pool.map(lambda s: _compile(s, tmp_path), CUDA_SOURCES))
     failures = {name: r.stderr[-3000:] for name, r in results if r.returncode != 0}
     assert not failures, failures
+
+
+def test_triton_conv_kernels_compile_for_sm90_with_mma_and_pipelined_loads():
+    """Without a GPU: the conv kernels compile for H100 (sm_90) as a channels_last ResNet conv
+    launches them, with Hopper tensor-core MMA (wgmma) and cp.async-pipelined loads in every
+    variant (an unvectorizable load, e.g. a grouped weight read at a group offset, silently turns
+    pipelining off)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90_compile.py")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 7, proc.stdout
+    for r in rows:
+        assert r["wgmma"] > 0, f"{r['kernel']} ({r['variant']}): no wgmma"
+        assert r["cp_async"] > 0, f"{r['kernel']} ({r['variant']}): loads not pipelined"
