@@ -92,3 +92,4 @@ def test_triton_conv_kernels_compile_for_sm90_with_mma_and_pipelined_loads():
     for r in rows:
         assert r["wgmma"] > 0, f"{r['kernel']} ({r['variant']}): no wgmma"
         assert r["cp_async"] > 0, f"{r['kernel']} ({r['variant']}): loads not pipelined"
+        assert r["shared"] >= 2 * r["stage_bytes"], f"{r['kernel']} ({r['variant']}): fewer than 2 stages: {r}"

@@ -1,5 +1,6 @@
 """Compile the Triton conv kernels for sm_90 (H100) with no GPU present, and report what the
-compiler made of them: JSON lines {kernel, variant, shared, cp_async, wgmma}.
+compiler made of them: JSON lines {kernel, variant, shared, stage_bytes, cp_async, wgmma}
+(stage_bytes: shared memory of one bf16 stage of the two operand tiles).
 
 Run as a script without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 Launches specialize integer arguments (1 becomes a constant, multiples of 16 are marked
@@ -33,7 +34,7 @@ def compile_for_sm90(fn, constexprs, num_warps, num_stages):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("s") or name.startswith("C_"):
+            if name.startswith("s") or name.startswith("C_") or name == "w_span":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -43,9 +44,11 @@ def compile_for_sm90(fn, constexprs, num_warps, num_stages):
 
 def variants():
     # grouped: ResNeXt-50 layer1's 32 groups of 4 channels in 64-wide tiles, spans 16-aligned
-    common = dict(KH=3, KW=3, ACC=tl.float32, UPCAST=False, PRECISION=None, SPAN_ALIGN=16)
+    common = dict(KH=3, KW=3, ACC=tl.float32, UPCAST=False, PRECISION=None, SPAN_ALIGN=16, SPAN_STEP=0)
     for grouped in (False, True):
         tag = "grouped" if grouped else "dense"
+        if grouped:
+            common["SPAN_STEP"] = 64  # 64-wide tiles of 4-channel groups: 16 whole groups, 64 channels
         yield ("forward", f"{tag} 3x3, BN-ReLU prologue, statistics epilogue", ct._conv_fwd_kernel,
                dict(common, GROUPED=grouped, PLAIN_GEMM=False, PROLOGUE=True, PROLOGUE_RELU=True, HAS_BIAS=False,
                     HAS_RES=False, RELU=False, STATS=True, BLOCK_M=128, BLOCK_N=64 if grouped else 128,
@@ -66,7 +69,12 @@ def main():
     for kernel, variant, fn, constexprs, warps in variants():
         compiled = compile_for_sm90(fn, constexprs, warps, 3)
         ptx = compiled.asm["ptx"]
-        print(json.dumps(dict(kernel=kernel, variant=variant, shared=compiled.metadata.shared,
+        c = constexprs
+        if "BLOCK_O" in c:  # wgrad: dy tile [BLOCK_O, BLOCK_M], input tile [BLOCK_M, BLOCK_C]
+            stage = 2 * c["BLOCK_M"] * (c["BLOCK_O"] + c["BLOCK_C"])
+        else:
+            stage = 2 * c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"])
+        print(json.dumps(dict(kernel=kernel, variant=variant, shared=compiled.metadata.shared, stage_bytes=stage,
                               cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                               wgmma=ptx.count("wgmma.mma_async"))), flush=True)
 

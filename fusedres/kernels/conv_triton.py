@@ -72,7 +72,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
                      sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, srn, src, srh, srw,
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                      KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
-                     PLAIN_GEMM: tl.constexpr,
+                     SPAN_STEP: tl.constexpr, PLAIN_GEMM: tl.constexpr,
                      PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      RELU: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
@@ -97,8 +97,13 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
     nmask = rn < C_out
     rk = tl.arange(0, BLOCK_K)
     if GROUPED:
-        c_begin, c_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1, cout_g, cin_g)
-        c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)  # lets the x loads vectorize and pipeline
+        if SPAN_STEP > 0:  # whole groups per tile: a constant span the compiler sees is aligned
+            c_begin = pid_n * SPAN_STEP
+            c_end = tl.minimum(c_begin + SPAN_STEP, C_in)
+        else:
+            c_begin, c_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1, cout_g,
+                                         cin_g)
+            c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)  # lets the x loads vectorize and pipeline
     else:
         c_begin = 0
         c_end = C_in
@@ -160,7 +165,7 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
                        sdn, sdc, sdh, sdw, swo, swi, swh, sww, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, num_m, part_rows,
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
-                       TAP_CHECK: tl.constexpr,
+                       SPAN_STEP: tl.constexpr, TAP_CHECK: tl.constexpr,
                        EPILOGUE_BN: tl.constexpr,
                        EPILOGUE_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -183,8 +188,13 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
     cmask = rc < C_in
     rk = tl.arange(0, BLOCK_K)
     if GROUPED:
-        k_begin, k_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_in) - 1, cin_g, cout_g)
-        k_begin = tl.multiple_of(k_begin, SPAN_ALIGN)
+        if SPAN_STEP > 0:
+            k_begin = pid_n * SPAN_STEP
+            k_end = tl.minimum(k_begin + SPAN_STEP, C_out)
+        else:
+            k_begin, k_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_in) - 1, cin_g,
+                                         cout_g)
+            k_begin = tl.multiple_of(k_begin, SPAN_ALIGN)
     else:
         k_begin = 0
         k_end = C_out
@@ -250,7 +260,7 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
                        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_per_split, num_c,
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
-                       PROLOGUE: tl.constexpr,
+                       SPAN_STEP: tl.constexpr, PROLOGUE: tl.constexpr,
                        PROLOGUE_RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -263,8 +273,13 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = ro < C_out
     if GROUPED:
-        c_begin, c_end = _group_span(pid_o * BLOCK_O, tl.minimum(pid_o * BLOCK_O + BLOCK_O, C_out) - 1, cout_g, cin_g)
-        c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)
+        if SPAN_STEP > 0:
+            c_begin = pid_o * SPAN_STEP
+            c_end = tl.minimum(c_begin + SPAN_STEP, C_in)
+        else:
+            c_begin, c_end = _group_span(pid_o * BLOCK_O, tl.minimum(pid_o * BLOCK_O + BLOCK_O, C_out) - 1, cout_g,
+                                         cin_g)
+            c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)
     else:
         c_begin = 0
         c_end = C_in
@@ -379,6 +394,12 @@ def _span(block: int, channels: int, per_group_this: int, per_group_other: int, 
         last = min(first + block, channels) - 1
         most = max(most, (last // per_group_this - first // per_group_this + 1) * per_group_other)
     return most
+
+
+def _span_step(block: int, per_group_this: int, per_group_other: int) -> int:
+    """Other-side channels per tile when a tile holds whole groups (block % per_group_this == 0),
+    else 0: tile t then spans [t * step, (t + 1) * step), a constant stride the compiler can see."""
+    return (block // per_group_this) * per_group_other if block % per_group_this == 0 else 0
 
 
 def _span_align(block: int, channels: int, per_group_this: int, per_group_other: int) -> int:
@@ -531,6 +552,7 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
             *_nchw_strides(res),
             *geo.conv_scalars,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bn, C_out, geo.cout_g, geo.cin_g),
+            SPAN_STEP=_span_step(bn, geo.cout_g, geo.cin_g) if grouped else 0,
             PLAIN_GEMM=geo.is_plain_gemm, PROLOGUE=in_scale is not None,
             PROLOGUE_RELU=in_relu,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
@@ -585,6 +607,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
             *_nchw_strides(xs),
             *geo.conv_scalars, num_m, num_m * phases,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bn, C_in, geo.cin_g, geo.cout_g),
+            SPAN_STEP=_span_step(bn, geo.cin_g, geo.cout_g) if grouped else 0,
             EPILOGUE_BN=epilogue, EPILOGUE_RELU=in_relu,
             TAP_CHECK=any(s > 1 and d > 1 for s, d in zip(geo.stride, geo.dilation)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
@@ -635,6 +658,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
             grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bo, geo.C_out, geo.cout_g, geo.cin_g),
+            SPAN_STEP=_span_step(bo, geo.cout_g, geo.cin_g) if grouped else 0,
             PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
             BLOCK_O=bo, BLOCK_C=bc, BLOCK_M=bm, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
