@@ -338,11 +338,15 @@ def test_blocks_use_the_chain_only_where_the_kernels_run():
     block = fusedres.FusedBottleneck(8, 2, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 8, 1, 2, bias=False),
                                                                                nn.BatchNorm2d(8)))
     x = torch.randn(2, 8, 5, 5)
-    for name, expected in (("cpu", 0),) + ((("triton", 4),) if INTERPRETED else ()):
+    cases = [("cpu", False, 0)] + ([("triton", False, 4), ("triton", True, 4)] if INTERPRETED else [])
+    for name, autocast, expected in cases:
         with fusedres.use_backend(name), mock.patch.object(chain.BNReLUConv, "apply",
                                                           wraps=chain.BNReLUConv.apply) as spy:
-            block(x).sum().backward()
-        assert spy.call_count == expected, name
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = block(x)
+            assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+            y.float().sum().backward()
+        assert spy.call_count == expected, (name, autocast)
 
 
 def test_conv_op_errors_name_the_argument():

@@ -94,10 +94,9 @@ class BNReLUConv(torch.autograd.Function):
 
 def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Optional[str]:
     """None if conv_bn_chain runs every conv of `convs` on the fused conv kernels, else why not."""
-    dtype = autocast_dtype(x.device.type) or x.dtype
-    probe = x if dtype == x.dtype else x.to(dtype)
+    dtype = autocast_dtype(x.device.type)
     for conv in convs:
-        why = ops.kernel_unsupported_reason(probe, conv.weight.to(dtype))
+        why = ops.kernel_unsupported_reason(x, conv.weight, dtype)
         if why is not None:
             return why
     return None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _validate
 from .layout import stats_dtype
-from .registry import available_backend, register, resolve
+from .registry import available_backend, get_backend, register, resolve
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
 
@@ -173,25 +173,22 @@ def _check_prologue(x, in_mean, in_scale, in_shift):
     return None, None, None
 
 
-def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
-    """None if the fused conv kernels (not the reference) will run this conv, else why not."""
+def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None
+                              ) -> Optional[str]:
+    """None if the fused conv kernels (not the reference) will run this conv, else why not.
+    dtype: the dtype both will have when the conv runs (autocast), if not their own."""
     backend = available_backend("conv2d_forward", x.device)
     if backend is None or backend == "reference":
-        return f"no fused conv kernel for {x.device.type} tensors under backend {resolve_name()!r}"
+        return f"no fused conv kernel for {x.device.type} tensors under backend {get_backend()!r}"
+    x_dtype = dtype or x.dtype
     if x.device.type == "cuda":
-        if x.dtype == torch.float64:
+        if x_dtype == torch.float64:
             return "float64 convolutions run in aten on CUDA"
         if _memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
             return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
-    if weight.dtype != x.dtype:
+    if (dtype or weight.dtype) != x_dtype:
         return f"weight dtype {weight.dtype} differs from the input's {x.dtype}"
     return None
-
-
-def resolve_name() -> str:
-    from .registry import get_backend
-
-    return get_backend()
 
 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
