@@ -61,9 +61,23 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
-def _group_span(first, last, per_group_this, per_group_other):
-    """[begin, end) of the other side's channels for the groups of channels first..last (inclusive)."""
-    return (first // per_group_this) * per_group_other, (last // per_group_this + 1) * per_group_other
+def _reduction_span(tile, BLOCK: tl.constexpr, C_this, C_other, per_group_this, per_group_other,
+                    GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr, SPAN_STEP: tl.constexpr):
+    """[begin, end) of the other side's channels that the groups of this side's channels
+    [tile * BLOCK, tile * BLOCK + BLOCK) read: all of them without groups."""
+    if GROUPED:
+        if SPAN_STEP > 0:  # whole groups per tile: a compile-time stride, so the compiler sees alignment
+            begin = tile * SPAN_STEP
+            end = tl.minimum(begin + SPAN_STEP, C_other)
+        else:
+            first = tile * BLOCK
+            last = tl.minimum(first + BLOCK, C_this) - 1
+            begin = tl.multiple_of((first // per_group_this) * per_group_other, SPAN_ALIGN)
+            end = (last // per_group_this + 1) * per_group_other
+    else:
+        begin = 0
+        end = C_other
+    return begin, end
 
 
 @triton.jit
@@ -96,17 +110,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C_out
     rk = tl.arange(0, BLOCK_K)
-    if GROUPED:
-        if SPAN_STEP > 0:  # whole groups per tile: a constant span the compiler sees is aligned
-            c_begin = pid_n * SPAN_STEP
-            c_end = tl.minimum(c_begin + SPAN_STEP, C_in)
-        else:
-            c_begin, c_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1, cout_g,
-                                         cin_g)
-            c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)  # lets the x loads vectorize and pipeline
-    else:
-        c_begin = 0
-        c_end = C_in
+    c_begin, c_end = _reduction_span(pid_n, BLOCK_N, C_out, C_in, cout_g, cin_g, GROUPED, SPAN_ALIGN, SPAN_STEP)
     x_img = img.to(tl.int64) * sxn
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     # one flat loop over (tap, channel block), so Triton pipelines loads across taps too (a 3x3
@@ -187,17 +191,7 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
     rc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = rc < C_in
     rk = tl.arange(0, BLOCK_K)
-    if GROUPED:
-        if SPAN_STEP > 0:
-            k_begin = pid_n * SPAN_STEP
-            k_end = tl.minimum(k_begin + SPAN_STEP, C_out)
-        else:
-            k_begin, k_end = _group_span(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_in) - 1, cin_g,
-                                         cout_g)
-            k_begin = tl.multiple_of(k_begin, SPAN_ALIGN)
-    else:
-        k_begin = 0
-        k_end = C_out
+    k_begin, k_end = _reduction_span(pid_n, BLOCK_N, C_in, C_out, cin_g, cout_g, GROUPED, SPAN_ALIGN, SPAN_STEP)
     dy_img = img.to(tl.int64) * sdn
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     # Taps this phase reads: kh with (ph + pad_h - kh * dil_h) % stride_h == 0. With dilation 1
@@ -272,17 +266,7 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
     kw = tap % KW
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = ro < C_out
-    if GROUPED:
-        if SPAN_STEP > 0:
-            c_begin = pid_o * SPAN_STEP
-            c_end = tl.minimum(c_begin + SPAN_STEP, C_in)
-        else:
-            c_begin, c_end = _group_span(pid_o * BLOCK_O, tl.minimum(pid_o * BLOCK_O + BLOCK_O, C_out) - 1, cout_g,
-                                         cin_g)
-            c_begin = tl.multiple_of(c_begin, SPAN_ALIGN)
-    else:
-        c_begin = 0
-        c_end = C_in
+    c_begin, c_end = _reduction_span(pid_o, BLOCK_O, C_out, C_in, cout_g, cin_g, GROUPED, SPAN_ALIGN, SPAN_STEP)
     rc = c_begin + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = rc < c_end
     M = N * P * Q
@@ -386,7 +370,7 @@ def _dot_flags(dtype: torch.dtype, device: torch.device):
 
 
 def _span(block: int, channels: int, per_group_this: int, per_group_other: int, grouped: bool) -> int:
-    """Most channels of the other side that one block of `block` channels needs (see _group_span)."""
+    """Most channels of the other side that one block of `block` channels needs (see _reduction_span)."""
     if not grouped:
         return channels * per_group_other // per_group_this  # every channel of the other side
     most = 0
