@@ -14,9 +14,41 @@ from fusedres.models import BasicBlock, Bottleneck
 from common import bench
 
 
+def model_blocks(arch: str):
+    """(name, stock block, fused class, input shape without batch) for every distinct residual
+    block of a fusedres.models architecture at 224x224 (distinct: constructor arguments and input
+    size; later repeats of a stage's block are the same computation)."""
+    from fusedres import models
+
+    model = getattr(models, arch)().eval()
+    found, seen, hooks = [], set(), []
+    for stage_name in ("layer1", "layer2", "layer3", "layer4"):
+        for i, block in enumerate(getattr(model, stage_name)):
+            def hook(mod, inputs, _out, name=f"{arch} {stage_name}.{i}"):
+                conv2 = mod.conv2
+                key = (type(mod).__name__, tuple(inputs[0].shape[1:]), conv2.stride, conv2.groups,
+                       mod.downsample is not None, tuple(mod.conv1.weight.shape))
+                if key not in seen:
+                    seen.add(key)
+                    fused_cls = FusedBottleneck if isinstance(mod, Bottleneck) else FusedBasicBlock
+                    label = f"{name} {type(mod).__name__}" + (f" g{conv2.groups}" if conv2.groups > 1 else "") + \
+                        (" s2" if conv2.stride[0] == 2 else "")
+                    found.append((label, mod, fused_cls, tuple(inputs[0].shape[1:])))
+            hooks.append(block.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return found
+
+
 def block_cases(small: bool):
-    """(name, stock block, fused class, input shape without batch): ResNet-18/50 stage blocks at 224x224."""
-    s = 4 if small else 1
+    """(name, stock block, fused class, input shape without batch). GPU: every distinct block of
+    ResNet-50 and ResNeXt-50 32x4d at 224x224; CPU: a few ResNet-18/50 and ResNeXt blocks at a
+    quarter of the spatial size."""
+    if not small:
+        return model_blocks("resnet50") + model_blocks("resnext50_32x4d")
+    s = 4
 
     def down(cin, cout, stride):
         return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -48,9 +80,11 @@ def _peak_mb(device, fn):
 
 
 def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool,
-        compile_mode: str = "default") -> List[Dict[str, object]]:
+        compile_mode: str = "default", only: str = "") -> List[Dict[str, object]]:
     rows = []
     for name, stock, fused_cls, shape in block_cases(device.type == "cpu"):
+        if only and only not in name:
+            continue
         for dtype in dtypes:
             stock_m = copy.deepcopy(stock).to(device, memory_format=torch.channels_last)
             fused_m = fused_cls.from_module(copy.deepcopy(stock_m))

@@ -61,6 +61,7 @@ def main(argv=None):
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="include torch.compile baselines (default: on a GPU only)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--blocks", default="", help="only the blocks whose name contains this (e.g. resnet50, g32)")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode of the stock baseline (max-autotune tunes for minutes per block)")
     args = parser.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv=None):
         else:
             print("\n== conv kernels: skipped, the Triton conv kernels need a GPU (the interpreter is no benchmark)")
     if "blocks" in suites:
-        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline, args.compile_mode)
+        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline, args.compile_mode, args.blocks)
         results["blocks"] = rows
         print("\n== blocks (same weights; train = fwd + bwd)")
         print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB"]), flush=True)
