@@ -5,6 +5,7 @@ the Triton kernels (interpreted on the CPU, compiled on a GPU) and the reference
 checked against each other. Shapes are tiny and odd on the CPU (the interpreter runs every
 program in Python): C not a multiple of 16, odd H and W, N = 1, H*W = 1, several groups per tile.
 """
+import copy
 import os
 from unittest import mock
 
@@ -399,3 +400,26 @@ def test_real_resnet_shapes_on_gpu(dtype, shape):
     assert_close_scaled(dw, w64.grad, tol, msg="weight gradient")
     if not pro:
         assert_close_scaled(dx, a64.grad, tol, msg="input gradient")
+
+
+@pytest.mark.parametrize("device,name", [c for c in CONV_CASES if c.values[1] == "triton"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_torch_compile_runs_the_fused_block_as_eager(device, name, train):
+    """Until the ops are registered with torch.library, torch.compile treats the Triton conv path
+    as opaque (graph breaks), and the results are eager's, bitwise."""
+    torch._dynamo.reset()
+    block = fusedres.FusedBottleneck(8, 2, stride=2, downsample=nn.Sequential(
+        nn.Conv2d(8, 8, 1, 2, bias=False), nn.BatchNorm2d(8))).to(device).train(train)
+    compiled_block = torch.compile(copy.deepcopy(block), backend="eager")
+    x = torch.randn(2, 8, 5, 5, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    with fusedres.use_backend(name), mock.patch.object(chain.BNReLUConv, "apply",
+                                                      wraps=chain.BNReLUConv.apply) as spy:
+        y = block(x)
+        y2 = compiled_block(x2)
+        y.sum().backward()
+        y2.sum().backward()
+    assert spy.call_count == 8, "both ran the fused-conv chain"
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    for b, b2 in zip(block.buffers(), compiled_block.buffers()):
+        assert torch.equal(b, b2)

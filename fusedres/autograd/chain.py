@@ -102,6 +102,9 @@ def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Opti
     return None
 
 
+# torch.compile runs the chain as an opaque call (a graph break) until its ops are registered with
+# torch.library (the compile issue): Dynamo must not trace into the Triton launch code.
+@torch.compiler.disable
 def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], residual: Optional[torch.Tensor] = None,
                   relu: bool = True) -> torch.Tensor:
     """act(BN_n(conv_n(relu(BN_{n-1}(... relu(BN_1(conv_1(x))) ...)))) + residual) with autograd.

@@ -36,7 +36,10 @@ def register(op: str, backend: str):
         raise ValueError(f"fusedres: unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def deco(fn):
-        _impls.setdefault(op, {})[backend] = fn
+        # Triton launchers are opaque to torch.compile (a graph break): Dynamo must not trace the
+        # host-side launch code (nor, under TRITON_INTERPRET, the interpreter). Registering the ops
+        # with torch.library will make them traceable.
+        _impls.setdefault(op, {})[backend] = torch.compiler.disable(fn) if backend == "triton" else fn
         return fn
 
     return deco
