@@ -9,10 +9,15 @@ GEMM views (M rows x N columns, reduced over K), x [N, C_in, H, W] -> y [N, C_ou
 Tensors are addressed through their strides, so NCHW and channels_last both work; channels_last is
 the fast layout (a K step reads BLOCK_K contiguous channels of each pixel).
 
-Groups: a program owning output channels [n0, n0 + BLOCK_N) reads only the input channels of the
-groups those channels belong to and masks the weight tile to the block diagonal, so one program
-covers several small groups (ResNeXt's 32 groups of 4..32 channels) and its tensor-core tiles stay
-full; with groups=1 the mask is compiled out.
+Groups: a program owning output channels [n0, n0 + BLOCK_N) reduces only over the input channels
+of the groups those channels belong to, against a dense block-diagonal weight slice built per tile
+(grouped_weight_tiles), so one program covers several small groups (ResNeXt's 32 groups of 4..32
+channels) and its tensor-core tiles stay full. The price is the off-diagonal products: about
+(groups per tile) x the useful ones, so the default tiles hold ~4 groups. Known deviation: an Inf
+or NaN input channel turns the outputs of the other groups in its tile NaN (0 * Inf), where
+per-group convolution keeps them finite.
+Software pipelining needs vectorizable loads: tests/triton_sm90_compile.py checks that every
+variant compiles for sm_90 to wgmma with cp.async-pipelined loads (at least 2 stages).
 
 Fusions:
   forward prologue  a = act((x - mean[c]) * scale[c] + shift[c]) as each input tile is loaded;
@@ -31,7 +36,7 @@ sums in float32: deterministic, no atomics.
 """
 import os
 import threading
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import torch
 import triton
@@ -454,7 +459,8 @@ _INTERPRETER_CONFIG = (32, 16, 1, 1)  # small tiles so the tests cross tile edge
 
 
 def _default_config(rows: int, cols: int, table, per_group: int = 0) -> tuple:
-    """Autotuning off: the largest tiles that still give the device a few waves of programs. Grouped
+    """Autotuning off: the first configuration (largest tiles first) whose tile fits the problem
+    (BLOCK_N <= the columns, BLOCK_M <= the rows, rounded up to powers of two). Grouped
     convs (per_group = channels per group on the tile's side) take about 4 groups per tile: every
     group more in a tile multiplies the block-diagonal tile's wasted products (32 groups of 4 in a
     128-wide tile would compute 32x the useful work)."""
