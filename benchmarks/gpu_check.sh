@@ -4,6 +4,8 @@
 #   run: bash benchmarks/gpu_check.sh [report.py options]   (OUT defaults to ./benchmarks/out/gpu)
 #   STAGES=build,test,bench (the default) picks stages, so the check can span two calls where one
 #   call's time limit is short: STAGES=build,test, then STAGES=bench (the build stays installed).
+#   TESTS=... picks the test files (default tests/); the first GPU run JIT-compiles every Triton
+#   kernel variant the tests use (minutes; Triton caches them in ~/.triton for later calls).
 # Copy $OUT/report_cuda_*.json to benchmarks/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,8 @@ fi
 
 if [[ $STAGES == *,test,* ]]; then
 echo "== tests on the GPU"
-PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider -x --junitxml="$OUT/tests.xml" -rs tests/ \
+PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 --junitxml="$OUT/tests.xml" -rs \
+  --durations=25 ${TESTS:-tests/} \
   > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -n 15 "$OUT/tests.log"
