@@ -11,7 +11,7 @@ import torch.nn as nn
 from fusedres import FusedBasicBlock, FusedBottleneck
 from fusedres.models import BasicBlock, Bottleneck
 
-from common import bench
+from common import bench, distinct_submodules
 
 
 def model_blocks(arch: str):
@@ -20,26 +20,17 @@ def model_blocks(arch: str):
     size; later repeats of a stage's block are the same computation)."""
     from fusedres import models
 
-    model = getattr(models, arch)().eval()
-    found, seen, hooks = [], set(), []
-    for stage_name in ("layer1", "layer2", "layer3", "layer4"):
-        for i, block in enumerate(getattr(model, stage_name)):
-            def hook(mod, inputs, _out, name=f"{arch} {stage_name}.{i}"):
-                conv2 = mod.conv2
-                key = (type(mod).__name__, tuple(inputs[0].shape[1:]), conv2.stride, conv2.groups,
-                       mod.downsample is not None, tuple(mod.conv1.weight.shape))
-                if key not in seen:
-                    seen.add(key)
-                    fused_cls = FusedBottleneck if isinstance(mod, Bottleneck) else FusedBasicBlock
-                    label = f"{name} {type(mod).__name__}" + (f" g{conv2.groups}" if conv2.groups > 1 else "") + \
-                        (" s2" if conv2.stride[0] == 2 else "")
-                    found.append((label, mod, fused_cls, tuple(inputs[0].shape[1:])))
-            hooks.append(block.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.randn(1, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    return found
+    def label(name, block):
+        conv2 = block.conv2
+        return (f"{arch} {name} {type(block).__name__}" + (f" g{conv2.groups}" if conv2.groups > 1 else "")
+                + (" s2" if conv2.stride[0] == 2 else ""))
+
+    blocks = distinct_submodules(
+        getattr(models, arch)(), lambda name, m: isinstance(m, (BasicBlock, Bottleneck)),
+        lambda m, shape: (type(m).__name__, shape, m.conv2.stride, m.conv2.groups, m.downsample is not None,
+                          tuple(m.conv1.weight.shape)))
+    return [(label(name, m), m, FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock, shape)
+            for name, m, shape in blocks]
 
 
 def block_cases(small: bool):

@@ -15,27 +15,20 @@ import torch.nn.functional as F
 from fusedres import ops
 from fusedres.models import resnet50, resnext50_32x4d
 
-from common import bench, on_backend
+from common import bench, distinct_submodules, on_backend
 
 
 def distinct_convs(batch: int):
     """(model, conv name, x shape, weight shape, stride, padding, groups) for each distinct conv at 224x224."""
-    seen, convs = set(), []
+    convs, seen = [], set()
     for arch, make in (("resnet50", resnet50), ("resnext50_32x4d", resnext50_32x4d)):
-        model = make().eval()
-        hooks = []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                def hook(mod, inputs, _out, name=name, arch=arch):
-                    key = (tuple(inputs[0].shape[1:]), tuple(mod.weight.shape), mod.stride, mod.padding, mod.groups)
-                    if key not in seen:
-                        seen.add(key)
-                        convs.append((arch, name, (batch,) + key[0], key[1], mod.stride, mod.padding, mod.groups))
-                hooks.append(m.register_forward_hook(hook))
-        with torch.no_grad():
-            model(torch.randn(1, 3, 224, 224))
-        for h in hooks:
-            h.remove()
+        for name, m, shape in distinct_submodules(
+                make(), lambda name, m: isinstance(m, nn.Conv2d),
+                lambda m, shape: (shape, tuple(m.weight.shape), m.stride, m.padding, m.groups)):
+            key = (shape, tuple(m.weight.shape), m.stride, m.padding, m.groups)
+            if key not in seen:  # ResNeXt-50 shares its stem and some 1x1 convs with ResNet-50
+                seen.add(key)
+                convs.append((arch, name, (batch,) + shape, tuple(m.weight.shape), m.stride, m.padding, m.groups))
     return convs
 
 

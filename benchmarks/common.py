@@ -95,6 +95,27 @@ def matmul_tflops(device: torch.device, quick: bool = False) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def distinct_submodules(model: torch.nn.Module, wanted: Callable[[str, torch.nn.Module], bool],
+                        key: Callable[[torch.nn.Module, tuple], object], image_size: int = 224):
+    """(name, module, input shape without batch) of the first submodule of each distinct key among
+    those `wanted`, in forward order, from one batch-1 forward at image_size x image_size."""
+    found, seen, hooks = [], set(), []
+    for name, m in model.named_modules():
+        if wanted(name, m):
+            def hook(mod, inputs, _out, name=name):
+                shape = tuple(inputs[0].shape[1:])
+                k = key(mod, shape)
+                if k not in seen:
+                    seen.add(k)
+                    found.append((name, mod, shape))
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    return found
+
+
 def write_json(path: str, payload: Dict[str, object]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
