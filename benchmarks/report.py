@@ -26,10 +26,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def correctness(device, dtypes):
     """Largest error of each fused block against the stock block, relative to the largest output
-    value (train forward + input gradient), per dtype; float64 stock as the reference."""
+    value (train forward + input gradient), per dtype; float64 stock as the reference.
+
+    Inputs come from a fixed seed per case, so the check is repeatable: with fresh random inputs
+    about 1 run in 100 (measured: 4 of 300 runs of the first block on the CPU) puts a ReLU input
+    within float32 rounding of 0, where a low-precision run may pick the other side of the mask
+    than float64 and its input gradient legitimately differs by O(1) there (stock float32 as much
+    as ours: 0.358 of the largest gradient on one such input)."""
     rows = []
-    for name, stock, fused_cls, shape in bench_blocks.block_cases(small=True):
+    for case, (name, stock, fused_cls, shape) in enumerate(bench_blocks.block_cases(small=True)):
         for dtype in dtypes:
+            torch.manual_seed(1000 + case)
             ref64 = copy.deepcopy(stock).to(device, torch.float64)
             fused = fused_cls.from_module(copy.deepcopy(stock).to(device))
             stock_m = copy.deepcopy(stock).to(device)
