@@ -59,6 +59,13 @@ def variants():
         yield ("weight grad", f"{tag} 3x3, BN-ReLU prologue", ct._conv_wgrad_kernel,
                dict(common, GROUPED=grouped, PROLOGUE=True, PROLOGUE_RELU=True, BLOCK_O=64 if grouped else 128,
                     BLOCK_C=64 if grouped else 128, BLOCK_M=64), 8)
+    # the default tiles for ResNeXt-50 layer1's 4-channel groups: 16 wide, 4 groups per tile
+    small = dict(common, SPAN_STEP=16, GROUPED=True)
+    yield ("forward", "grouped 3x3, 16-wide tiles", ct._conv_fwd_kernel,
+           dict(small, PLAIN_GEMM=False, PROLOGUE=True, PROLOGUE_RELU=True, HAS_BIAS=False, HAS_RES=False,
+                RELU=False, STATS=True, BLOCK_M=128, BLOCK_N=16, BLOCK_K=16, GROUP_M=8), 4)
+    yield ("weight grad", "grouped 3x3, 16x16 tiles", ct._conv_wgrad_kernel,
+           dict(small, PROLOGUE=True, PROLOGUE_RELU=True, BLOCK_O=16, BLOCK_C=16, BLOCK_M=128), 2)
     yield ("forward", "1x1 plain GEMM, bias + residual + ReLU epilogue", ct._conv_fwd_kernel,
            dict(common, KH=1, KW=1, GROUPED=False, PLAIN_GEMM=True, PROLOGUE=False, PROLOGUE_RELU=False,
                 HAS_BIAS=True, HAS_RES=True, RELU=True, STATS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
@@ -76,7 +83,7 @@ def main():
             stage = 2 * c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"])
         print(json.dumps(dict(kernel=kernel, variant=variant, shared=compiled.metadata.shared, stage_bytes=stage,
                               cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                              wgmma=ptx.count("wgmma.mma_async"))), flush=True)
+                              wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))), flush=True)
 
 
 if __name__ == "__main__":

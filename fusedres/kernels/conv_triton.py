@@ -458,18 +458,21 @@ _WGRAD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4
 _INTERPRETER_CONFIG = (32, 16, 1, 1)  # small tiles so the tests cross tile edges at tiny shapes
 
 
-def _default_config(rows: int, cols: int, table, per_group: int = 0) -> tuple:
+def _default_config(rows: int, cols: int, table, per_group: int = 0, group_rows: bool = False) -> tuple:
     """Autotuning off: the first configuration (largest tiles first) whose tile fits the problem
-    (BLOCK_N <= the columns, BLOCK_M <= the rows, rounded up to powers of two). Grouped
-    convs (per_group = channels per group on the tile's side) take about 4 groups per tile: every
-    group more in a tile multiplies the block-diagonal tile's wasted products (32 groups of 4 in a
-    128-wide tile would compute 32x the useful work)."""
+    (BLOCK_N <= the columns, BLOCK_M <= the rows, rounded up to powers of two, at least 16).
+    Grouped convs (per_group = channels per group on the tile's side; group_rows when the rows
+    are channels too, as in wgrad) take about 4 groups per tile: every group more in a tile
+    multiplies the block-diagonal tile's wasted products (32 groups of 4 in a 128-wide tile would
+    compute 32x the useful work)."""
     if _interpreted():
         return _INTERPRETER_CONFIG
     if per_group:
-        cols = min(cols, max(16, 4 * triton.next_power_of_2(per_group)))
+        cols = min(cols, 4 * triton.next_power_of_2(per_group))
+        if group_rows:
+            rows = min(rows, 4 * triton.next_power_of_2(per_group))
     for cfg in table:
-        if cfg[1] <= max(32, triton.next_power_of_2(cols)) and cfg[0] <= max(64, triton.next_power_of_2(rows)):
+        if cfg[1] <= max(16, triton.next_power_of_2(cols)) and cfg[0] <= max(16, triton.next_power_of_2(rows)):
             return cfg
     return table[-1]
 
@@ -658,7 +661,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
 
     key = ("wgrad", geo, x.dtype, tuple(x.stride()), tuple(grad_y.stride()), prologue)
     cfg = _choose(key, x.device, _WGRAD_CONFIGS,
-                  _default_config(geo.C_out, geo.C_in, _WGRAD_CONFIGS, geo.cout_g * grouped),
+                  _default_config(geo.C_out, geo.C_in, _WGRAD_CONFIGS, geo.cout_g * grouped, group_rows=True),
                   lambda c: launch(c, workspace(c)))
     ws = workspace(cfg)
     launch(cfg, ws)
