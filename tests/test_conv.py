@@ -423,3 +423,44 @@ def test_torch_compile_runs_the_fused_block_as_eager(device, name, train):
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
     for b, b2 in zip(block.buffers(), compiled_block.buffers()):
         assert torch.equal(b, b2)
+
+
+def test_autotuner_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
+    """The tuner's bookkeeping, with do_bench faked: the fastest candidate wins, a failing one is
+    skipped, each key is timed once per process even with two threads asking at once, and with
+    autotuning off the default is used untimed."""
+    import threading
+
+    import triton.testing
+
+    from fusedres.kernels import conv_triton
+
+    timings = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def fake_do_bench(fn, **kwargs):
+        return fn()
+
+    def run(cfg):
+        timed.append(cfg)
+        if cfg == "broken":
+            raise RuntimeError("out of shared memory")
+        return timings[cfg]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(conv_triton, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(conv_triton, "_tuned", {})
+    key = ("test-key",)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        conv_triton._choose(key, torch.device("cpu"), ["a", "broken", "b", "c"], "a", run))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["b", "b"]
+    assert sorted(timed) == ["a", "b", "broken", "c"], "each candidate timed once, by one thread"
+    assert conv_triton.tuned_configs() == {key: "b"}
+    monkeypatch.setattr(conv_triton, "autotune_enabled", lambda device: False)
+    assert conv_triton._choose(("other",), torch.device("cpu"), ["a", "b"], "c", run) == "c"
+    assert len(timed) == 4
