@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from .units import BNAct, autocast_dtype, bn_backward_coefficients, bn_scale_shift, running_stats
+from ..ops.layout import stats_dtype
+from .units import BNAct, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift, running_stats
 
 
 class ConvArgs(NamedTuple):
@@ -87,8 +88,7 @@ class BNReLUConv(torch.autograd.Function):
         if need_w:
             grad_w = ops.conv2d_weight_grad(grad_z, x, weight, *conv_args, **pro)
         if need_b:
-            acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
-            grad_b = grad_z.sum((0, 2, 3), dtype=acc).to(ctx.dtypes[0])
+            grad_b = grad_z.sum((0, 2, 3), dtype=stats_dtype(grad_z)).to(ctx.dtypes[0])
         return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None
 
 
@@ -127,20 +127,14 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
                 weight = weight.to(dtype)
                 bias = bias.to(dtype) if bias is not None else None
             conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-            if prev is None:
-                z, *partials = BNReLUConv.apply(h, weight, bias, None, None, None, None, conv_args, False, False,
-                                                bn.batch_stats)
-            else:
-                z, *partials = BNReLUConv.apply(h, weight, bias, prev.weight, prev.bias, mean, invstd, conv_args,
-                                                True, prev.batch_stats, bn.batch_stats)
+            # the previous unit's BN + ReLU runs in this conv's prologue; the first conv has none
+            in_bn = (prev.weight, prev.bias, mean, invstd) if prev is not None else (None,) * 4
+            z, *partials = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
+                                            prev is not None and prev.batch_stats, bn.batch_stats)
             if bn.batch_stats:
-                count = z.numel() // z.shape[1]
-                if count <= 1:  # nn.BatchNorm2d's own message
-                    raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                                     f"{z.size()}")
                 mean, invstd = ops.bn_stats_from_partials(*partials, bn.eps, bn.running_mean, bn.running_var,
-                                                          bn.momentum, count=count)
+                                                          bn.momentum, count=batch_count(z))
             else:
-                mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z.dtype)
+                mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
             h, prev = z, bn
         return BNAct.apply(h, prev.weight, prev.bias, mean, invstd, residual, prev.batch_stats, relu)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.layout import stats_dtype
 
 
 def _conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, groups, needs):
@@ -30,18 +31,25 @@ def _conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, group
     return grad_x, grad_w, grad_b
 
 
+def batch_count(z) -> int:
+    """Values per channel of z, checked as nn.BatchNorm2d checks a training batch (its own message)."""
+    count = z.numel() // z.shape[1]
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
+    return count
+
+
 def batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum):
     """(mean, invstd) of BatchNorm over z: batch statistics (running ones updated), or the running ones."""
     if batch_stats:
-        count = z.numel() // z.shape[1]
-        if count <= 1:  # nn.BatchNorm2d's own message, raised at the same point
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
+        batch_count(z)
         return ops.bn_stats(z, eps, running_mean, running_var, momentum)
-    return running_stats(running_mean, running_var, eps, z.dtype)
+    return running_stats(running_mean, running_var, eps, z)
 
 
-def running_stats(running_mean, running_var, eps, dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+def running_stats(running_mean, running_var, eps, z):
+    """(mean, invstd) from the running statistics, in z's statistics dtype."""
+    acc = stats_dtype(z)
     return running_mean.to(acc), (running_var.to(acc) + eps).rsqrt()
 
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import new_scratch
+from ..ops.layout import new_scratch, stats_dtype
 
 
 @triton.jit
@@ -391,6 +391,12 @@ def _span_step(block: int, per_group_this: int, per_group_other: int) -> int:
     return (block // per_group_this) * per_group_other if block % per_group_this == 0 else 0
 
 
+def _span_constexprs(block: int, channels: int, per_group_this: int, per_group_other: int, grouped: bool) -> dict:
+    """SPAN_ALIGN and SPAN_STEP of _reduction_span for tiles of `block` of `channels`."""
+    return dict(SPAN_ALIGN=_span_align(block, channels, per_group_this, per_group_other),
+                SPAN_STEP=_span_step(block, per_group_this, per_group_other) if grouped else 0)
+
+
 def _span_align(block: int, channels: int, per_group_this: int, per_group_other: int) -> int:
     """Largest power of two (at most 16) dividing the first other-side channel of every tile's span,
     as tl.multiple_of tells the compiler (e.g. 64-wide tiles of ResNeXt's 4-channel groups start
@@ -544,8 +550,7 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
             *geo.flat, w_span, *_nchw_strides(x), *_nchw_strides(weight if grouped else w), *_nchw_strides(y),
             *_nchw_strides(res),
             *geo.conv_scalars,
-            KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bn, C_out, geo.cout_g, geo.cin_g),
-            SPAN_STEP=_span_step(bn, geo.cout_g, geo.cin_g) if grouped else 0,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bn, C_out, geo.cout_g, geo.cin_g, grouped),
             PLAIN_GEMM=geo.is_plain_gemm, PROLOGUE=in_scale is not None,
             PROLOGUE_RELU=in_relu,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
@@ -554,8 +559,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
 
     def partial_buffers(cfg):
         rows = triton.cdiv(M, cfg[0]) if stats else 1
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return new_scratch((rows, C_out), acc, x.device), new_scratch((rows, C_out), acc, x.device)
+        return (new_scratch((rows, C_out), stats_dtype(x), x.device),
+                new_scratch((rows, C_out), stats_dtype(x), x.device))
 
     key = ("fwd", geo, x.dtype, tuple(x.stride()), in_scale is not None, residual is not None, stats)
     cfg = _choose(key, x.device, _FWD_CONFIGS, _default_config(M, C_out, _FWD_CONFIGS, geo.cout_g * grouped),
@@ -584,7 +589,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
     rows_per_phase = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
     epilogue = in_scale is not None
     xs = x if epilogue else dx
-    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    acc = stats_dtype(grad_y)
 
     dense_w = None if grouped else _dense_weight(weight)
 
@@ -599,8 +604,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
             *geo.flat, w_span, *_nchw_strides(grad_y), *_nchw_strides(weight if grouped else w), *_nchw_strides(dx),
             *_nchw_strides(xs),
             *geo.conv_scalars, num_m, num_m * phases,
-            KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bn, C_in, geo.cin_g, geo.cout_g),
-            SPAN_STEP=_span_step(bn, geo.cin_g, geo.cout_g) if grouped else 0,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bn, C_in, geo.cin_g, geo.cout_g, grouped),
             EPILOGUE_BN=epilogue, EPILOGUE_RELU=in_relu,
             TAP_CHECK=any(s > 1 and d > 1 for s, d in zip(geo.stride, geo.dilation)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
@@ -627,7 +631,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
     gradient and its pre-prologue input x (the prologue is recomputed)."""
     M = geo.N * geo.P * geo.Q
     acc_dtype, upcast, precision = _dot_flags(x.dtype, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = stats_dtype(x)
     grouped = geo.groups > 1
     taps = geo.KH * geo.KW
     prologue = in_scale is not None
@@ -650,8 +654,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
         _conv_wgrad_kernel[(tiles, taps, splits)](
             grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,
-            KH=geo.KH, KW=geo.KW, GROUPED=grouped, SPAN_ALIGN=_span_align(bo, geo.C_out, geo.cout_g, geo.cin_g),
-            SPAN_STEP=_span_step(bo, geo.cout_g, geo.cin_g) if grouped else 0,
+            KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped),
             PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
             BLOCK_O=bo, BLOCK_C=bc, BLOCK_M=bm, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)

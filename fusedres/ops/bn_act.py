@@ -12,18 +12,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate
-from .layout import dense, like, stats_dtype
+from .layout import dense, like, per_channel, stats_dtype
 from .registry import register, resolve
-
-
-def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _relu_mask(x, mean, scale, shift, output):
     if output is not None:
         return output > 0
-    return (x - _per_channel(mean, x)) * _per_channel(scale, x) + _per_channel(shift, x) > 0
+    return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(shift, x) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,10 +29,10 @@ def bn_act_forward_reference(x, mean, scale, shift, residual, relu):
     acc = stats_dtype(x)
     z = x.to(acc)
     if mean is not None:
-        z = z - _per_channel(mean, x)
+        z = z - per_channel(mean, x)
     if scale is not None:
-        z = z * _per_channel(scale, x)
-    z = z + _per_channel(shift, x)
+        z = z * per_channel(scale, x)
+    z = z + per_channel(shift, x)
     if residual is not None:
         z = z + residual.to(acc)
     if relu:
@@ -52,7 +48,7 @@ def bn_act_backward_reduce_reference(grad_output, x, mean, scale, shift, output,
         dz = torch.where(_relu_mask(xf, mean, scale, shift, None if output is None else output.to(acc)), dz, 0)
     dims = [0] + list(range(2, x.dim()))
     sum_dz = dz.sum(dims)
-    sum_dz_xmu = (dz * (xf - _per_channel(mean, x))).sum(dims)
+    sum_dz_xmu = (dz * (xf - per_channel(mean, x))).sum(dims)
     grad_z = dz.to(grad_output.dtype) if write_grad_z else grad_output.new_empty(0)
     return sum_dz, sum_dz_xmu, grad_z
 
@@ -63,8 +59,8 @@ def bn_act_backward_elementwise_reference(grad, x, mean, scale, shift, coef_xmu,
     dz = grad.to(acc)
     if relu:
         dz = torch.where(_relu_mask(xf, mean, scale, shift, None), dz, 0)
-    xmu = xf - _per_channel(mean, x)
-    dx = _per_channel(scale, x) * dz + xmu * _per_channel(coef_xmu, x) + _per_channel(coef_c, x)
+    xmu = xf - per_channel(mean, x)
+    dx = per_channel(scale, x) * dz + xmu * per_channel(coef_xmu, x) + per_channel(coef_c, x)
     return dx.to(x.dtype)
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate
-from .layout import stats_dtype
+from .bn_act import bn_act_forward_reference
+from .layout import memory_format, per_channel, stats_dtype
 from .registry import available_backend, get_backend, register, resolve
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
@@ -30,20 +31,11 @@ class StatsPartials(NamedTuple):
     m2: torch.Tensor  # [T, C]
 
 
-def _pc(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    cl = torch.channels_last
-    return cl if (not x.is_contiguous() and x.is_contiguous(memory_format=cl)) else torch.contiguous_format
-
-
 def _prologue_reference(x, in_mean, in_scale, in_shift, in_relu):
+    """pro(x), rounded to x's dtype as the kernels round it: bn_act_forward's reference."""
     if in_scale is None:
         return x
-    u = (x.to(stats_dtype(x)) - _pc(in_mean)) * _pc(in_scale) + _pc(in_shift)
-    return (torch.relu(u) if in_relu else u).to(x.dtype)
+    return bn_act_forward_reference(x, in_mean, in_scale, in_shift, None, in_relu)
 
 
 def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
@@ -52,19 +44,19 @@ def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups,
     a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
     z = F.conv2d(a, weight, None, stride, padding, dilation, groups).to(acc)
     if bias is not None:
-        z = z + _pc(bias.to(acc))
+        z = z + per_channel(bias.to(acc), x)
     partials = None
     if stats:
         stored = z.to(x.dtype).to(acc)
         count = stored.numel() // stored.shape[1]
         s = stored.sum((0, 2, 3))
-        m2 = ((stored - _pc(s / count)) ** 2).sum((0, 2, 3))
+        m2 = ((stored - per_channel(s / count, x)) ** 2).sum((0, 2, 3))
         partials = StatsPartials(torch.full((1,), float(count), dtype=acc, device=x.device), s[None], m2[None])
     if residual is not None:
         z = z + residual.to(acc)
     if relu:
         z = torch.relu(z)
-    return z.to(x.dtype).contiguous(memory_format=_memory_format(x)), partials
+    return z.to(x.dtype).contiguous(memory_format=memory_format(x)), partials
 
 
 def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
@@ -72,11 +64,11 @@ def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, gr
     acc = stats_dtype(grad_y)  # summed in float32 as the kernels' accumulators are, rounded once
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), grad_y.to(acc), stride, padding, dilation, groups)
     if in_scale is None:
-        return da.to(grad_y.dtype).contiguous(memory_format=_memory_format(x)), None, None
-    xmu = x.to(acc) - _pc(in_mean)
+        return da.to(grad_y.dtype).contiguous(memory_format=memory_format(x)), None, None
+    xmu = x.to(acc) - per_channel(in_mean, x)
     if in_relu:
-        da = torch.where(xmu * _pc(in_scale) + _pc(in_shift) > 0, da, 0)
-    du = da.to(grad_y.dtype).contiguous(memory_format=_memory_format(x))
+        da = torch.where(xmu * per_channel(in_scale, x) + per_channel(in_shift, x) > 0, da, 0)
+    du = da.to(grad_y.dtype).contiguous(memory_format=memory_format(x))
     return du, da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
 
 
@@ -105,7 +97,7 @@ def _conv2d_forward_triton(x, weight, bias, stride, padding, dilation, groups, i
 
     return conv_forward(x, weight, bias, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
                         in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, residual=residual, relu=relu,
-                        stats=stats, out_format=_memory_format(x))
+                        stats=stats, out_format=memory_format(x))
 
 
 @register("conv2d_input_grad", "triton")
@@ -115,7 +107,7 @@ def _conv2d_input_grad_triton(grad_y, weight, x, stride, padding, dilation, grou
 
     return conv_input_grad(grad_y, weight, _geometry(x, weight, stride, padding, dilation, groups), x=x,
                            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
-                           out_format=_memory_format(x))
+                           out_format=memory_format(x))
 
 
 @register("conv2d_weight_grad", "triton")
@@ -184,7 +176,7 @@ def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: Opti
     if x.device.type == "cuda":
         if x_dtype == torch.float64:
             return "float64 convolutions run in aten on CUDA"
-        if _memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
+        if memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
             return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
     if (dtype or weight.dtype) != x_dtype:
         return f"weight dtype {weight.dtype} differs from the input's {x.dtype}"
@@ -248,4 +240,4 @@ def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     _validate.activation(grad_y, "grad_y")
     _, impl = resolve("conv2d_weight_grad", x.device)
     dw = impl(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu))
-    return dw.to(weight.dtype).contiguous(memory_format=_memory_format(weight))
+    return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))

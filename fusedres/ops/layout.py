@@ -25,6 +25,16 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last-only tensor, else contiguous_format."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [C] vector viewed to broadcast over x's channel axis."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x itself if it is NCHW- or channels_last-contiguous, else a copy in the format it suggests."""
     if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):

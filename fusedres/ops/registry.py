@@ -6,8 +6,8 @@ Backends:
   cuda       CUDA kernels of fusedres._C, CUDA tensors
   triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
 `set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks, per op, the first of cuda > triton
-that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but cannot run a call falls back
-to the reference path and warns once per (op, backend, reason).
+that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but
+cannot run a call falls back to the reference path and warns once per (op, backend, reason).
 """
 import contextlib
 import importlib.util
