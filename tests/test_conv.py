@@ -191,6 +191,97 @@ def test_input_and_weight_gradients(device, name, dtype, geo, prologue):
     assert_close_scaled(sum_du_xmu, (du * xmu).sum((0, 2, 3)), sum_tol, msg="sum dU (x - mean)")
 
 
+def _buffer_slice(shape, lo, total, dtype, device, fmt):
+    """A [N, C, H, W] channel slice [lo, lo + C) of a wider [N, total, H, W] buffer (its strides
+    are the buffer's), and the buffer, filled with a sentinel to show stray writes."""
+    n, c, h, w = shape
+    buffer = torch.full((n, total, h, w), 7.0, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    return buffer[:, lo:lo + c], buffer
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geo", ["3x3", "1x1", "3x3-stride2-odd"])
+def test_forward_writes_into_a_channel_slice_and_reads_one(device, name, fmt, dtype, geo):
+    """A dense block's layers read a channel prefix of the feature buffer and write their growth
+    channels into their own slice of it: only that slice changes, and the result is the conv's."""
+    x_full, weight, conv, pro = _problem(GEOMETRIES[geo], dtype, device, fmt)
+    x_in, x_buffer = _buffer_slice(x_full.shape, 2, x_full.shape[1] + 5, dtype, device, fmt)
+    x_in.copy_(x_full)
+    expected = F.conv2d(_activated64(x_full, pro), weight.double(), None, **conv)
+    out, buffer = _buffer_slice(expected.shape, 3, expected.shape[1] + 7, dtype, device, fmt)
+    before = buffer.clone()
+    ctx = _conv_backend(name, device)
+    try:
+        y, partials = ops.conv2d_forward(x_in, weight, None, **conv, **pro, stats=True, out=out)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close_scaled(out, expected, SCALED_TOL[dtype], msg="conv written into a slice")
+    untouched = torch.ones(buffer.shape[1], dtype=torch.bool)
+    untouched[3:3 + expected.shape[1]] = False
+    assert torch.equal(buffer[:, untouched], before[:, untouched]), "wrote outside its slice"
+    var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+    got_mean, _ = ops.bn_stats_from_partials(*partials, eps=1e-5)
+    assert_close_scaled(got_mean, mean, 2e-5 if dtype != torch.float64 else 1e-12, msg="stats of the slice")
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geo", ["1x1", "3x3-stride2-odd", "3x3-groups4-of3"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn-relu-fused", "plain"])
+def test_input_grad_accumulates_scaled_into_a_slice(device, name, fmt, dtype, geo, prologue):
+    """out += out_scale * dU in place over a strided slice of a gradient buffer, the other channels
+    untouched; the sums are those of dU, unscaled."""
+    x, weight, conv, pro = _problem(GEOMETRIES[geo], dtype, device, fmt, prologue=prologue)
+    a64 = _activated64(x, pro).requires_grad_(True)
+    z64 = F.conv2d(a64, weight.double(), None, **conv)
+    grad_y = _tensor(z64.shape, dtype, device, fmt, mean=0.2)
+    z64.backward(grad_y.double())
+    du = a64.grad
+    if prologue:
+        u = (x.double() - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
+            + pro["in_shift"].double().view(1, -1, 1, 1)
+        du = torch.where(u > 0, du, 0)
+    out, buffer = _buffer_slice(x.shape, 1, x.shape[1] + 4, dtype, device, fmt)
+    out.copy_(_tensor(x.shape, dtype, device, fmt, mean=-1.0))
+    start, before = out.double().clone(), buffer.clone()
+    out_scale = torch.rand(x.shape[1], dtype=torch.float64) + 0.5
+    ctx = _conv_backend(name, device)
+    try:
+        got, sum_du, sum_du_xmu = ops.conv2d_input_grad(grad_y, weight, x, **conv, **pro, out=out,
+                                                        out_scale=out_scale.to(device))
+    finally:
+        ctx.__exit__(None, None, None)
+    assert got.data_ptr() == out.data_ptr()
+    expected = start + out_scale.to(device).view(1, -1, 1, 1) * du
+    assert_close_scaled(out, expected, SCALED_TOL[dtype], msg="accumulated input gradient")
+    untouched = torch.ones(buffer.shape[1], dtype=torch.bool)
+    untouched[1:1 + x.shape[1]] = False
+    assert torch.equal(buffer[:, untouched], before[:, untouched]), "wrote outside its slice"
+    if prologue:
+        sum_tol = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, SCALED_TOL[dtype])
+        assert_close_scaled(sum_du, du.sum((0, 2, 3)), sum_tol, msg="sum dU")
+    else:
+        assert sum_du is None and sum_du_xmu is None
+
+
+def test_slice_output_arguments_are_checked():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="out must be a \\(2, 6, 5, 5\\)"):
+        ops.conv2d_forward(x, w, None, padding=1, out=torch.empty(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="overlapping"):
+        ops.conv2d_forward(x, w, None, padding=1, out=torch.empty(1, 6, 1, 1).expand(2, 6, 5, 5))
+    with pytest.raises(ValueError, match="give out too"):
+        ops.conv2d_input_grad(torch.randn(2, 6, 5, 5), w, x, padding=1, out_scale=torch.ones(4))
+    with pytest.raises(ValueError, match="out_scale must have shape \\[4\\]"):
+        ops.conv2d_input_grad(torch.randn(2, 6, 5, 5), w, x, padding=1, out=torch.zeros(2, 4, 5, 5),
+                              out_scale=torch.ones(3))
+
+
 @pytest.mark.parametrize("device,name", CONV_CASES)
 def test_large_mean_statistics_do_not_cancel(device, name):
     """1e3 + N(0, 1) conv outputs: the merged centered sums keep the variance, where

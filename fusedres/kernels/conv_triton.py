@@ -169,13 +169,13 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
 
 
 @triton.jit
-def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr,
+def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr, oscale_ptr,
                        N, H, W, C_in, P, Q, C_out, cin_g, cout_g, w_span,
                        sdn, sdc, sdh, sdw, swo, swi, swh, sww, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, num_m, part_rows,
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                        SPAN_STEP: tl.constexpr, TAP_CHECK: tl.constexpr,
-                       EPILOGUE_BN: tl.constexpr,
+                       EPILOGUE_BN: tl.constexpr, ACCUMULATE: tl.constexpr,
                        EPILOGUE_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     num_n = tl.cdiv(C_in, BLOCK_N)
@@ -250,6 +250,11 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
         tl.store(part_ptr + (part_rows + row) * C_in + rc, tl.sum(acc * tl.where(omask, xmu, 0.0), axis=0),
                  mask=cmask)
     g_off = (img.to(tl.int64) * sgn + h * sgh + w * sgw)[:, None] + rc[None, :] * sgc
+    if ACCUMULATE:
+        # dx += out_scale * dU in place: every (pixel, channel) belongs to one (phase, tile), so
+        # the read-modify-write needs no atomics (a dense block adding into its gradient buffer)
+        osc = tl.load(oscale_ptr + rc, mask=cmask, other=0.0).to(ACC)
+        acc = tl.load(dx_ptr + g_off, mask=omask, other=0.0).to(ACC) + acc * osc[None, :]
     tl.store(dx_ptr + g_off, acc.to(dx_ptr.dtype.element_ty), mask=omask)
 
 
@@ -525,11 +530,12 @@ def tuned_configs() -> Dict[tuple, tuple]:
 # Launchers.
 # ---------------------------------------------------------------------------------------------
 def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False,
-                 residual=None, relu=False, stats=False, out_format=torch.contiguous_format):
-    """y [N, C_out, P, Q] in x's dtype and `out_format`, and (tile_rows [T], sum [T, C_out], m2 [T, C_out])
-    float partial statistics of y (before residual and ReLU) when `stats`."""
+                 residual=None, relu=False, stats=False, out_format=torch.contiguous_format, out=None):
+    """y [N, C_out, P, Q] in x's dtype and `out_format` (or written into `out`, any strides: a
+    channel slice of a larger buffer), and (tile_rows [T], sum [T, C_out], m2 [T, C_out]) float
+    partial statistics of y (before residual and ReLU) when `stats`."""
     N, P, Q, C_out = geo.N, geo.P, geo.Q, geo.C_out
-    y = new_scratch((N, C_out, P, Q), x.dtype, x.device, memory_format=out_format)
+    y = out if out is not None else new_scratch((N, C_out, P, Q), x.dtype, x.device, memory_format=out_format)
     M = N * P * Q
     acc_dtype, upcast, precision = _dot_flags(x.dtype, x.device)
     grouped = geo.groups > 1
@@ -562,7 +568,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
         return (new_scratch((rows, C_out), stats_dtype(x), x.device),
                 new_scratch((rows, C_out), stats_dtype(x), x.device))
 
-    key = ("fwd", geo, x.dtype, tuple(x.stride()), in_scale is not None, residual is not None, stats)
+    key = ("fwd", geo, x.dtype, tuple(x.stride()), tuple(y.stride()), in_scale is not None, residual is not None,
+           stats)
     cfg = _choose(key, x.device, _FWD_CONFIGS, _default_config(M, C_out, _FWD_CONFIGS, geo.cout_g * grouped),
                   lambda c: launch(c, *partial_buffers(c)))
     psum, pm2 = partial_buffers(cfg)
@@ -576,12 +583,14 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
 
 
 def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, in_scale=None, in_shift=None,
-                    in_relu=False, out_format=torch.contiguous_format):
+                    in_relu=False, out_format=torch.contiguous_format, out=None, out_scale=None):
     """dA [N, C_in, H, W] = the gradient of the conv's input. With the forward prologue's BN given
     (x, in_mean, in_scale, in_shift): dU = dA * relu'(U) instead, with float per-channel sums
-    sum(dU) and sum(dU * (x - mean))."""
+    sum(dU) and sum(dU * (x - mean)). With `out` (any strides) and `out_scale` [C_in]:
+    out += out_scale * dU in place, and out is returned."""
     N, C_in, H, W = geo.N, geo.C_in, geo.H, geo.W
-    dx = new_scratch((N, C_in, H, W), grad_y.dtype, grad_y.device, memory_format=out_format)
+    accumulate = out is not None
+    dx = out if accumulate else new_scratch((N, C_in, H, W), grad_y.dtype, grad_y.device, memory_format=out_format)
     acc_dtype, upcast, precision = _dot_flags(grad_y.dtype, grad_y.device)
     grouped = geo.groups > 1
     sh, sw = geo.stride
@@ -593,19 +602,19 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
 
     dense_w = None if grouped else _dense_weight(weight)
 
-    def launch(cfg, part):
+    def launch(cfg, part, target):
         bm, bn, warps, stages = cfg
         bk = _k_block(_span(bn, C_in, geo.cin_g, geo.cout_g, grouped), grad_y.dtype)
         w, w_span = grouped_weight_tiles(weight, geo, bn, bk, dgrad=True) if grouped else (dense_w, 0)
         num_m = triton.cdiv(rows_per_phase, bm)
         _conv_dgrad_kernel[(num_m * triton.cdiv(C_in, bn), phases)](
-            grad_y, w, dx, xs, in_mean if epilogue else dx, in_scale if epilogue else dx,
-            in_shift if epilogue else dx, part,
-            *geo.flat, w_span, *_nchw_strides(grad_y), *_nchw_strides(weight if grouped else w), *_nchw_strides(dx),
-            *_nchw_strides(xs),
+            grad_y, w, target, xs, in_mean if epilogue else target, in_scale if epilogue else target,
+            in_shift if epilogue else target, part, out_scale if accumulate else target,
+            *geo.flat, w_span, *_nchw_strides(grad_y), *_nchw_strides(weight if grouped else w),
+            *_nchw_strides(target), *_nchw_strides(xs),
             *geo.conv_scalars, num_m, num_m * phases,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bn, C_in, geo.cin_g, geo.cout_g, grouped),
-            EPILOGUE_BN=epilogue, EPILOGUE_RELU=in_relu,
+            EPILOGUE_BN=epilogue, ACCUMULATE=accumulate, EPILOGUE_RELU=in_relu,
             TAP_CHECK=any(s > 1 and d > 1 for s, d in zip(geo.stride, geo.dilation)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
@@ -614,12 +623,18 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
         rows = triton.cdiv(rows_per_phase, cfg[0]) * phases if epilogue else 1
         return new_scratch((2, rows, C_in), acc, grad_y.device)
 
-    key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), epilogue)
+    def tuning_target():
+        # candidates are timed on a scratch copy of the strides: an accumulating launch run more
+        # than once would add its result more than once
+        return torch.empty_strided(dx.shape, dx.stride(), dtype=dx.dtype, device=dx.device) if accumulate else dx
+
+    key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), tuple(dx.stride()), tuple(xs.stride()), epilogue,
+           accumulate)
     cfg = _choose(key, grad_y.device, _FWD_CONFIGS,
                   _default_config(rows_per_phase, C_in, _FWD_CONFIGS, geo.cin_g * grouped),
-                  lambda c: launch(c, part_buffer(c)))
+                  lambda c: launch(c, part_buffer(c), tuning_target()))
     part = part_buffer(cfg)
-    launch(cfg, part)
+    launch(cfg, part, dx)
     if not epilogue:
         return dx, None, None
     sums = part.sum(1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _validate
 from .bn_act import bn_act_forward_reference
-from .layout import memory_format, per_channel, stats_dtype
+from .layout import memory_format, per_channel, poison_outputs, stats_dtype
 from .registry import available_backend, get_backend, register, resolve
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
@@ -39,7 +39,7 @@ def _prologue_reference(x, in_mean, in_scale, in_shift, in_relu):
 
 
 def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                             in_relu, residual, relu, stats):
+                             in_relu, residual, relu, stats, out=None):
     acc = stats_dtype(x)
     a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
     z = F.conv2d(a, weight, None, stride, padding, dilation, groups).to(acc)
@@ -56,20 +56,31 @@ def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups,
         z = z + residual.to(acc)
     if relu:
         z = torch.relu(z)
+    if out is not None:
+        return out.copy_(z), partials
     return z.to(x.dtype).contiguous(memory_format=memory_format(x)), partials
 
 
+def _accumulate_reference(out, out_scale, da):
+    """out += out_scale * da, added in float32 and rounded once, as the kernels do."""
+    return out.copy_(out.to(da.dtype) + per_channel(out_scale.to(da.dtype), out) * da)
+
+
 def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                                in_relu):
+                                in_relu, out=None, out_scale=None):
     acc = stats_dtype(grad_y)  # summed in float32 as the kernels' accumulators are, rounded once
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), grad_y.to(acc), stride, padding, dilation, groups)
     if in_scale is None:
+        if out is not None:
+            return _accumulate_reference(out, out_scale, da), None, None
         return da.to(grad_y.dtype).contiguous(memory_format=memory_format(x)), None, None
     xmu = x.to(acc) - per_channel(in_mean, x)
     if in_relu:
         da = torch.where(xmu * per_channel(in_scale, x) + per_channel(in_shift, x) > 0, da, 0)
-    du = da.to(grad_y.dtype).contiguous(memory_format=memory_format(x))
-    return du, da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
+    sums = da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
+    if out is not None:
+        return (_accumulate_reference(out, out_scale, da), *sums)
+    return (da.to(grad_y.dtype).contiguous(memory_format=memory_format(x)), *sums)
 
 
 def conv2d_weight_grad_reference(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
@@ -92,22 +103,22 @@ def _geometry(x, weight, stride, padding, dilation, groups):
 
 @register("conv2d_forward", "triton")
 def _conv2d_forward_triton(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
-                           residual, relu, stats):
+                           residual, relu, stats, out=None):
     from ..kernels.conv_triton import conv_forward
 
     return conv_forward(x, weight, bias, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
                         in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, residual=residual, relu=relu,
-                        stats=stats, out_format=memory_format(x))
+                        stats=stats, out_format=memory_format(x), out=out)
 
 
 @register("conv2d_input_grad", "triton")
 def _conv2d_input_grad_triton(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                              in_relu):
+                              in_relu, out=None, out_scale=None):
     from ..kernels.conv_triton import conv_input_grad
 
     return conv_input_grad(grad_y, weight, _geometry(x, weight, stride, padding, dilation, groups), x=x,
                            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
-                           out_format=memory_format(x))
+                           out_format=memory_format(x), out=out, out_scale=out_scale)
 
 
 @register("conv2d_weight_grad", "triton")
@@ -165,6 +176,24 @@ def _check_prologue(x, in_mean, in_scale, in_shift):
     return None, None, None
 
 
+def _output_shape(x, weight, stride, padding, dilation):
+    return (x.shape[0], weight.shape[0]) + tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+
+
+def _check_out(out, shape, dtype, device, name):
+    """`out` given to write into: any strides (a channel slice of a larger buffer), no overlap."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fusedres: {name} must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"fusedres: {name} must be a {tuple(shape)} {dtype} tensor on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"fusedres: {name} has overlapping memory (an expanded tensor); each element must be "
+                         f"its own")
+
+
 def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None
                               ) -> Optional[str]:
     """None if the fused conv kernels (not the reference) will run this conv, else why not.
@@ -187,8 +216,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                    groups: int = 1, *, in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
                    in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                   residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False
-                   ) -> Tuple[torch.Tensor, Optional[StatsPartials]]:
+                   residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False,
+                   out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[StatsPartials]]:
     """y = act(conv2d(pro(x), weight) + bias + residual), pro(x) = act((x - in_mean) * in_scale + in_shift).
 
     Args:
@@ -197,37 +226,54 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             loaded; padding is zero after it. in_relu: ReLU after it.
         residual (Tensor[N, C_out, P, Q]): added after the bias; relu: ReLU last.
         stats: also return StatsPartials of conv2d(pro(x)) + bias (before residual and ReLU).
+        out (Tensor[N, C_out, P, Q]): written in place instead of a new tensor; any strides, e.g. a
+            channel slice of a dense block's feature buffer.
     Returns:
-        (y in x's dtype and memory format, StatsPartials or None).
+        (y in x's dtype and memory format (or `out`), StatsPartials or None).
     """
     stride, padding, dilation = _check_conv(x, weight, bias, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
+    out_shape = _output_shape(x, weight, stride, padding, dilation)
     if residual is not None:
         _validate.activation(residual, "residual")
-        out_shape = (x.shape[0], weight.shape[0]) + tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
         if tuple(residual.shape) != out_shape or residual.device != x.device:
             raise ValueError(f"fusedres: residual must have the output's shape {out_shape} on {x.device}, got "
                              f"{tuple(residual.shape)} on {residual.device}")
+    if out is not None:
+        _check_out(out, out_shape, x.dtype, x.device, "out")
+        if poison_outputs():
+            out.fill_(float("nan"))
     _, impl = resolve("conv2d_forward", x.device)
     y, partials = impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
-                       residual, bool(relu), bool(stats))
+                       residual, bool(relu), bool(stats), out)
     return y, (StatsPartials(*partials) if partials is not None else None)
 
 
 def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: Sequence[int] = (1, 1),
                       padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
                       in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
-                      in_shift: Optional[torch.Tensor] = None, in_relu: bool = False):
+                      in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
+                      out: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None):
     """(dA, None, None) with dA the gradient of the conv's input; with the prologue's BN given,
     (dU, sum(dU), sum(dU * (x - in_mean))) with dU = dA * relu'(U), U = (x - mean) * scale + shift.
-    x is the forward's input (its shape always; its values only for the prologue)."""
+    x is the forward's input (its shape always; its values only for the prologue).
+    With `out` (x's shape, grad_y's dtype, any strides) the result is accumulated in place instead,
+    out += out_scale * dU (out_scale [C_in], default 1), summed in float32 and rounded once, and
+    `out` is returned in dU's place: a dense block adds each layer's input gradient into the
+    prefix of its gradient buffer this way."""
     stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     _validate.activation(grad_y, "grad_y")
+    if out is not None:
+        _check_out(out, x.shape, grad_y.dtype, x.device, "out")
+        _validate.channel_vector(x, out_scale, "out_scale")
+        out_scale = (torch.ones(x.shape[1], dtype=stats_dtype(grad_y), device=x.device) if out_scale is None
+                     else out_scale.to(stats_dtype(grad_y)).contiguous())
+    elif out_scale is not None:
+        raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
     _, impl = resolve("conv2d_input_grad", x.device)
-    return impl(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu))
+    return impl(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
+                out, out_scale)
 
 
 def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = (1, 1),

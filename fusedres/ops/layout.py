@@ -26,7 +26,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a channels_last-only tensor, else contiguous_format."""
+    """channels_last for a channels_last-only tensor, else contiguous_format. A non-dense 4-D view
+    (a channel slice of a dense block's feature buffer) gets the format its strides follow."""
+    if x.dim() == 4 and not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
