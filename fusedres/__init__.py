@@ -4,15 +4,17 @@ Layers, each using only the one below it:
   kernels (fusedres/kernels: Triton; csrc: C++ CPU and CUDA)
   -> ops (fusedres.ops: one registry dispatching by device and backend)
   -> autograd Functions (fusedres.autograd)
-  -> modules (FusedBasicBlock, FusedBottleneck)
+  -> modules (FusedBasicBlock, FusedBottleneck; FusedDenseLayer, FusedDenseBlock, FusedTransition)
 """
 from . import _extension
 from .autograd import conv_bias_act_inference, conv_bn_act  # noqa: F401
+from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition, fuse_densenet_  # noqa: F401
 from .modules import FusedBasicBlock, FusedBottleneck  # noqa: F401
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "backends", "get_backend", "set_backend", "use_backend",
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedDenseLayer", "FusedDenseBlock", "FusedTransition",
+           "fuse_densenet_", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded"]
 
 

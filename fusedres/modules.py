@@ -83,24 +83,28 @@ def _grad_needed(x, residual, *modules) -> bool:
     return any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
 
 
+def bn_args(bn: nn.BatchNorm2d) -> BNArgs:
+    """BatchNorm's arguments for this forward, with nn.BatchNorm2d.forward's own bookkeeping
+    (num_batches_tracked counted, momentum=None as a cumulative average)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return BNArgs(bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+                  bn.eps, momentum, batch_stats)
+
+
+def conv_args(conv: nn.Conv2d) -> ConvArgs:
+    return ConvArgs(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class _FusedBlockBase(nn.Module):
     """forward() plumbing shared by the fused blocks; subclasses define `_units()`."""
 
-    @staticmethod
-    def _bn_args(bn: nn.BatchNorm2d) -> BNArgs:
-        """BatchNorm's arguments for this forward, with nn.BatchNorm2d.forward's own bookkeeping."""
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        track = not bn.training or bn.track_running_stats
-        return BNArgs(bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
-                      bn.eps, momentum, batch_stats)
-
-    @staticmethod
-    def _conv_args(conv: nn.Conv2d) -> ConvArgs:
-        return ConvArgs(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    _bn_args = staticmethod(bn_args)
+    _conv_args = staticmethod(conv_args)
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                  residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """Reference models of torchvision's architectures (same state_dict keys), for tests and benchmarks
 on machines where torchvision cannot be installed (it has no CPU build beside a CPU torch)."""
+from .densenet import (DenseBlock, DenseLayer, DenseNet, Transition, densenet121, densenet161,  # noqa: F401
+                       densenet169, densenet201, rename_legacy_keys)
 from .resnet import (BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101,  # noqa: F401
                      resnet152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2)

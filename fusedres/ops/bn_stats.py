@@ -76,13 +76,27 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
     return impl(x, float(eps), running_mean, running_var, float(momentum))
 
 
-def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor, eps: float = 1e-5,
-                           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
-                           momentum: float = 0.1, count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and invstd from per-tile partials (a conv epilogue's StatsPartials), with the
-    running update of bn_stats. Tile i: rows[i] values per channel, sum sums[i], centered sum of
-    squares m2s[i]; merged exactly (Chan et al.): M2 = sum_i m2_i + rows_i * (mean_i - mean)^2, so a
-    large mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops.
+def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                         mean: torch.Tensor, var: torch.Tensor, count: float, momentum: float) -> None:
+    """nn.BatchNorm2d's running update from a batch's mean and biased variance over `count` values
+    per channel: running = (1 - momentum) * running + momentum * batch, the variance unbiased."""
+    if running_mean is None:
+        return
+    if count < 2:
+        raise ValueError("fusedres: the running variance needs more than 1 value per channel")
+    acc = mean.dtype
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_((running_mean.to(acc) * (1 - momentum) + mean * momentum).to(running_mean.dtype))
+        running_var.copy_((running_var.to(acc) * (1 - momentum) + unbiased * momentum).to(running_var.dtype))
+
+
+def merge_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor,
+                   count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, biased variance, count) per channel from per-tile partials (a conv epilogue's
+    StatsPartials). Tile i: rows[i] values per channel, sum sums[i], centered sum of squares
+    m2s[i]; merged exactly (Chan et al.): M2 = sum_i m2_i + rows_i * (mean_i - mean)^2, so a large
+    mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops.
     count (values per channel, = rows.sum()) lets a caller that knows it spare a device sync."""
     if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
         raise ValueError(f"fusedres: partials must be rows [T], sums [T, C], m2s [T, C]; got {tuple(rows.shape)}, "
@@ -91,16 +105,26 @@ def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Te
         count = float(rows.sum())  # a device -> host sync on a GPU
     count = float(count)
     if count < 1:
-        raise ValueError("fusedres: bn_stats_from_partials needs at least one value per channel")
-    if running_mean is not None and count < 2:
-        raise ValueError("fusedres: the running variance needs more than 1 value per channel")
-    acc = sums.dtype
+        raise ValueError("fusedres: merging partial statistics needs at least one value per channel")
     mean = sums.sum(0) / count
     tile_mean = sums / rows[:, None].clamp_min(1)
     var = (m2s.sum(0) + (rows[:, None] * (tile_mean - mean) ** 2).sum(0)) / count
-    if running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * (count / (count - 1))
-            running_mean.copy_((running_mean.to(acc) * (1 - momentum) + mean * momentum).to(running_mean.dtype))
-            running_var.copy_((running_var.to(acc) * (1 - momentum) + unbiased * momentum).to(running_var.dtype))
+    return mean, var, count
+
+
+def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor, eps: float = 1e-5,
+                           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                           momentum: float = 0.1, count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and invstd from per-tile partials (see merge_partials), with the running
+    update of bn_stats."""
+    mean, var, count = merge_partials(rows, sums, m2s, count)
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return mean, (var + eps).rsqrt()
+
+
+def channel_var_mean(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(biased variance, mean) per channel of x, no eps: the statistics of one slice of a dense
+    block's feature buffer, shared by every later BatchNorm over it (each adds its own eps).
+    bn_stats with eps = 0 gives 1/std; var = std^2 is exact to a rounding (0 for a constant channel)."""
+    mean, invstd = bn_stats(x, eps=0.0)
+    return invstd.pow(-2), mean
