@@ -185,10 +185,13 @@ def test_input_and_weight_gradients(device, name, dtype, geo, prologue):
     assert du.abs().max() > 0 and (du == 0).any(), "the ReLU mask must matter"
     assert_close_scaled(dx, du, tol, msg="masked input gradient dU")
     xmu = x.double() - pro["in_mean"].double().view(1, -1, 1, 1)
-    # the sums are of the float dU before it is rounded to dtype
     sum_tol = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, SCALED_TOL[dtype])
     assert_close_scaled(sum_du, du.sum((0, 2, 3)), sum_tol, msg="sum dU")
     assert_close_scaled(sum_du_xmu, (du * xmu).sum((0, 2, 3)), sum_tol, msg="sum dU (x - mean)")
+    # and exactly of dU as stored (BatchNorm's backward subtracts their means from it): float32 sums
+    stored_tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close_scaled(sum_du, dx.double().sum((0, 2, 3)), stored_tol, msg="sum of stored dU")
+    assert_close_scaled(sum_du_xmu, (dx.double() * xmu).sum((0, 2, 3)), stored_tol, msg="sum of stored dU (x - mean)")
 
 
 def _buffer_slice(shape, lo, total, dtype, device, fmt):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.layout import memory_format, new_scratch, stats_dtype
+from ..ops.layout import memory_format, new_scratch, per_channel, stats_dtype
 from .chain import BNArgs, ConvArgs, BNReLUConv
 from .units import BNAct, _conv_backward, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift
 
@@ -105,15 +105,18 @@ def _prologue_conv(h, weight, bias, conv_args, mean, scale, shift, fused, stats,
     return z, None
 
 
-def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch.Tensor]], training_dropout):
-    """The block's forward. Returns (buffer, mean [C], var [C] or None, saved per layer)."""
+def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch.Tensor]], training_dropout,
+                   dtype: torch.dtype):
+    """The block's forward with its convs in `dtype`. Returns (buffer, mean [C], var [C] or None,
+    saved per layer)."""
     n, c0, h, w = x.shape
     k = plan.growth
     total = c0 + len(plan.bns) * k
     fmt = memory_format(x)
-    acc = stats_dtype(x)
-    buffer = new_scratch((n, total, h, w), x.dtype, x.device, memory_format=fmt)
+    buffer = new_scratch((n, total, h, w), dtype, x.device, memory_format=fmt)
     buffer[:, :c0].copy_(x)
+    x = buffer[:, :c0]
+    acc = stats_dtype(x)
     count = n * h * w
     shared = any(bns[0].batch_stats for bns in plan.bns)  # slice statistics are needed
     mean_all = var_all = None
@@ -171,8 +174,15 @@ class DenseBlockFunction(torch.autograd.Function):
     buffer's per-channel batch mean and biased variance (not differentiable; empty in eval)."""
 
     @staticmethod
-    def forward(ctx, x, plan, training_dropout, *params):
-        buffer, mean_all, var_all, saved = _dense_forward(x, plan, params, training_dropout)
+    def forward(ctx, x, plan, training_dropout, dtype, *params):
+        buffer, mean_all, var_all, saved = _dense_forward(x, plan, params, training_dropout, dtype)
+        ctx.x_dtype = x.dtype
+        output = buffer
+        if torch.promote_types(x.dtype, dtype) != dtype:
+            # as torch.cat of a float32 input and autocast's bfloat16 layer outputs: float32, the
+            # input's channels unrounded
+            output = buffer.to(torch.promote_types(x.dtype, dtype))
+            output[:, :x.shape[1]].copy_(x)
         ctx.plan = plan
         ctx.dtypes = [None if t is None else t.dtype for t in params]
         tensors = [buffer, mean_all, var_all]
@@ -183,10 +193,10 @@ class DenseBlockFunction(torch.autograd.Function):
         ctx.training_dropout = training_dropout
         ctx.save_for_backward(*tensors, *params)
         ctx.num_params = len(params)
-        if mean_all is None:
-            mean_all = var_all = x.new_empty(0, dtype=stats_dtype(x))
+        if mean_all is None or output is not buffer:
+            mean_all = var_all = x.new_empty(0, dtype=stats_dtype(buffer))
         ctx.mark_non_differentiable(mean_all, var_all)
-        return buffer, mean_all, var_all
+        return output, mean_all, var_all
 
     @staticmethod
     def backward(ctx, grad_buffer, *_unused):
@@ -205,12 +215,14 @@ class DenseBlockFunction(torch.autograd.Function):
         count = buffer.numel() // total
         acc = stats_dtype(buffer)
         fused = plan.fused
-        grad = torch.empty_like(buffer)  # the buffer's memory format: each layer adds into its prefix
+        # G, in the buffer's memory format, float32 for half types: each slice's gradient is a sum
+        # of many layers' terms, BatchNorm's large scale * dU parts cancelling against the deferred
+        # (x - mean) * coef_xmu + coef_c parts, so the sum is kept unrounded until it is read
+        grad = torch.empty(buffer.shape, dtype=acc, device=buffer.device,
+                           memory_format=memory_format(buffer))
         grad.copy_(grad_buffer)
         coef_xmu_all = torch.zeros(total, dtype=acc, device=buffer.device)
         coef_c_all = torch.zeros(total, dtype=acc, device=buffer.device)
-        ones = torch.ones(total, dtype=acc, device=buffer.device)
-        zeros = torch.zeros(total, dtype=acc, device=buffer.device)
         deferred = [False] * total  # whether a later layer left coefficients on these channels
         grads: List[Optional[torch.Tensor]] = [None] * ctx.num_params
         units_per_layer = [len(b) for b in plan.bns]
@@ -219,12 +231,13 @@ class DenseBlockFunction(torch.autograd.Function):
             starts.append(starts[-1] + 4 * n)
 
         def complete(lo, hi):
-            """The gradient of buffer[:, lo:hi]: G's slice plus the summed deferred BN terms."""
+            """The gradient of buffer[:, lo:hi] in the buffer's dtype: G's slice plus the summed
+            deferred BN terms, added in float32 and rounded once. A few passes over k channels."""
             g = grad[:, lo:hi]
-            if not deferred[lo]:
-                return g
-            return ops.bn_act_backward_elementwise(g, buffer[:, lo:hi], mean_all[lo:hi], ones[lo:hi], zeros[lo:hi],
-                                                   coef_xmu_all[lo:hi], coef_c_all[lo:hi], relu=False)
+            if deferred[lo]:
+                xmu = buffer[:, lo:hi].to(acc) - per_channel(mean_all[lo:hi], g)
+                g = g + xmu * per_channel(coef_xmu_all[lo:hi], g) + per_channel(coef_c_all[lo:hi], g)
+            return g.to(buffer.dtype)
 
         for j in reversed(range(len(plan.bns))):
             cj = c0 + j * k
@@ -240,8 +253,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 h_in = buffer[:, :cj] if u == 0 else layer_saved[5 * u - 1]
                 base = starts[j] + 4 * u
                 gamma_t, beta_t, weight, bias = params[base:base + 4]
-                need_w = ctx.needs_input_grad[3 + base + 2]
-                need_b = bias is not None and ctx.needs_input_grad[3 + base + 3]
+                need_w = ctx.needs_input_grad[4 + base + 2]
+                need_b = bias is not None and ctx.needs_input_grad[4 + base + 3]
                 into = grad[:, :cj] if u == 0 else None
                 if fused:
                     pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
@@ -263,9 +276,9 @@ class DenseBlockFunction(torch.autograd.Function):
                     grads[base + 2], grads[base + 3] = dw, db
                     sum_du, sum_du_xmu, _ = ops.bn_act_backward_reduce(da, h_in, mean, scale, shift, None, relu=True)
                     du, mask_in_elementwise = da, True
-                if ctx.needs_input_grad[3 + base]:
+                if ctx.needs_input_grad[4 + base]:
                     grads[base] = (sum_du_xmu * invstd).to(ctx.dtypes[base])
-                if ctx.needs_input_grad[3 + base + 1]:
+                if ctx.needs_input_grad[4 + base + 1]:
                     grads[base + 1] = sum_du.to(ctx.dtypes[base + 1])
                 coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_du, sum_du_xmu, count, bn.batch_stats)
                 if u > 0:
@@ -273,16 +286,18 @@ class DenseBlockFunction(torch.autograd.Function):
                                                         relu=mask_in_elementwise)
                     continue
                 if du is not None:  # not accumulated by the kernel: add scale * relu'(U) * dA now
-                    into.add_(ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, zeros[:cj], zeros[:cj],
-                                                              relu=mask_in_elementwise))
+                    u_pre = (h_in.to(acc) - per_channel(mean, h_in)) * per_channel(scale, h_in) \
+                        + per_channel(shift, h_in)
+                    into.add_(torch.where(u_pre > 0, du.to(acc) * per_channel(scale, h_in), 0))
+                    del u_pre
                 if bn.batch_stats:
                     coef_xmu_all[:cj] += coef_xmu
                     coef_c_all[:cj] += coef_c
                     deferred[:cj] = [True] * cj
         # a view of G where no BatchNorm read the input with batch statistics (autograd copies it
         # into x.grad with x's strides if need be)
-        grad_x = complete(0, c0) if ctx.needs_input_grad[0] else None
-        return (grad_x, None, None, *grads)
+        grad_x = complete(0, c0).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None, None, *grads)
 
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -332,8 +347,6 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
     dropout = tuple(bool(d) for d in dropout) or (False,) * len(layers)
     dtype = autocast_dtype(x.device.type)
     fused = dense_block_unsupported_reason(x, layers) is None
-    if dtype is not None:
-        x = x.to(dtype)
     params = []
     for layer in layers:
         for bn, conv in layer.units:
@@ -342,7 +355,7 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
                  tuple(tuple((c.stride, c.padding, c.dilation, c.groups) for _, c in layer.units) for layer in layers),
                  tuple(float(layer.drop_rate) for layer in layers), growth, fused)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, *params)
+        buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, dtype or x.dtype, *params)
     if mean.numel():
         setattr(buffer, STATS_ATTR, (buffer._version, mean, var, buffer.numel() // buffer.shape[1]))
     return buffer
@@ -378,7 +391,8 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2
             invstd = (var + bn.eps).rsqrt()
         elif bn.batch_stats:
             batch_count(x)
-            mean, invstd = ops.bn_stats(x, bn.eps, bn.running_mean, bn.running_var, bn.momentum)
+            # detached: the gradient through the batch statistics is the Functions' own (batch_stats)
+            mean, invstd = ops.bn_stats(x.detach(), bn.eps, bn.running_mean, bn.running_var, bn.momentum)
         else:
             acc = stats_dtype(x)
             mean, invstd = bn.running_mean.to(acc), (bn.running_var.to(acc) + bn.eps).rsqrt()

@@ -245,6 +245,11 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
             sf = tl.load(shift_ptr + rc, mask=cmask, other=0.0)
             acc = tl.where(xmu * sc[None, :] + sf[None, :] > 0.0, acc, 0.0)
         acc = tl.where(omask, acc, 0.0)
+        if not ACCUMULATE:
+            # the sums of dU as stored (rounded to dx's dtype): BatchNorm's backward subtracts their
+            # means from that stored dU, and its result can be far smaller than dU, so sums of the
+            # unrounded values would leave a rounding-sized error uncancelled (bf16: 5x stock's)
+            acc = acc.to(dx_ptr.dtype.element_ty).to(ACC)
         row = phase * num_m + pid_m
         tl.store(part_ptr + row * C_in + rc, tl.sum(acc, axis=0), mask=cmask)
         tl.store(part_ptr + (part_rows + row) * C_in + rc, tl.sum(acc * tl.where(omask, xmu, 0.0), axis=0),

@@ -77,10 +77,11 @@ def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, gr
     xmu = x.to(acc) - per_channel(in_mean, x)
     if in_relu:
         da = torch.where(xmu * per_channel(in_scale, x) + per_channel(in_shift, x) > 0, da, 0)
-    sums = da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
-    if out is not None:
-        return (_accumulate_reference(out, out_scale, da), *sums)
-    return (da.to(grad_y.dtype).contiguous(memory_format=memory_format(x)), *sums)
+    if out is not None:  # dU is never rounded: added into out in float32, summed unrounded
+        return _accumulate_reference(out, out_scale, da), da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
+    du = da.to(grad_y.dtype)  # summed as stored, as the kernels do
+    return (du.contiguous(memory_format=memory_format(x)), du.to(acc).sum((0, 2, 3)),
+            (du.to(acc) * xmu).sum((0, 2, 3)))
 
 
 def conv2d_weight_grad_reference(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
@@ -257,7 +258,7 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     """(dA, None, None) with dA the gradient of the conv's input; with the prologue's BN given,
     (dU, sum(dU), sum(dU * (x - in_mean))) with dU = dA * relu'(U), U = (x - mean) * scale + shift.
     x is the forward's input (its shape always; its values only for the prologue).
-    With `out` (x's shape, grad_y's dtype, any strides) the result is accumulated in place instead,
+    With `out` (x's shape, grad_y's dtype or float32, any strides) the result is accumulated in place instead,
     out += out_scale * dU (out_scale [C_in], default 1), summed in float32 and rounded once, and
     `out` is returned in dU's place: a dense block adds each layer's input gradient into the
     prefix of its gradient buffer this way."""
@@ -265,7 +266,9 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     _validate.activation(grad_y, "grad_y")
     if out is not None:
-        _check_out(out, x.shape, grad_y.dtype, x.device, "out")
+        # a float32 gradient buffer for half types keeps the sum of many layers' terms unrounded
+        wide = stats_dtype(grad_y)
+        _check_out(out, x.shape, wide if out.dtype == wide else grad_y.dtype, x.device, "out")
         _validate.channel_vector(x, out_scale, "out_scale")
         out_scale = (torch.ones(x.shape[1], dtype=stats_dtype(grad_y), device=x.device) if out_scale is None
                      else out_scale.to(stats_dtype(grad_y)).contiguous())
