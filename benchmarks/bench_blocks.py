@@ -1,4 +1,4 @@
-"""Blocks: fused vs stock residual blocks (same weights), train step (fwd + bwd) and eval forward.
+"""Blocks: fused vs stock residual and dense blocks (same weights), train step (fwd + bwd) and eval forward.
 
 On a GPU in channels_last the fused blocks run the conv-BN-ReLU chain on the Triton conv kernels
 (BatchNorm in the convs' prologues and epilogues); on the CPU, aten's conv with the C++ BN kernels."""
@@ -11,6 +11,7 @@ import torch.nn as nn
 from fusedres import FusedBasicBlock, FusedBottleneck
 from fusedres.models import BasicBlock, Bottleneck
 
+from bench_dense import dense_block_cases
 from common import bench, distinct_submodules
 
 
@@ -35,10 +36,11 @@ def model_blocks(arch: str):
 
 def block_cases(small: bool):
     """(name, stock block, fused class, input shape without batch). GPU: every distinct block of
-    ResNet-50 and ResNeXt-50 32x4d at 224x224; CPU: a few ResNet-18/50 and ResNeXt blocks at a
-    quarter of the spatial size."""
+    ResNet-50 and ResNeXt-50 32x4d and every dense block and transition of DenseNet-121 at
+    224x224; CPU: a few ResNet-18/50, ResNeXt and DenseNet-121 blocks at a quarter of the spatial
+    size."""
     if not small:
-        return model_blocks("resnet50") + model_blocks("resnext50_32x4d")
+        return model_blocks("resnet50") + model_blocks("resnext50_32x4d") + dense_block_cases(small)
     s = 4
 
     def down(cin, cout, stride):
@@ -56,7 +58,7 @@ def block_cases(small: bool):
          (256, 56 // s, 56 // s)),
         ("resnext50 layer3.0 Bottleneck g32x16 s2", Bottleneck(512, 256, 2, down(512, 1024, 2), groups=32,
                                                               base_width=4), FusedBottleneck, (512, 28 // s, 28 // s)),
-    ]
+    ] + dense_block_cases(small)
 
 
 def _peak_mb(device, fn):

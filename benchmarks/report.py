@@ -1,6 +1,6 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites stats,bn_act,conv,blocks] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
                                [--compile-mode default|max-autotune]
 
@@ -19,6 +19,7 @@ import bench_blocks
 import bench_bn_act
 import bench_bn_stats
 import bench_conv
+import bench_dense
 from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,7 +73,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="stats,bn_act,conv,blocks")
+    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -83,6 +84,10 @@ def main(argv=None):
     parser.add_argument("--blocks", default="", help="only the blocks whose name contains this (e.g. resnet50, g32)")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode of the stock baseline (max-autotune tunes for minutes per block)")
+    parser.add_argument("--dense-models", default="",
+                        help="DenseNets of the dense suite (default: densenet121,169,201 on a GPU, densenet121 on the CPU)")
+    parser.add_argument("--dense-batches", default="",
+                        help="batch sizes of the dense suite (default: 64,256 on a GPU, 4 on the CPU)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +143,18 @@ def main(argv=None):
         results["blocks"] = rows
         print("\n== blocks (same weights; train = fwd + bwd)")
         print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB"]), flush=True)
+
+    if "dense" in suites:
+        small = device.type == "cpu"
+        archs = tuple(a for a in args.dense_models.split(",") if a) or None
+        batches = [int(b) for b in args.dense_batches.split(",") if b] or ([4] if small else [64, 256])
+        rows = bench_dense.run(device, dtypes, batches, args.quick, compile_baseline, args.compile_mode, archs,
+                               image_size=64 if small else 224)
+        results["dense"] = rows
+        print(f"\n== DenseNet training step (fwd + bwd + SGD), {64 if small else 224}x{64 if small else 224}, "
+              "channels_last; targets: time <= 0.9x memory_efficient=False, memory <= memory_efficient=True")
+        print(table(rows, ["model", "dtype", "batch", "impl", "ms", "images_per_s", "time_vs_stock", "peak_MB",
+                           "saved_MB", "memory_vs_memory_efficient"]), flush=True)
 
     path = os.path.join(out, f"report_{device.type}_{stamp}.json")
     write_json(path, results)

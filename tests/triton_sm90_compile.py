@@ -24,13 +24,14 @@ HALF_POINTERS = ("x_ptr", "w_ptr", "y_ptr", "res_ptr", "dy_ptr", "dx_ptr")
 
 def compile_for_sm90(fn, constexprs, num_warps, num_stages):
     constexprs = dict(constexprs)
+    fp32_pointers = constexprs.pop("fp32_pointers", ())
     constexprs.update({name: 1 for name in UNIT_STRIDES if name in fn.arg_names})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in HALF_POINTERS else "*fp32"
+            signature[name] = "*bf16" if name in HALF_POINTERS and name not in fp32_pointers else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -54,8 +55,8 @@ def variants():
                     HAS_RES=False, RELU=False, STATS=True, BLOCK_M=128, BLOCK_N=64 if grouped else 128,
                     BLOCK_K=64, GROUP_M=8), 8)
         yield ("input grad", f"{tag} 3x3, BN-ReLU epilogue", ct._conv_dgrad_kernel,
-               dict(common, GROUPED=grouped, TAP_CHECK=False, EPILOGUE_BN=True, EPILOGUE_RELU=True, BLOCK_M=128,
-                    BLOCK_N=64 if grouped else 128, BLOCK_K=64), 8)
+               dict(common, GROUPED=grouped, TAP_CHECK=False, EPILOGUE_BN=True, ACCUMULATE=False, EPILOGUE_RELU=True,
+                    BLOCK_M=128, BLOCK_N=64 if grouped else 128, BLOCK_K=64), 8)
         yield ("weight grad", f"{tag} 3x3, BN-ReLU prologue", ct._conv_wgrad_kernel,
                dict(common, GROUPED=grouped, PROLOGUE=True, PROLOGUE_RELU=True, BLOCK_O=64 if grouped else 128,
                     BLOCK_C=64 if grouped else 128, BLOCK_M=64), 8)
@@ -66,6 +67,10 @@ def variants():
                 RELU=False, STATS=True, BLOCK_M=128, BLOCK_N=16, BLOCK_K=16, GROUP_M=8), 4)
     yield ("weight grad", "grouped 3x3, 16x16 tiles", ct._conv_wgrad_kernel,
            dict(small, PROLOGUE=True, PROLOGUE_RELU=True, BLOCK_O=16, BLOCK_C=16, BLOCK_M=128), 2)
+    # a dense layer's conv1 backward: adds scale * dU into the float32 gradient buffer's prefix
+    yield ("input grad", "1x1, BN-ReLU epilogue accumulating into a float32 buffer", ct._conv_dgrad_kernel,
+           dict(common, KH=1, KW=1, GROUPED=False, TAP_CHECK=False, EPILOGUE_BN=True, ACCUMULATE=True,
+                EPILOGUE_RELU=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, fp32_pointers=("dx_ptr",)), 8)
     yield ("forward", "1x1 plain GEMM, bias + residual + ReLU epilogue", ct._conv_fwd_kernel,
            dict(common, KH=1, KW=1, GROUPED=False, PLAIN_GEMM=True, PROLOGUE=False, PROLOGUE_RELU=False,
                 HAS_BIAS=True, HAS_RES=True, RELU=True, STATS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,

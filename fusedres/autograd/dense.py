@@ -286,10 +286,14 @@ class DenseBlockFunction(torch.autograd.Function):
                                                         relu=mask_in_elementwise)
                     continue
                 if du is not None:  # not accumulated by the kernel: add scale * relu'(U) * dA now
-                    u_pre = (h_in.to(acc) - per_channel(mean, h_in)) * per_channel(scale, h_in) \
-                        + per_channel(shift, h_in)
-                    into.add_(torch.where(u_pre > 0, du.to(acc) * per_channel(scale, h_in), 0))
-                    del u_pre
+                    if h_in.dtype == acc:  # one elementwise pass, then the add
+                        zero = torch.zeros_like(scale)
+                        into.add_(ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, zero, zero, relu=True))
+                    else:  # half types: in float32, unrounded (it is cancelled by the deferred terms)
+                        u_pre = (h_in.to(acc) - per_channel(mean, h_in)) * per_channel(scale, h_in) \
+                            + per_channel(shift, h_in)
+                        into.add_(torch.where(u_pre > 0, du.to(acc) * per_channel(scale, h_in), 0))
+                        del u_pre
                 if bn.batch_stats:
                     coef_xmu_all[:cj] += coef_xmu
                     coef_c_all[:cj] += coef_c
