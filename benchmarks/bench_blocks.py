@@ -12,7 +12,7 @@ from fusedres import FusedBasicBlock, FusedBottleneck
 from fusedres.models import BasicBlock, Bottleneck
 
 from bench_dense import dense_block_cases
-from common import bench, distinct_submodules
+from common import bench, distinct_submodules, peak_mb
 
 
 def model_blocks(arch: str):
@@ -61,17 +61,6 @@ def block_cases(small: bool):
     ] + dense_block_cases(small)
 
 
-def _peak_mb(device, fn):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool,
         compile_mode: str = "default", only: str = "") -> List[Dict[str, object]]:
     rows = []
@@ -105,7 +94,7 @@ def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline:
                         return call
                     ms = bench(make, len(xs), device, quick)
                     base = base or ms
-                    peak = _peak_mb(device, make(0))
+                    peak = peak_mb(device, make(0))
                     rows.append(dict(block=name, mode=mode, impl=impl, dtype=str(dtype).replace("torch.", ""),
                                      batch=batch, ms=ms, speedup_vs_eager=base / ms, peak_MB=peak))
     return rows

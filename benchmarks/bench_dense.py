@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres.models import DenseBlock, Transition
 
-from common import bench
+from common import bench, peak_mb
 
 GPU_MODELS = ("densenet121", "densenet169", "densenet201")
 
@@ -60,14 +60,16 @@ def dense_block_cases(small: bool):
 
 def saved_megabytes(step_forward, model: nn.Module) -> float:
     """MB of activations autograd saves for backward during step_forward(): distinct storages,
-    counted once, the model's parameters left out (autocast's low-precision copies of them count,
-    for stock and fused alike)."""
+    counted once, the model's parameters and their autocast copies left out."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_shapes = {tuple(p.shape) for p in model.parameters()}
     storages = {}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in params and not isinstance(t, nn.Parameter):
+        # parameters, and autocast's low-precision copies of them (a checkpointed region's copies
+        # are not saved, so counting them would favour memory_efficient=True at small batches)
+        if s.data_ptr() not in params and tuple(t.shape) not in param_shapes:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
@@ -87,17 +89,6 @@ def _train_step(model, opt, x, labels, dtype, device):
         opt.zero_grad(set_to_none=True)
 
     return forward, step
-
-
-def _peak_step_mb(device, step):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bool, compile_mode: str = "default",
@@ -122,24 +113,24 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
                 xs = [torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
                     memory_format=torch.channels_last) for _ in range(2)]
                 labels = torch.randint(0, 100, (batch,), device=device)
-                reference_ms = reference_peak = memeff_peak = None
+                reference_ms = memeff_peak = None
                 for impl, make in impls.items():
                     model = make().to(device, memory_format=torch.channels_last).train()
                     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
                     forward, _ = _train_step(model, opt, xs[0], labels, dtype, device)
                     try:
-                        ms = bench(lambda i: _train_step(model, opt, xs[i], labels, dtype, device)[1], len(xs), device,
-                                   quick)
+                        ms = bench(lambda i, m=model, o=opt: _train_step(m, o, xs[i], labels, dtype, device)[1],
+                                   len(xs), device, quick)
                     except torch.cuda.OutOfMemoryError:
                         rows.append(dict(model=arch, impl=impl, dtype=_name(dtype), batch=batch, ms=None,
                                          note="out of memory"))
                         torch.cuda.empty_cache()
                         continue
-                    peak = _peak_step_mb(device, _train_step(model, opt, xs[0], labels, dtype, device)[1])
+                    peak = peak_mb(device, _train_step(model, opt, xs[0], labels, dtype, device)[1])
                     saved = saved_megabytes(forward, model) if "compile" not in impl else None
                     opt.zero_grad(set_to_none=True)
                     if impl.endswith("memory_efficient=False"):
-                        reference_ms, reference_peak = ms, peak
+                        reference_ms = ms
                     if impl.endswith("memory_efficient=True"):
                         memeff_peak = peak if peak is not None else saved
                     row = dict(model=arch, impl=impl, dtype=_name(dtype), batch=batch, ms=ms,

@@ -116,6 +116,18 @@ def distinct_submodules(model: torch.nn.Module, wanted: Callable[[str, torch.nn.
     return found
 
 
+def peak_mb(device: torch.device, fn: Callable[[], object]):
+    """MB the CUDA allocator's peak rises above what is allocated before fn() (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def write_json(path: str, payload: Dict[str, object]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

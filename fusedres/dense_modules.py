@@ -39,6 +39,24 @@ def rename_legacy_keys_hook(module, state_dict, prefix, local_metadata, strict, 
                     state_dict[f"{prefix}{kind}{i}.{name}"] = state_dict.pop(old)
 
 
+def build_dense_layer(layer: nn.Module, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
+                      memory_efficient: bool, bottleneck: bool) -> None:
+    """Give `layer` torchvision's _DenseLayer submodules and attributes (fused and reference alike)."""
+    layer.norm1 = nn.BatchNorm2d(num_input_features)
+    layer.relu1 = nn.ReLU(inplace=True)
+    if bottleneck:
+        layer.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        layer.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        layer.relu2 = nn.ReLU(inplace=True)
+        layer.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+    else:  # the plain DenseNet layer: BN-ReLU-conv3x3 with bias
+        layer.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=True)
+    layer.drop_rate = float(drop_rate)
+    layer.memory_efficient = memory_efficient
+    layer.bottleneck = bottleneck
+    layer._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
+
+
 def _check_input(x: Any, channels: int, owner: str, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
@@ -60,20 +78,7 @@ class FusedDenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        if bottleneck:
-            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-            self.relu2 = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1,
-                                   bias=False)
-        else:
-            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=True)
-        self.drop_rate = float(drop_rate)
-        self.memory_efficient = memory_efficient
-        self.bottleneck = bottleneck
-        self._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
+        build_dense_layer(self, num_input_features, growth_rate, bn_size, drop_rate, memory_efficient, bottleneck)
 
     def _units(self):
         if self.bottleneck:

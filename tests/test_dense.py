@@ -438,3 +438,26 @@ def test_fused_conv_path_is_taken_where_the_kernels_run():
         assert dense_autograd.dense_block_unsupported_reason(x, layers) is not None
     with fusedres.use_backend("triton"):  # CPU tensors run the kernels only under the interpreter
         assert (dense_autograd.dense_block_unsupported_reason(x, layers) is None) == INTERPRETED
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+def test_transition_under_autocast_normalizes_a_float32_input_in_float32(device, name):
+    """As stock: BatchNorm on the float32 input, only the conv in bfloat16 (rounding the input to
+    bfloat16 first made the input gradient's error 5x stock's)."""
+    stock = _randomize_bn(Transition(24, 12)).to(device)
+    fused = FusedTransition.from_module(copy.deepcopy(stock))
+    exact = copy.deepcopy(stock).double()
+    x = activation((4, 24, 6, 6), torch.float32, device, torch.channels_last)
+    x64 = x.double().requires_grad_(True)
+    y64 = exact(x64)
+    y64.backward(torch.ones_like(y64))
+    errors = {}
+    for impl, m in (("fused", fused), ("stock", stock)):
+        xi = x.clone().requires_grad_(True)
+        with backend(name, device), torch.autocast(device, dtype=torch.bfloat16):
+            y = m(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(torch.ones_like(y, dtype=torch.float32))
+        errors[impl] = (_l2_rel(y, y64), _l2_rel(xi.grad, x64.grad))
+    for what, ours, theirs in zip(("output", "input gradient"), errors["fused"], errors["stock"]):
+        assert ours <= 1.5 * theirs + 1e-4, f"{what}: {ours:.2e} vs stock {theirs:.2e}"

@@ -384,10 +384,11 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2
     """
     dtype = autocast_dtype(x.device.type)
     weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
+    conv_dtype = weight.dtype
     recorded = channel_stats(x) if bn.batch_stats else None
-    fused = ops.kernel_unsupported_reason(x, conv.weight, dtype) is None
-    if dtype is not None:
-        x = x.to(dtype)
+    # a float32 input under autocast is normalized in float32, as stock BatchNorm does; only the
+    # conv runs in the autocast dtype (the kernels' prologue reads the conv's dtype)
+    fused = x.dtype == conv_dtype and ops.kernel_unsupported_reason(x, conv.weight, dtype) is None
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if recorded is not None:
             mean, var, count = recorded
@@ -406,5 +407,5 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2
                                  False)[0]
         else:
             a = BNAct.apply(x, bn.weight, bn.bias, mean, invstd, None, bn.batch_stats, True)
-            z = F.conv2d(a, weight, bias, *conv_args)
+            z = F.conv2d(a.to(conv_dtype), weight, bias, *conv_args)
         return F.avg_pool2d(z, pool, pool)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ..dense_modules import rename_legacy_keys_hook
+from ..dense_modules import build_dense_layer
 
 # torchvision's pattern: "denselayer1.norm.1.weight" was saved by versions before 0.2; now "norm1"
 LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -41,20 +41,7 @@ class DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        if bottleneck:
-            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-            self.relu2 = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1,
-                                   bias=False)
-        else:
-            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=True)
-        self.drop_rate = float(drop_rate)
-        self.memory_efficient = memory_efficient
-        self.bottleneck = bottleneck
-        self._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
+        build_dense_layer(self, num_input_features, growth_rate, bn_size, drop_rate, memory_efficient, bottleneck)
 
     def bn_function(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         concated_features = torch.cat(inputs, 1)
