@@ -1,4 +1,6 @@
 // Normalize-activate y = act((x - mean) * scale + shift + residual) and its backward, on the CPU.
+#include <type_traits>
+
 #include "channel_reduce_cpu.h"
 
 namespace fusedres {
@@ -15,6 +17,99 @@ std::vector<acc_t> channel_params(const c10::optional<at::Tensor>& t, int64_t C,
     for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
   }
   return out;
+}
+
+// dz = grad * relu mask (from the output, or recomputed from x) and its per-channel sums
+// sum(dz), sum(dz * (x - mean)) over index range [i0, i1) of one channel c (NCHW) or of rows
+// [i0, i1) of all C channels (channels_last, step C). Templated on the options so the inner loop
+// has no branches and, with restrict pointers, vectorizes.
+template <typename scalar_t, typename acc_t, bool RELU, bool FROM_OUTPUT, bool WRITE>
+struct DzSums {
+  const scalar_t* __restrict__ g;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ out;
+  scalar_t* __restrict__ dz_out;
+  const acc_t* __restrict__ mu;
+  const acc_t* __restrict__ sc;
+  const acc_t* __restrict__ sh;
+
+  inline void element(int64_t c, int64_t i, acc_t& s0, acc_t& s1) const {
+    const acc_t xmu = static_cast<acc_t>(x[i]) - mu[c];
+    acc_t dz = static_cast<acc_t>(g[i]);
+    if constexpr (RELU) {
+      const bool active = FROM_OUTPUT ? static_cast<acc_t>(out[i]) > acc_t(0) : xmu * sc[c] + sh[c] > acc_t(0);
+      dz = active ? dz : acc_t(0);
+    }
+    if constexpr (WRITE) dz_out[i] = static_cast<scalar_t>(dz);
+    s0 += dz;
+    s1 += dz * xmu;
+  }
+
+  // rows [o0, o1) of a channels_last array: s0[c], s1[c] += over the rows
+  void rows(int64_t o0, int64_t o1, int64_t C, acc_t* __restrict__ s0, acc_t* __restrict__ s1) const {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t base = o * C;
+      for (int64_t c = 0; c < C; ++c) element(c, base + c, s0[c], s1[c]);
+    }
+  }
+};
+
+// Per-channel (sum dz, sum dz * xmu) as [2 * C] doubles. Sums run in acc_t over blocks of at most
+// kBlock values per channel, each block's total added into double: float32 rounding stays within
+// a block and the inner loops vectorize.
+template <typename Sums>
+std::vector<double> reduce_dz_per_channel(const ChannelView& v, const Sums& sums) {
+  using acc_t = typename std::remove_reference<decltype(*sums.mu)>::type;
+  using acc = typename std::remove_const<acc_t>::type;
+  constexpr int64_t kBlock = 64;
+  const int64_t C = v.channels;
+  std::vector<double> totals(2 * C, 0.0);
+  if (v.inner > 1) {  // NCHW: a task per channel, contiguous planes
+    at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        double t0 = 0, t1 = 0;
+        for (int64_t o = 0; o < v.outer; ++o) {
+          const int64_t base = (o * C + c) * v.inner;
+          for (int64_t k0 = 0; k0 < v.inner; k0 += kBlock) {
+            // kLanes independent accumulators: a float reduction vectorizes only without reordering
+            constexpr int64_t kLanes = 16;
+            acc s0[kLanes] = {}, s1[kLanes] = {};
+            const int64_t k1 = std::min(v.inner, k0 + kBlock);
+            int64_t k = k0;
+            for (; k + kLanes <= k1; k += kLanes)
+              for (int64_t j = 0; j < kLanes; ++j) sums.element(c, base + k + j, s0[j], s1[j]);
+            for (; k < k1; ++k) sums.element(c, base + k, s0[0], s1[0]);
+            for (int64_t j = 0; j < kLanes; ++j) {
+              t0 += s0[j];
+              t1 += s1[j];
+            }
+          }
+        }
+        totals[c] = t0;
+        totals[C + c] = t1;
+      }
+    });
+    return totals;
+  }
+  // channels_last: a task per chunk of rows, [2][C] block sums over the contiguous channels
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(v.outer, at::get_num_threads() * 4));
+  const int64_t rows_per_chunk = (v.outer + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * 2 * C, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t ch_begin, int64_t ch_end) {
+    std::vector<acc> block(2 * C);
+    for (int64_t ch = ch_begin; ch < ch_end; ++ch) {
+      double* part = partial.data() + ch * 2 * C;
+      const int64_t o_end = std::min(v.outer, (ch + 1) * rows_per_chunk);
+      for (int64_t o0 = ch * rows_per_chunk; o0 < o_end; o0 += kBlock) {
+        std::fill(block.begin(), block.end(), acc(0));
+        sums.rows(o0, std::min(o_end, o0 + kBlock), C, block.data(), block.data() + C);
+        for (int64_t j = 0; j < 2 * C; ++j) part[j] += block[j];
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t j = 0; j < 2 * C; ++j) totals[j] += partial[ch * 2 * C + j];
+  return totals;
 }
 
 at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& mean,
@@ -77,17 +172,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     if (output) out_cast = output->to(input.scalar_type());
     const scalar_t* op = output ? out_cast.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dzp = write_grad_z ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
-    auto sums = reduce_per_channel<2>(v, [&](int64_t c, int64_t i, double* acc, int64_t stride) {
-      const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
-      acc_t dz = static_cast<acc_t>(gp[i]);
-      if (relu) {
-        const bool active = op ? static_cast<acc_t>(op[i]) > 0 : xmu * sc[c] + sh[c] > 0;
-        if (!active) dz = 0;
-      }
-      if (dzp) dzp[i] = static_cast<scalar_t>(dz);
-      acc[0] += static_cast<double>(dz);
-      acc[stride] += static_cast<double>(dz) * static_cast<double>(xmu);
-    });
+    std::vector<double> sums;
+    auto run = [&](auto relu_c, auto from_output_c, auto write_c) {
+      DzSums<scalar_t, acc_t, decltype(relu_c)::value, decltype(from_output_c)::value, decltype(write_c)::value> d{
+          gp, xp, op, dzp, mu.data(), sc.data(), sh.data()};
+      sums = reduce_dz_per_channel(v, d);
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (!relu) {
+      dzp ? run(F{}, F{}, T{}) : run(F{}, F{}, F{});
+    } else if (op) {
+      dzp ? run(T{}, T{}, T{}) : run(T{}, T{}, F{});
+    } else {
+      dzp ? run(T{}, F{}, T{}) : run(T{}, F{}, F{});
+    }
     auto sums_d = at::from_blob(sums.data(), {2, v.channels}, at::kDouble);
     sum_dz.copy_(sums_d[0]);
     sum_dz_xmu.copy_(sums_d[1]);
