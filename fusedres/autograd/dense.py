@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.layout import memory_format, new_scratch, per_channel, stats_dtype
+from ..ops.layout import dense, memory_format, new_scratch, per_channel, stats_dtype
 from .chain import BNArgs, ConvArgs, BNReLUConv
 from .units import BNAct, _conv_backward, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift
 
@@ -270,6 +270,8 @@ class DenseBlockFunction(torch.autograd.Function):
                         grads[base + 3] = g.sum((0, 2, 3), dtype=acc).to(ctx.dtypes[base + 3])
                     mask_in_elementwise = False
                 else:
+                    # the BN ops read dense tensors: one copy of the prefix serves the three of them
+                    h_in = dense(h_in)
                     a = ops.bn_act_forward(h_in, mean, scale, shift, None, True)  # recomputed, never saved
                     da, dw, db = _conv_backward(g, a, weight, bias is not None, *conv_args, (True, need_w, need_b))
                     del a
