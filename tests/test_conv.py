@@ -51,15 +51,6 @@ CONV_CASES = _cases()
 SCALED_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32():
-    """tf32 off, so float32 is checked tightly (test_tf32_follows_cudnn_flag covers it on)."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 def _conv_backend(name, device):
     """Select `name`; fail rather than test the reference fallback by accident."""
     ctx = fusedres.use_backend(name)
