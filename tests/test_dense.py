@@ -487,3 +487,31 @@ def test_torch_compile_runs_the_dense_block_as_eager(device, name, train):
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
     for b, b2 in zip(model.buffers(), compiled.buffers()):
         assert torch.equal(b, b2)
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+@pytest.mark.parametrize("variant", ["momentum-None-eps1e-3", "no-affine", "no-running-stats"])
+def test_norm_layer_variants(device, name, variant):
+    """Each layer's BatchNorm keeps its own settings on the shared slice statistics: its eps,
+    momentum=None (a cumulative average), no affine parameters, no running statistics."""
+    ref, fused = _pair(DenseBlock, FusedDenseBlock, *BLOCK, 0.0)
+    for block in (ref, fused):
+        for i, layer in enumerate(block.values()):
+            for attr in ("norm1", "norm2"):
+                c = getattr(layer, attr).num_features
+                if variant == "momentum-None-eps1e-3":
+                    norm = nn.BatchNorm2d(c, eps=1e-3 * (i + 1), momentum=None)
+                elif variant == "no-affine":
+                    norm = nn.BatchNorm2d(c, affine=False)
+                else:
+                    norm = nn.BatchNorm2d(c, track_running_stats=False)
+                setattr(layer, attr, norm.double())
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref, fused = ref.to(device), fused.to(device)
+    with backend(name, device):
+        _steps(ref, fused, _input((2, 5, 4, 3), torch.float64, device, torch.channels_last), TOL[torch.float64])
+        ref.eval()
+        fused.eval()
+        x = activation((2, 5, 4, 3), torch.float64, device, torch.channels_last)
+        with torch.no_grad():
+            assert_close_scaled(fused(x), ref(x), TOL[torch.float64], msg="eval")
