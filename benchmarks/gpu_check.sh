@@ -6,6 +6,11 @@
 #   call's time limit is short: STAGES=build,test, then STAGES=bench (the build stays installed).
 #   TESTS=... picks the test files (default tests/); the first GPU run JIT-compiles every Triton
 #   kernel variant the tests use (minutes; Triton caches them in ~/.triton for later calls).
+#   The full report does not fit one 10-minute call; split it by suite, e.g.
+#     STAGES=build,test, then STAGES=bench ... --suites stats,bn_act,conv,blocks --blocks resnet50,
+#     then STAGES=bench ... --suites dense --dense-models densenet121 --dense-batches 64,256
+#   (every DenseNet impl x dtype x batch is one training-step timing; torch.compile of a whole
+#   DenseNet takes minutes: add --no-compile for a first pass).
 # Copy $OUT/report_cuda_*.json to benchmarks/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."

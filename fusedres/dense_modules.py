@@ -16,6 +16,7 @@ legacy `norm.1`-style keys included. Only forward differs:
 `memory_efficient` is accepted for the constructor's sake and changes nothing: the fused block
 never stores the concatenation it would have recomputed.
 """
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -55,6 +56,33 @@ def build_dense_layer(layer: nn.Module, num_input_features: int, growth_rate: in
     layer.memory_efficient = memory_efficient
     layer.bottleneck = bottleneck
     layer._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
+
+
+def add_dense_layers(block: nn.Module, layer_cls, num_layers: int, num_input_features: int, bn_size: int,
+                     growth_rate: int, drop_rate: float, memory_efficient: bool, bottleneck: bool) -> None:
+    """torchvision's _DenseBlock layers `denselayer1` ... `denselayer{num_layers}` of layer_cls."""
+    for i in range(num_layers):
+        layer = layer_cls(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
+                          drop_rate=drop_rate, memory_efficient=memory_efficient, bottleneck=bottleneck)
+        block.add_module(f"denselayer{i + 1}", layer)
+
+
+def concatenating_forward(block: nn.Module, init_features: torch.Tensor) -> torch.Tensor:
+    """torchvision's _DenseBlock.forward: each layer reads the list of all earlier features."""
+    features = [init_features]
+    for layer in block.values():
+        features.append(layer(features))
+    return torch.cat(features, 1)
+
+
+def transition_layers(num_input_features: int, num_output_features: int) -> "OrderedDict[str, nn.Module]":
+    """torchvision's _Transition submodules: norm, relu, conv (1x1, no bias), pool (2x2 average)."""
+    return OrderedDict([
+        ("norm", nn.BatchNorm2d(num_input_features)),
+        ("relu", nn.ReLU(inplace=True)),
+        ("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)),
+        ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+    ])
 
 
 def _check_input(x: Any, channels: int, owner: str, what: str) -> None:
@@ -153,10 +181,8 @@ class FusedDenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        for i in range(num_layers):
-            layer = FusedDenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
-                                    drop_rate=drop_rate, memory_efficient=memory_efficient, bottleneck=bottleneck)
-            self.add_module(f"denselayer{i + 1}", layer)
+        add_dense_layers(self, FusedDenseLayer, num_layers, num_input_features, bn_size, growth_rate, drop_rate,
+                         memory_efficient, bottleneck)
 
     def _fallback_reason(self) -> Optional[str]:
         for name, layer in self.items():
@@ -168,10 +194,7 @@ class FusedDenseBlock(nn.ModuleDict):
         return None
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
+        return concatenating_forward(self, x)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -201,11 +224,7 @@ class FusedTransition(nn.Sequential):
     """torchvision.models.densenet._Transition, fused: norm-relu-conv (1x1)-pool (2x2 average)."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        super().__init__(transition_layers(num_input_features, num_output_features))
 
     def _fallback_reason(self) -> Optional[str]:
         names = list(self._modules)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ..dense_modules import build_dense_layer
+from ..dense_modules import add_dense_layers, build_dense_layer, concatenating_forward, transition_layers
 
 # torchvision's pattern: "denselayer1.norm.1.weight" was saved by versions before 0.2; now "norm1"
 LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -69,27 +69,18 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        for i in range(num_layers):
-            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
-                                     drop_rate=drop_rate, memory_efficient=memory_efficient, bottleneck=bottleneck)
-            self.add_module(f"denselayer{i + 1}", layer)
+        add_dense_layers(self, DenseLayer, num_layers, num_input_features, bn_size, growth_rate, drop_rate,
+                         memory_efficient, bottleneck)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        features = [init_features]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
+        return concatenating_forward(self, init_features)
 
 
 class Transition(nn.Sequential):
     """torchvision's _Transition: norm-relu-conv (1x1, no bias)-pool (2x2 average)."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        super().__init__(transition_layers(num_input_features, num_output_features))
 
 
 class DenseNet(nn.Module):
