@@ -4,17 +4,19 @@ Layers, each using only the one below it:
   kernels (fusedres/kernels: Triton; csrc: C++ CPU and CUDA)
   -> ops (fusedres.ops: one registry dispatching by device and backend)
   -> autograd Functions (fusedres.autograd)
-  -> modules (FusedBasicBlock, FusedBottleneck; FusedDenseLayer, FusedDenseBlock, FusedTransition)
+  -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual; FusedDenseLayer, FusedDenseBlock, FusedTransition)
+  -> fuse(model): blocks found by what they compute (torch.fx), swapped in
 """
 from . import _extension
 from .autograd import conv_bias_act_inference, conv_bn_act  # noqa: F401
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition, fuse_densenet_  # noqa: F401
-from .modules import FusedBasicBlock, FusedBottleneck  # noqa: F401
+from .fuse import FuseReport, fuse, fuse_report, unfuse  # noqa: F401
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual  # noqa: F401
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedDenseLayer", "FusedDenseBlock", "FusedTransition",
-           "fuse_densenet_", "backends", "get_backend", "set_backend", "use_backend",
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedDenseLayer", "FusedDenseBlock",
+           "FusedTransition", "fuse", "fuse_report", "unfuse", "FuseReport", "fuse_densenet_", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded"]
 
 

@@ -168,7 +168,7 @@ class FusedDenseLayer(nn.Module):
         fused.memory_efficient = bool(getattr(layer, "memory_efficient", False))
         fused.bottleneck = bottleneck
         fused._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
-        fused.train(layer.training)
+        fused.training = layer.training  # its own flag only: a frozen (eval) BN inside stays frozen
         return fused
 
 
@@ -216,7 +216,7 @@ class FusedDenseBlock(nn.ModuleDict):
         nn.ModuleDict.__init__(fused)
         for name, layer in block.items():
             fused.add_module(name, FusedDenseLayer.from_module(layer))
-        fused.train(block.training)
+        fused.training = block.training  # its own flag only: a frozen (eval) BN inside stays frozen
         return fused
 
 
@@ -260,7 +260,7 @@ class FusedTransition(nn.Sequential):
         nn.Sequential.__init__(fused)
         for n in ("norm", "relu", "conv", "pool"):
             fused.add_module(n, getattr(transition, n))
-        fused.train(transition.training)
+        fused.training = transition.training  # its own flag only: a frozen (eval) BN inside stays frozen
         return fused
 
 

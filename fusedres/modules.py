@@ -101,10 +101,12 @@ def conv_args(conv: nn.Conv2d) -> ConvArgs:
 
 
 class _FusedBlockBase(nn.Module):
-    """forward() plumbing shared by the fused blocks; subclasses define `_units()`."""
+    """forward() plumbing shared by the fused blocks; subclasses define `_units()` (the main path's
+    (conv, bn) units, ReLU between them) and may override `_shortcut_units()` and `_final_relu`."""
 
     _bn_args = staticmethod(bn_args)
     _conv_args = staticmethod(conv_args)
+    _final_relu = True  # ReLU after the residual add
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                  residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
@@ -138,11 +140,13 @@ class _FusedBlockBase(nn.Module):
         units = list(self._units())
         if self._use_chain(x):
             identity = self._shortcut(x, chain=True)
-            return self._chain(units, x, identity, relu=True)
+            return self._chain(units, x, identity, relu=self._final_relu)
         identity = self._shortcut(x)
         out = x
         for i, (conv, bn) in enumerate(units):
-            out = self._conv_bn(conv, bn, out, residual=identity if i == len(units) - 1 else None)
+            last = i == len(units) - 1
+            out = self._conv_bn(conv, bn, out, residual=identity if last else None,
+                                relu=self._final_relu if last else True)
         return out
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -285,5 +289,90 @@ def _adopt(cls, block: nn.Module, names) -> nn.Module:
     for n in names:
         setattr(fused, n, getattr(block, n))
     fused.stride = getattr(block, "stride", fused.conv2.stride[0])
-    fused.train(block.training)
+    fused.training = block.training  # its own flag only: a frozen (eval) BN inside stays frozen
     return fused
+
+
+class FusedResidual(_FusedBlockBase):
+    """Any residual block that fusedres.fuse proved to compute
+
+        act(bn_n(conv_n(relu(... relu(bn_1(conv_1(x))) ...))) + shortcut(x))
+
+    with shortcut the identity, conv + bn or a conv alone, and act a ReLU or nothing, however
+    its code names or writes them. It holds the original block's children under their own names
+    (so state_dict keys, parameters and buffers are the original's) and the original block
+    itself, unregistered, for fusedres.unfuse.
+
+    Args:
+        block: the original block.
+        units: (conv name, bn name) of each main-path unit, in order (dotted paths into block).
+        shortcut: () for the identity, (conv name,) or (conv name, bn name).
+        final_relu: whether a ReLU follows the add.
+    """
+
+    def __init__(self, block: nn.Module, units, shortcut=(), final_relu: bool = True) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self._modules[name] = child
+        object.__setattr__(self, "original", block)  # not a submodule: no duplicate keys
+        self.unit_names = tuple(tuple(u) for u in units)
+        self.shortcut_names = tuple(shortcut)
+        self._final_relu = bool(final_relu)
+        self.training = block.training
+
+    def _units(self):
+        return tuple((self.get_submodule(c), self.get_submodule(b)) for c, b in self.unit_names)
+
+    def _fusable_downsample(self):
+        if len(self.shortcut_names) == 2:
+            conv, bn = (self.get_submodule(n) for n in self.shortcut_names)
+            if unfusable_reason(conv, bn) is None:
+                return conv, bn
+        return None
+
+    def _shortcut(self, x: torch.Tensor, chain: bool = False) -> torch.Tensor:
+        if not self.shortcut_names:
+            return x
+        pair = self._fusable_downsample()
+        if pair is None:  # a conv alone (or a pair changed since fusing): its own forward
+            return self._reference_shortcut(x)
+        if chain:
+            return self._chain([pair], x, None, relu=False)
+        return self._conv_bn(pair[0], pair[1], x, relu=False)
+
+    def _reference_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.shortcut_names:
+            x = self.get_submodule(name)(x)
+        return x
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = self._units()
+        out = x
+        for i, (conv, bn) in enumerate(units):
+            out = bn(conv(out))
+            if i < len(units) - 1:
+                out = torch.relu(out)
+        out = out + self._reference_shortcut(x)
+        return torch.relu(out) if self._final_relu else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = f"FusedResidual({type(self.original).__name__})"
+        _check_input(x, self._units()[0][0], name)
+        why = self._fallback_reason()
+        if why is not None:
+            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+            return self._reference_forward(x)
+        return self._fused_forward(x)
+
+    def unfused(self) -> nn.Module:
+        """The original block, with any child replaced since fusing carried over."""
+        original = self.original
+        for name, child in self._modules.items():
+            original._modules[name] = child
+        original.training = self.training
+        return original
+
+    def extra_repr(self) -> str:
+        units = ", ".join(f"{c}->{b}" for c, b in self.unit_names)
+        shortcut = "->".join(self.shortcut_names) or "identity"
+        return f"original={type(self.original).__name__}, units=[{units}], shortcut={shortcut}, relu={self._final_relu}"

@@ -1,0 +1,374 @@
+"""fusedres.fuse(model): swap fused blocks into an existing model by what its blocks compute.
+
+Each submodule's forward is traced with torch.fx (convs, norms, activations as leaves) in train
+and in eval mode. A block is swapped for a FusedResidual only when both traces are exactly
+
+    main path   conv -> bn (-> relu -> conv -> bn)+       at least two (conv, bn) units
+    shortcut    the input itself, conv -> bn, or a conv alone
+    join        main + shortcut (`+`, `+=`, torch.add), then a ReLU or nothing
+
+with plain nn.Conv2d / nn.BatchNorm2d modules, each used once, ReLU as a module, F.relu,
+torch.relu or Tensor.relu, and nothing else (nn.Identity is skipped: timm's `aa`, `drop_path`
+when inactive). Anything else is left alone and the report says why. DenseNet's dense blocks and
+transitions are recognized by their layers' structure (see _dense_reason).
+"""
+import copy
+import operator
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, unfusable_reason
+
+_FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+REPORT_ATTR = "_fusedres_report"
+
+
+class Entry(NamedTuple):
+    path: str  # the submodule's name in the model ("" for the model itself)
+    kind: str  # its class name
+    status: str  # "swapped", "left", "already fused"
+    detail: str  # what it was swapped for, or why it was left
+
+
+class FuseReport:
+    """What fusedres.fuse swapped and what it left, with reasons."""
+
+    def __init__(self, entries: List[Entry]):
+        self.entries = entries
+
+    @property
+    def swapped(self) -> List[Entry]:
+        return [e for e in self.entries if e.status == "swapped"]
+
+    @property
+    def left(self) -> List[Entry]:
+        return [e for e in self.entries if e.status == "left"]
+
+    @property
+    def already_fused(self) -> List[Entry]:
+        return [e for e in self.entries if e.status == "already fused"]
+
+    def __str__(self) -> str:
+        lines = [f"fusedres.fuse: {len(self.swapped)} swapped, {len(self.left)} left, "
+                 f"{len(self.already_fused)} already fused"]
+        for e in self.entries:
+            lines.append(f"  {e.status:13s} {e.path or '(model)'} [{e.kind}]: {e.detail}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+class _Plan(NamedTuple):
+    units: Tuple[Tuple[str, str], ...]
+    shortcut: Tuple[str, ...]
+    final_relu: bool
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity)) or super().is_leaf_module(m, qualname)
+
+
+def _trace(block: nn.Module, training: bool) -> torch.fx.Graph:
+    was = [(m, m.training) for m in block.modules()]
+    try:
+        block.train(training)
+        return _Tracer().trace(block)
+    finally:
+        for m, mode in was:
+            m.training = mode
+
+
+def _is_relu(node, block) -> bool:
+    if node.op == "call_module":
+        return type(block.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _is_add(node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def _describe(node, block) -> str:
+    """A node as a reader of the report would name it: `se.2 (Sigmoid)`, `mul`, `.sum()`."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(block.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return f"{node.op} {node.target}"
+
+
+def _module_kind(node, block) -> Optional[str]:
+    if node.op != "call_module":
+        return None
+    m = block.get_submodule(node.target)
+    if type(m) is nn.Identity:
+        return "identity"
+    if isinstance(m, nn.Conv2d):
+        return "conv"
+    if isinstance(m, nn.BatchNorm2d):
+        return "bn"
+    return None
+
+
+def _chain_back(node, block, placeholder, visited) -> Tuple[Optional[List[Tuple[str, str]]], str]:
+    """Walk from `node` back to the input: the ops in forward order as (kind, module name or ""),
+    or None and why not. Every node passed is added to `visited`."""
+    ops = []
+    while True:
+        while _module_kind(node, block) == "identity":
+            visited.add(node)
+            node = node.args[0]
+        if node is placeholder:
+            return list(reversed(ops)), ""
+        visited.add(node)
+        kind = "relu" if _is_relu(node, block) else _module_kind(node, block)
+        if kind not in ("conv", "bn", "relu") or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
+            return None, f"unrecognized op {_describe(node, block)} (not a conv, BatchNorm or ReLU on the path)"
+        if node.kwargs and not (kind == "relu" and set(node.kwargs) <= {"inplace"}):
+            return None, f"{_describe(node, block)} has keyword arguments {sorted(node.kwargs)}"
+        ops.append((kind, node.target if node.op == "call_module" else ""))
+        node = node.args[0]
+
+
+def _units(ops) -> Optional[List[Tuple[str, str]]]:
+    """[(conv, bn), ...] of conv -> bn (-> relu -> conv -> bn)*, or None."""
+    units = []
+    i = 0
+    while i < len(ops):
+        if i > 0:
+            if ops[i][0] != "relu":
+                return None
+            i += 1
+        if i + 1 >= len(ops) or ops[i][0] != "conv" or ops[i + 1][0] != "bn":
+            return None
+        units.append((ops[i][1], ops[i + 1][1]))
+        i += 2
+    return units
+
+
+def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], str]:
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if len(placeholders) != 1:
+        return None, f"forward takes {len(placeholders)} inputs, not one tensor"
+    x = placeholders[0]
+    out = outputs[0].args[0]
+    if not isinstance(out, torch.fx.Node):
+        return None, "forward does not return one tensor"
+    visited = {x}
+    while _module_kind(out, block) == "identity":
+        visited.add(out)
+        out = out.args[0]
+    final_relu = _is_relu(out, block) and len(out.args) == 1
+    join = out
+    if final_relu:
+        visited.add(out)
+        join = out.args[0]
+        while _module_kind(join, block) == "identity":
+            visited.add(join)
+            join = join.args[0]
+    if not _is_add(join):
+        return None, "no residual add at the end of forward"
+    visited.add(join)
+    branches = []
+    for arg in join.args:
+        if not isinstance(arg, torch.fx.Node):
+            return None, "the add has a non-tensor operand"
+        ops, why = _chain_back(arg, block, x, visited)
+        if ops is None:
+            return None, why
+        branches.append(ops)
+    main_i = max(range(2), key=lambda i: len(branches[i]))
+    main, short = branches[main_i], branches[1 - main_i]
+    units = _units(main)
+    if units is None or len(units) < 2:
+        return None, "the main path is not conv -> bn (-> relu -> conv -> bn)+"
+    if [k for k, _ in short] not in ([], ["conv"], ["conv", "bn"]):
+        return None, f"shortcut {' -> '.join(k for k, _ in short)} is not the identity, conv + bn or a conv"
+    matched = [t for k, t in main + short if k in ("conv", "bn")]
+    if len(set(matched)) != len(matched):
+        return None, "a module is used more than once"
+    for n in nodes:  # every op of the graph is on the two paths or the join
+        if n.op not in ("placeholder", "output") and n not in visited:
+            return None, f"unrecognized op {_describe(n, block)} (off the two paths)"
+    for n in nodes:  # no intermediate value used twice (only the input feeds both paths)
+        if n is not x and n.op != "output" and len(n.users) > 1:
+            return None, f"{n.name} is used more than once"
+    for conv_name, bn_name in units + ([tuple(t for _, t in short)] if len(short) == 2 else []):
+        why = unfusable_reason(block.get_submodule(conv_name), block.get_submodule(bn_name))
+        if why is not None:
+            return None, why
+    if len(short) == 1 and not isinstance(block.get_submodule(short[0][1]), nn.Conv2d):
+        return None, "the shortcut conv is not an nn.Conv2d"
+    return _Plan(tuple(units), tuple(t for _, t in short), final_relu), ""
+
+
+def _timm_reason(block: nn.Module) -> Optional[str]:
+    """What a timm-style block has beyond the plain pattern, said by its attribute names."""
+    se = getattr(block, "se", None)
+    if isinstance(se, nn.Module) and type(se) is not nn.Identity:
+        return "squeeze-excitation (`se`)"
+    drop_path = getattr(block, "drop_path", None)
+    if isinstance(drop_path, nn.Module) and getattr(drop_path, "drop_prob", 0) > 0:
+        return f"drop path (p={drop_path.drop_prob}) in training"
+    aa = getattr(block, "aa", None)
+    if isinstance(aa, nn.Module) and type(aa) is not nn.Identity:
+        return f"anti-aliasing layer `aa` ({type(aa).__name__})"
+    drop_block = getattr(block, "drop_block", None)
+    if isinstance(drop_block, nn.Module) and type(drop_block) is not nn.Identity:
+        return f"`drop_block` ({type(drop_block).__name__})"
+    return None
+
+
+def residual_plan(block: nn.Module) -> Tuple[Optional[_Plan], str]:
+    """(plan, "") if `block` computes the fused residual pattern in train and eval, else (None, why)."""
+    if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
+        return None, "the block has parameters or buffers of its own"
+    plans = []
+    for training in (True, False):
+        try:
+            graph = _trace(block, training)
+        except Exception as e:  # control flow on tensor values, unsupported Python: not provable
+            return None, f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        plan, why = _match(graph, block)
+        if plan is None:
+            known = _timm_reason(block)
+            return None, (f"{known}: {why}" if known else why) + ("" if training else " (in eval mode)")
+        plans.append(plan)
+    if plans[0] != plans[1]:
+        return None, "train and eval modes compute different graphs"
+    return plans[0], ""
+
+
+def _dense_reason(module: nn.Module) -> Optional[str]:
+    """None if `module` is a torchvision-style dense block: an nn.ModuleDict of dense layers
+    (norm1/relu1/conv1[/norm2/relu2/conv2], drop_rate) whose forward concatenates, recognized by
+    torchvision's or fusedres.models' class; else why not."""
+    if type(module).__name__ not in ("_DenseBlock", "DenseBlock") or not isinstance(module, nn.ModuleDict):
+        return "not a torchvision _DenseBlock"
+    for name, layer in module.items():
+        try:
+            why = FusedDenseLayer.from_module(layer)._fallback_reason()
+        except TypeError as e:
+            return str(e)
+        if why is not None:
+            return f"{name}: {why}"
+    return None
+
+
+def _is_transition(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and list(module._modules) == ["norm", "relu", "conv", "pool"]
+            and FusedTransition.from_module(module)._fallback_reason() is None)
+
+
+def _looks_residual(module: nn.Module) -> bool:
+    """Worth a report line when left: it holds convs directly (a block), not just containers."""
+    return any(isinstance(c, nn.Conv2d) for c in module.children()) and not isinstance(module, nn.Sequential)
+
+
+def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
+    kind = type(module).__name__
+    if isinstance(module, _FUSED):
+        entries.append(Entry(path, kind, "already fused", "kept"))
+        return module
+    if isinstance(module, nn.ModuleDict) and kind in ("_DenseBlock", "DenseBlock"):
+        why = _dense_reason(module)
+        if why is None:
+            fused = FusedDenseBlock.from_module(module)
+            object.__setattr__(fused, "original", module)
+            entries.append(Entry(path, kind, "swapped", f"FusedDenseBlock ({len(module)} layers)"))
+            return fused
+        entries.append(Entry(path, kind, "left", why))
+        return module
+    if _is_transition(module):
+        fused = FusedTransition.from_module(module)
+        object.__setattr__(fused, "original", module)
+        entries.append(Entry(path, kind, "swapped", "FusedTransition"))
+        return fused
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not any(
+            isinstance(m, nn.Conv2d) for m in module.modules()):
+        return _recurse(module, path, entries)
+    plan, why = residual_plan(module)
+    if plan is not None:
+        shortcut = "->".join(plan.shortcut) or "identity"
+        entries.append(Entry(path, kind, "swapped", f"FusedResidual ({len(plan.units)} units, shortcut {shortcut}"
+                                                   f"{', ReLU after the add' if plan.final_relu else ', no ReLU'})"))
+        return FusedResidual(module, plan.units, plan.shortcut, plan.final_relu)
+    if _looks_residual(module) and path:
+        entries.append(Entry(path, kind, "left", why))
+    return _recurse(module, path, entries)
+
+
+def _recurse(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _swap(child, f"{path}.{name}" if path else name, entries)
+        if new is not child:
+            module._modules[name] = new
+    return module
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """`model` with every block fusedres can prove equivalent swapped for a fused one.
+
+    The fused blocks hold the original submodules under their original names, so
+    `model.state_dict()` keys and values are unchanged and existing optimizers keep working
+    (with inplace=False, the default, on a deep copy: fuse a model before building its
+    optimizer). Blocks already fused are kept, so fusing twice changes nothing. What was swapped
+    and what was left, with reasons: fusedres.fuse_report(model).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.fuse: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    entries: List[Entry] = []
+    fused = _swap(model, "", entries)
+    object.__setattr__(fused, REPORT_ATTR, FuseReport(entries))
+    return fused
+
+
+def fuse_report(model: nn.Module) -> FuseReport:
+    """The report of the last fusedres.fuse that returned `model`."""
+    report = getattr(model, REPORT_ATTR, None)
+    if report is None:
+        raise ValueError("fusedres.fuse_report: this model did not come from fusedres.fuse")
+    return report
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """`model` with every fused block swapped back for plain nn modules (the originals that
+    fusedres.fuse kept, or, for blocks built fused, the torchvision-style reference forward is
+    not needed: their children are plain nn modules already); for export."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _unswap(model)
+
+
+def _unswap(module: nn.Module) -> nn.Module:
+    original = getattr(module, "original", None) if isinstance(module, _FUSED) else None
+    if isinstance(module, FusedResidual):
+        return _unswap(module.unfused())
+    if original is not None:
+        original.training = module.training
+        return _unswap(original)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = _unswap(child)
+    return module
