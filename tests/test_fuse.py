@@ -340,14 +340,63 @@ def test_zoo_architectures_fuse_completely_with_unchanged_keys(arch, count):
 ZOO_CASES = [c for c in BACKEND_CASES if c.values[1] != "triton" or c.values[0] == "cuda"]
 
 
-@pytest.mark.parametrize("device,name", ZOO_CASES)
-@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d", "densenet121"])
+def _zoo_cases():
+    """Every architecture on the C++ CPU backend (and CUDA); three on the reference backend."""
+    cases = []
+    for c in ZOO_CASES:
+        for arch, _ in ZOO:
+            if c.values[1] != "reference" or arch in ("resnet18", "resnext50_32x4d", "densenet121"):
+                cases.append(pytest.param(*c.values, arch, id=f"{arch}-{c.id}", marks=c.marks))
+    return cases
+
+
+@pytest.mark.parametrize("device,name,arch", _zoo_cases())
 def test_zoo_fused_model_trains_like_the_original(device, name, arch):
-    """float64, one SGD step, train and eval. 1e-6: batch 2 at 48x48 leaves 4 values per channel
+    """float64, one SGD step, train and eval. 1e-6: batch 2 at 48x48 leaves 2-4 values per channel
     for the last BatchNorms, which amplify float64 rounding differences a million-fold."""
     torch.manual_seed(0)
     model = _randomize(getattr(models, arch)(num_classes=7)).double().to(device, memory_format=torch.channels_last)
     fused = fusedres.fuse(model)
-    x = activation((2, 3, 48, 48), torch.float64, device, torch.channels_last)
+    size = 64 if arch.startswith("densenet") else 48  # densenets' last block: 2x2, not 1x1
+    x = activation((2, 3, size, size), torch.float64, device, torch.channels_last)
     with backend(name, device):
         _compare(model, fused, x, 1e-6, steps=1)
+
+
+def test_command_line_fuses_and_reports(capsys):
+    from fusedres.__main__ import main
+
+    assert main(["fuse", "--arch", "resnet18", "--batch", "2", "--size", "32", "--device", "cpu",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18 (fusedres.models) on cpu" in out
+    assert "fusedres.fuse: 8 swapped, 0 left, 0 already fused" in out
+    assert "largest output difference" in out and "forward + backward: original" in out
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("arch,count", [("resnet50", 16), ("resnext50_32x4d", 16), ("wide_resnet50_2", 16),
+                                        ("densenet121", 7)])
+def test_real_torchvision_models_fuse_and_match(arch, count):
+    """On a GPU machine torchvision is installed: its own models, not the package's copies."""
+    import torchvision
+
+    model = _randomize(getattr(torchvision.models, arch)()).cuda().to(memory_format=torch.channels_last)
+    fused = fusedres.fuse(model)
+    report = fusedres.fuse_report(fused)
+    assert len(report.swapped) == count and not report.left, str(report)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = activation((4, 3, 64, 64), torch.float32, "cuda", torch.channels_last)
+    _compare(model, fused, x, 2e-3, steps=1)
+
+
+@pytest.mark.needs_cuda
+def test_real_timm_resnets_plain_swapped_se_and_drop_path_left():
+    import timm
+
+    plain = fusedres.fuse_report(fusedres.fuse(timm.create_model("resnet50", pretrained=False)))
+    assert len(plain.swapped) == 16 and not plain.left, str(plain)
+    se = fusedres.fuse_report(fusedres.fuse(timm.create_model("seresnet50", pretrained=False)))
+    assert len(se.left) == 16 and all("squeeze-excitation" in e.detail for e in se.left), str(se)
+    dp = fusedres.fuse_report(fusedres.fuse(timm.create_model("resnet50", pretrained=False, drop_path_rate=0.1)))
+    assert dp.left and all("drop path" in e.detail for e in dp.left), str(dp)
