@@ -105,7 +105,7 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
                 impls = {
                     f"{source} memory_efficient=False": lambda: copy.deepcopy(base_model),
                     f"{source} memory_efficient=True": lambda: _memory_efficient(copy.deepcopy(base_model)),
-                    "fusedres": lambda: fusedres.fuse_densenet_(copy.deepcopy(base_model)),
+                    "fusedres": lambda: fusedres.fuse(base_model),  # a deep copy, blocks swapped
                 }
                 if compile_baseline:
                     impls[f"{source} torch.compile({compile_mode})"] = lambda: torch.compile(

@@ -17,7 +17,7 @@ legacy `norm.1`-style keys included. Only forward differs:
 never stores the concatenation it would have recomputed.
 """
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -262,15 +262,3 @@ class FusedTransition(nn.Sequential):
             fused.add_module(n, getattr(transition, n))
         fused.training = transition.training  # its own flag only: a frozen (eval) BN inside stays frozen
         return fused
-
-
-def fuse_densenet_(model: nn.Module) -> nn.Module:
-    """Swap every torchvision-style dense block and transition of `model.features` for the fused
-    ones in place, sharing parameters and buffers (state_dict keys unchanged); returns model."""
-    features: Dict[str, nn.Module] = getattr(model, "features", model)._modules
-    for name, child in list(features.items()):
-        if name.startswith("denseblock") and not isinstance(child, FusedDenseBlock):
-            features[name] = FusedDenseBlock.from_module(child)
-        elif name.startswith("transition") and not isinstance(child, FusedTransition):
-            features[name] = FusedTransition.from_module(child)
-    return model

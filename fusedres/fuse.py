@@ -9,8 +9,8 @@ and in eval mode. A block is swapped for a FusedResidual only when both traces a
 
 with plain nn.Conv2d / nn.BatchNorm2d modules, each used once, ReLU as a module, F.relu,
 torch.relu or Tensor.relu, and nothing else (nn.Identity is skipped: timm's `aa`, `drop_path`
-when inactive). Anything else is left alone and the report says why. DenseNet's dense blocks and
-transitions are recognized by their layers' structure (see _dense_reason).
+when inactive). Anything else is left alone and the report says why. DenseNet's dense blocks are
+traced the same way (see _dense_match), transitions are nn.Sequential(norm, relu, conv, pool).
 """
 import copy
 import operator
@@ -255,19 +255,85 @@ def residual_plan(block: nn.Module) -> Tuple[Optional[_Plan], str]:
     return plans[0], ""
 
 
+def _is_cat(node) -> bool:
+    if node.op != "call_function" or node.target is not torch.cat or not node.args:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 1 and isinstance(node.args[0], (list, tuple))
+
+
+def _dense_match(graph: torch.fx.Graph, block: nn.Module) -> Optional[str]:
+    """None if the traced block is DenseNet's: layer j's output is
+    [dropout](conv2(relu2(norm2(conv1(relu1(norm1(cat([x, y_1 .. y_j-1], 1))))))) (bottleneck) or
+    [dropout](conv1(relu1(norm1(cat(...))))) (plain), with each layer's own modules, and the block
+    returns cat([x, y_1 .. y_L], 1); else why not."""
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return f"forward takes {len(placeholders)} inputs, not one tensor"
+    x = placeholders[0]
+    out = [n for n in nodes if n.op == "output"][0].args[0]
+    if not isinstance(out, torch.fx.Node) or not _is_cat(out):
+        return "forward does not return a concatenation on the channel axis"
+    feats = list(out.args[0])
+    layers = list(block.named_children())
+    if feats[:1] != [x] or len(feats) != len(layers) + 1:
+        return "the output is not the input followed by every layer's features"
+    visited = {x, out}
+    for j, (lname, layer) in enumerate(layers):
+        y = feats[j + 1]
+        if y.op == "call_function" and y.target is F.dropout:
+            p = y.kwargs.get("p", y.args[1] if len(y.args) > 1 else 0.5)
+            if float(p) != float(layer.drop_rate):
+                return f"{lname}: dropout p={p} differs from drop_rate={layer.drop_rate}"
+            visited.add(y)
+            y = y.args[0]
+        names = ["conv2", "relu2", "norm2", "conv1", "relu1", "norm1"] if layer.bottleneck else [
+            "conv1", "relu1", "norm1"]
+        for expected in names:
+            if expected.startswith("relu") and _is_relu(y, block):
+                pass
+            elif y.op != "call_module" or y.target != f"{lname}.{expected}":
+                return f"{lname}: expected {expected}, found {_describe(y, block)}"
+            visited.add(y)
+            y = y.args[0]
+        if not _is_cat(y) or list(y.args[0]) != feats[:j + 1]:
+            return f"{lname} does not read the concatenation of the input and every earlier layer's features"
+        visited.add(y)
+    for n in nodes:
+        if n.op not in ("placeholder", "output") and n not in visited:
+            return f"unrecognized op {_describe(n, block)}"
+    return None
+
+
 def _dense_reason(module: nn.Module) -> Optional[str]:
-    """None if `module` is a torchvision-style dense block: an nn.ModuleDict of dense layers
-    (norm1/relu1/conv1[/norm2/relu2/conv2], drop_rate) whose forward concatenates, recognized by
-    torchvision's or fusedres.models' class; else why not."""
-    if type(module).__name__ not in ("_DenseBlock", "DenseBlock") or not isinstance(module, nn.ModuleDict):
-        return "not a torchvision _DenseBlock"
-    for name, layer in module.items():
+    """None if `module` computes a DenseNet dense block (traced with torch.fx in train and eval,
+    see _dense_match) over layers with torchvision's submodule names (norm1, relu1, conv1[, norm2,
+    relu2, conv2]), which the fused block keeps as state_dict keys; else why not."""
+    for name, layer in module.named_children():
         try:
             why = FusedDenseLayer.from_module(layer)._fallback_reason()
         except TypeError as e:
             return str(e)
         if why is not None:
             return f"{name}: {why}"
+    flags = [(layer, getattr(layer, "memory_efficient", False)) for layer in module.children()]
+    try:
+        for layer, _ in flags:  # checkpointing changes memory, not values; its guard is not traceable
+            if hasattr(layer, "memory_efficient"):
+                layer.memory_efficient = False
+        for training in (True, False):
+            try:
+                graph = _trace(module, training)
+            except Exception as e:
+                return f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            why = _dense_match(graph, module)
+            if why is not None:
+                return why + ("" if training else " (in eval mode)")
+    finally:
+        for layer, flag in flags:
+            if hasattr(layer, "memory_efficient"):
+                layer.memory_efficient = flag
     return None
 
 
@@ -287,15 +353,16 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
     if isinstance(module, _FUSED):
         entries.append(Entry(path, kind, "already fused", "kept"))
         return module
-    if isinstance(module, nn.ModuleDict) and kind in ("_DenseBlock", "DenseBlock"):
+    if isinstance(module, nn.ModuleDict) and type(module).forward is not nn.Module.forward:
         why = _dense_reason(module)
         if why is None:
             fused = FusedDenseBlock.from_module(module)
             object.__setattr__(fused, "original", module)
             entries.append(Entry(path, kind, "swapped", f"FusedDenseBlock ({len(module)} layers)"))
             return fused
-        entries.append(Entry(path, kind, "left", why))
-        return module
+        if any(hasattr(layer, "conv1") for layer in module.children()):  # a dense block that is not ours
+            entries.append(Entry(path, kind, "left", why))
+            return module
     if _is_transition(module):
         fused = FusedTransition.from_module(module)
         object.__setattr__(fused, "original", module)

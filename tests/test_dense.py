@@ -381,10 +381,10 @@ def test_legacy_checkpoint_keys_load_strictly():
             assert torch.equal(model.state_dict()[key], ref.state_dict()[key]), key
 
 
-def test_fuse_densenet_shares_weights_and_keeps_keys():
+def test_fuse_swaps_dense_blocks_in_place_sharing_weights_and_keys():
     ref = _randomize_bn(DenseNet(**_small_densenet())).double()
     original = copy.deepcopy(ref)
-    fused = fusedres.fuse_densenet_(ref)
+    fused = fusedres.fuse(ref, inplace=True)
     assert fused is ref
     assert isinstance(fused.features.denseblock1, FusedDenseBlock)
     assert isinstance(fused.features.transition1, FusedTransition)

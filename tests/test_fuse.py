@@ -2,7 +2,6 @@
 package's torchvision architectures and in hand-written block styles; outputs, gradients and
 running statistics against the original model; state_dict unchanged; exact report counts;
 unrecognized blocks left alone with a reason; fusing twice changes nothing."""
-import copy
 
 import pytest
 import torch
@@ -400,3 +399,31 @@ def test_real_timm_resnets_plain_swapped_se_and_drop_path_left():
     assert len(se.left) == 16 and all("squeeze-excitation" in e.detail for e in se.left), str(se)
     dp = fusedres.fuse_report(fusedres.fuse(timm.create_model("resnet50", pretrained=False, drop_path_rate=0.1)))
     assert dp.left and all("drop path" in e.detail for e in dp.left), str(dp)
+
+
+def test_dense_blocks_are_recognized_by_what_they_compute():
+    """A dense block is swapped when its traced forward concatenates as DenseNet's does
+    (memory_efficient and dropout included); a look-alike that computes something else is left."""
+    model = models.DenseNet(growth_rate=3, block_config=(2, 2), num_init_features=6, bn_size=2, drop_rate=0.2,
+                            num_classes=4, memory_efficient=True)
+    fused = fusedres.fuse(model)
+    report = fusedres.fuse_report(fused)
+    assert len(report.swapped) == 3 and not report.left, str(report)
+    assert all(layer.memory_efficient for layer in model.features.denseblock1.values()), "flag restored"
+    x = activation((2, 3, 16, 16), torch.float64)
+    model, fused = model.double().eval(), fused.double().eval()
+    with torch.no_grad():
+        assert_close_scaled(fused(x), model(x), 1e-10, msg="eval")
+
+    class LastOnly(models.DenseBlock):
+        def forward(self, init_features):  # each layer reads only the previous output
+            out = init_features
+            feats = [out]
+            for layer in self.values():
+                out = layer([out])
+                feats.append(out)
+            return torch.cat(feats, 1)
+
+    report = fusedres.fuse_report(fusedres.fuse(nn.Sequential(LastOnly(2, 4, 2, 4, 0.0))))
+    assert len(report.left) == 1 and "concatenation of the input and every earlier" in report.left[0].detail, \
+        str(report)
