@@ -244,7 +244,9 @@ def residual_plan(block: nn.Module) -> Tuple[Optional[_Plan], str]:
         try:
             graph = _trace(block, training)
         except Exception as e:  # control flow on tensor values, unsupported Python: not provable
-            return None, f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            why = f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            known = _timm_reason(block)
+            return None, f"{known}: {why}" if known else why
         plan, why = _match(graph, block)
         if plan is None:
             known = _timm_reason(block)
