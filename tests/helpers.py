@@ -77,3 +77,19 @@ def assert_close_scaled(actual, expected, tol, msg=""):
     the largest value rather than with each element."""
     scale = expected.detach().double().abs().max().item()
     assert_close(actual, expected, atol=tol * scale + 1e-12, rtol=tol, msg=msg)
+
+
+def randomize_bn(module):
+    """Non-trivial BatchNorm affine parameters and running statistics, and conv biases, so every
+    term of a fused block is exercised (a fresh BatchNorm is the identity at init)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            if m.weight is not None:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0.0, 0.5)
+            if m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            m.bias.data.normal_()
+    return module

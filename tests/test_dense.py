@@ -15,7 +15,7 @@ from fusedres import FusedDenseBlock, FusedDenseLayer, FusedTransition, ops
 from fusedres.autograd import dense as dense_autograd
 from fusedres.models import DenseBlock, DenseLayer, DenseNet, Transition, densenet121, densenet161, densenet169
 from fusedres.models import densenet201, rename_legacy_keys
-from helpers import BACKEND_CASES, FORMATS, INTERPRETED, activation, assert_close_scaled, backend
+from helpers import BACKEND_CASES, FORMATS, INTERPRETED, activation, assert_close_scaled, backend, randomize_bn
 
 # per dtype: tolerance of whole results relative to their largest value (float32 over several
 # layers and steps; half types: one rounding per stored activation, compounded over the layers)
@@ -24,21 +24,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfl
 BLOCK = (3, 5, 2, 3)
 
 
-def _randomize_bn(module):
-    """Non-trivial affine parameters and running statistics, so every term is exercised."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0.0, 0.5)
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-        elif isinstance(m, nn.Conv2d) and m.bias is not None:
-            m.bias.data.normal_()
-    return module
-
-
 def _pair(ref_cls, fused_cls, *args, dtype=torch.float64, fmt=torch.contiguous_format, **kwargs):
-    ref = _randomize_bn(ref_cls(*args, **kwargs)).to(dtype=dtype, memory_format=fmt)
+    ref = randomize_bn(ref_cls(*args, **kwargs)).to(dtype=dtype, memory_format=fmt)
     fused = fused_cls(*args, **kwargs).to(dtype=dtype, memory_format=fmt)
     fused.load_state_dict(ref.state_dict(), strict=True)
     return ref, fused
@@ -331,7 +318,7 @@ def _small_densenet(**kwargs):
 @pytest.mark.parametrize("device,name", BACKEND_CASES)
 def test_small_densenet_trains_like_the_reference(device, name):
     torch.manual_seed(1)
-    ref = _randomize_bn(DenseNet(**_small_densenet())).double().to(device, memory_format=torch.channels_last)
+    ref = randomize_bn(DenseNet(**_small_densenet())).double().to(device, memory_format=torch.channels_last)
     fused = DenseNet(**_small_densenet(dense_block=FusedDenseBlock, transition=FusedTransition)).double()
     fused = fused.to(device, memory_format=torch.channels_last)
     fused.load_state_dict(ref.state_dict(), strict=True)
@@ -362,7 +349,7 @@ def test_legacy_checkpoint_keys_load_strictly():
     """Checkpoints saved before torchvision 0.2 name layers `norm.1` / `conv.2` and have no
     num_batches_tracked; they load with strict=True into reference and fused models, as
     torchvision's loader renames them."""
-    ref = _randomize_bn(DenseNet(**_small_densenet()))
+    ref = randomize_bn(DenseNet(**_small_densenet()))
     legacy = {}
     for key, value in ref.state_dict().items():
         if key.endswith("num_batches_tracked"):
@@ -382,7 +369,7 @@ def test_legacy_checkpoint_keys_load_strictly():
 
 
 def test_fuse_swaps_dense_blocks_in_place_sharing_weights_and_keys():
-    ref = _randomize_bn(DenseNet(**_small_densenet())).double()
+    ref = randomize_bn(DenseNet(**_small_densenet())).double()
     original = copy.deepcopy(ref)
     fused = fusedres.fuse(ref, inplace=True)
     assert fused is ref
@@ -451,7 +438,7 @@ def test_fused_conv_path_is_taken_where_the_kernels_run():
 def test_transition_under_autocast_normalizes_a_float32_input_in_float32(device, name):
     """As stock: BatchNorm on the float32 input, only the conv in bfloat16 (rounding the input to
     bfloat16 first made the input gradient's error 5x stock's)."""
-    stock = _randomize_bn(Transition(24, 12)).to(device)
+    stock = randomize_bn(Transition(24, 12)).to(device)
     fused = FusedTransition.from_module(copy.deepcopy(stock))
     exact = copy.deepcopy(stock).double()
     x = activation((4, 24, 6, 6), torch.float32, device, torch.channels_last)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres import FusedResidual, models
-from helpers import BACKEND_CASES, activation, assert_close_scaled, backend
+from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, randomize_bn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +182,6 @@ def hand_written_model():
     return model, 8, 3
 
 
-def _randomize(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0.0, 0.3)
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def _compare(original, fused, x, tol, steps=2):
     """Train steps (outputs, gradients, then parameters and buffers), then eval outputs."""
     opt_o = torch.optim.SGD(original.parameters(), lr=0.05)
@@ -227,7 +217,7 @@ def _compare(original, fused, x, tol, steps=2):
 def test_hand_written_styles_are_swapped_and_match(device, name):
     torch.manual_seed(0)
     model, swapped, left = hand_written_model()
-    model = _randomize(model).double().to(device)
+    model = randomize_bn(model).double().to(device)
     fused = fusedres.fuse(model)
     report = fusedres.fuse_report(fused)
     assert (len(report.swapped), len(report.left), len(report.already_fused)) == (swapped, left, 0), str(report)
@@ -354,7 +344,7 @@ def test_zoo_fused_model_trains_like_the_original(device, name, arch):
     """float64, one SGD step, train and eval. 1e-6: batch 2 at 48x48 leaves 2-4 values per channel
     for the last BatchNorms, which amplify float64 rounding differences a million-fold."""
     torch.manual_seed(0)
-    model = _randomize(getattr(models, arch)(num_classes=7)).double().to(device, memory_format=torch.channels_last)
+    model = randomize_bn(getattr(models, arch)(num_classes=7)).double().to(device, memory_format=torch.channels_last)
     fused = fusedres.fuse(model)
     size = 64 if arch.startswith("densenet") else 48  # densenets' last block: 2x2, not 1x1
     x = activation((2, 3, size, size), torch.float64, device, torch.channels_last)
@@ -380,7 +370,7 @@ def test_real_torchvision_models_fuse_and_match(arch, count):
     """On a GPU machine torchvision is installed: its own models, not the package's copies."""
     import torchvision
 
-    model = _randomize(getattr(torchvision.models, arch)()).cuda().to(memory_format=torch.channels_last)
+    model = randomize_bn(getattr(torchvision.models, arch)()).cuda().to(memory_format=torch.channels_last)
     fused = fusedres.fuse(model)
     report = fusedres.fuse_report(fused)
     assert len(report.swapped) == count and not report.left, str(report)
