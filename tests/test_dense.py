@@ -110,10 +110,15 @@ def test_autocast_output_dtype_follows_stock(device, name):
     with backend(name, device), torch.autocast(device, dtype=torch.bfloat16):
         for dtype in (torch.float32, torch.bfloat16):
             x = activation((2, 5, 4, 4), dtype, device)
-            expected, got = ref(x), fused(x)
+            xr, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            expected, got = ref(xr), fused(xf)
             assert got.dtype == expected.dtype == dtype
             assert torch.equal(got[:, :5], x), "the input channels are the input, unrounded"
             assert_close_scaled(got, expected, TOL[torch.bfloat16], msg=str(dtype))
+            expected.float().pow(2).sum().backward()
+            got.float().pow(2).sum().backward()
+            assert xf.grad.dtype == dtype
+            assert_close_scaled(xf.grad, xr.grad, 2 * TOL[torch.bfloat16], msg=f"{dtype} input gradient")
 
 
 def _l2_rel(a, b):

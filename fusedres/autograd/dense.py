@@ -190,7 +190,6 @@ class DenseBlockFunction(torch.autograd.Function):
         for layer_saved in saved:
             ctx.layout.append(len(layer_saved))
             tensors.extend(layer_saved)
-        ctx.training_dropout = training_dropout
         ctx.save_for_backward(*tensors, *params)
         ctx.num_params = len(params)
         if mean_all is None or output is not buffer:
