@@ -1,6 +1,6 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense,models] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
                                [--compile-mode default|max-autotune]
 
@@ -20,6 +20,7 @@ import bench_bn_act
 import bench_bn_stats
 import bench_conv
 import bench_dense
+import bench_models
 from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,7 +79,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense")
+    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense,models")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -93,6 +94,10 @@ def main(argv=None):
                         help="DenseNets of the dense suite (default: densenet121,169,201 on a GPU, densenet121 on the CPU)")
     parser.add_argument("--dense-batches", default="",
                         help="batch sizes of the dense suite (default: 64,256 on a GPU, 4 on the CPU)")
+    parser.add_argument("--models", default="", help="models of the models suite (default: the full list on a GPU, "
+                                                       "resnet18,resnet50 on the CPU)")
+    parser.add_argument("--model-batches", default="", help="batch sizes of the models suite (default: 32,256 on a "
+                                                           "GPU, 4 on the CPU)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,6 +165,18 @@ def main(argv=None):
               "channels_last; targets: time <= 0.9x memory_efficient=False, memory <= memory_efficient=True")
         print(table(rows, ["model", "dtype", "batch", "impl", "ms", "images_per_s", "time_vs_stock", "peak_MB",
                            "saved_MB", "memory_vs_memory_efficient"]), flush=True)
+
+    if "models" in suites:
+        small = device.type == "cpu"
+        archs = tuple(a for a in args.models.split(",") if a) or None
+        batches = [int(b) for b in args.model_batches.split(",") if b] or ([4] if small else [32, 256])
+        size = 64 if small else 224
+        rows = bench_models.run(device, dtypes, batches, args.quick, compile_baseline, args.compile_mode, archs,
+                                image_size=size, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        results["models"] = rows
+        print(f"\n== models: train step (fwd + bwd + SGD) and inference, {size}x{size}, channels_last")
+        print(table(rows, ["model", "mode", "dtype", "batch", "impl", "ms", "images_per_s", "speedup_vs_eager",
+                           "peak_MB", "memory_vs_eager"]), flush=True)
 
     path = os.path.join(out, f"report_{device.type}_{stamp}.json")
     write_json(path, results)
