@@ -1,6 +1,6 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense,models] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense,models,e2e] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
                                [--compile-mode default|max-autotune]
 
@@ -21,6 +21,7 @@ import bench_bn_stats
 import bench_conv
 import bench_dense
 import bench_models
+import e2e_train
 from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,7 +80,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense,models")
+    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense,models,e2e")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -177,6 +178,19 @@ def main(argv=None):
         print(f"\n== models: train step (fwd + bwd + SGD) and inference, {size}x{size}, channels_last")
         print(table(rows, ["model", "mode", "dtype", "batch", "impl", "ms", "images_per_s", "speedup_vs_eager",
                            "peak_MB", "memory_vs_eager"]), flush=True)
+
+    if "e2e" in suites:
+        e2e_args = e2e_train.parser(device.type == "cuda").parse_args(["--out", out])
+        e2e = e2e_train.run(e2e_args, device)
+        results["e2e"] = e2e
+        print(f"\n== end to end: {e2e['arch']} two-class classifier, {e2e['data']}, {e2e['steps']} steps, batch "
+              f"{e2e['batch']}, {e2e['size']}x{e2e['size']}, {e2e['dtype']}, same initial weights and batches")
+        print(table([dict(impl=k, images_per_s=e2e[k]["images_per_s"], final_smoothed_loss=e2e["final_smoothed_loss"][k],
+                          held_out_accuracy=e2e[k]["held_out_accuracy"]) for k in ("stock", "fusedres")],
+                    ["impl", "images_per_s", "final_smoothed_loss", "held_out_accuracy"]))
+        print(f"largest gap of the smoothed loss curves: {e2e['smoothed_loss_max_abs_diff']:.3g}; predictions: "
+              f"{e2e['predictions_csv']}; loss plot: {e2e['loss_plot'] or 'none (matplotlib not installed)'}",
+              flush=True)
 
     path = os.path.join(out, f"report_{device.type}_{stamp}.json")
     write_json(path, results)
