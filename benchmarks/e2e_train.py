@@ -11,8 +11,8 @@ learnable but not trivial. --data DIR reads DIR/<class>/*.jpg|png (Pillow). 20% 
 Training augmentation: random-resized-crop to S and horizontal flip, as torchvision's recipe.
 """
 import argparse
-import copy
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -57,10 +57,8 @@ class ImageFolderData:
     """DIR/<class>/<image>: decoded with Pillow, resized so the short side is `size`."""
 
     def __init__(self, root: str, size: int):
-        try:
-            from PIL import Image  # noqa: F401
-        except ImportError as e:
-            raise SystemExit("e2e_train: --data needs Pillow (pip install pillow)") from e
+        if importlib.util.find_spec("PIL") is None:
+            raise SystemExit("e2e_train: --data needs Pillow (pip install pillow)")
         self.classes = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))))
         if len(self.classes) < 2:
             raise SystemExit(f"e2e_train: --data {root} needs one subfolder per class, found {self.classes}")

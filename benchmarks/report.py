@@ -11,6 +11,7 @@ import argparse
 import copy
 import datetime
 import os
+import statistics
 import sys
 
 import torch
@@ -39,33 +40,37 @@ def correctness(device, dtypes):
     fused-conv chain, NCHW the core path). `ok`: ours at most 2x stock's (the worse of stock's two
     memory formats), judged on the L2-relative error; the max-relative error is listed too.
 
-    Why L2 and a fixed seed per case: a ReLU input within rounding of 0 may fall on the other side
+    Each figure is the median over 3 fixed-seed inputs. Why L2, and why the median: a ReLU input
+    within rounding of 0 may fall on the other side
     of the mask than in float64, and the input gradient then legitimately differs by O(1) there.
     With fresh random inputs about 1 float32 run in 100 hits that (measured: 4 of 300 runs of the
     first block on the CPU; stock float32 as far off as ours, 0.358 of the largest gradient on one
     such input), and in bfloat16 almost every run does, for stock and fused alike (max-relative
-    errors ~0.3); the L2 error of a few flipped elements stays small."""
+    errors ~0.3); the L2 error of a few flipped elements stays small, and a single float32 flip
+    (3.7e-4 L2 on a ResNeXt block once, 6e-7 otherwise) is outvoted by the other two inputs."""
     rows = []
     for case, (name, stock, fused_cls, shape) in enumerate(bench_blocks.block_cases(small=True)):
         for dtype in dtypes:
             for fmt_name, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
-                torch.manual_seed(1000 + case)
-                ref64 = copy.deepcopy(stock).to(device, torch.float64)
-                fused = fused_cls.from_module(copy.deepcopy(stock).to(device, memory_format=fmt))
-                stock_m = copy.deepcopy(stock).to(device, memory_format=fmt)
-                x = torch.randn(4, *shape, device=device).contiguous(memory_format=fmt)
-                x64 = x.double().requires_grad_()
-                y64 = ref64(x64)
-                y64.sum().backward()
-                errs = {}
-                for impl, m in (("fusedres", fused), ("stock", stock_m)):
-                    xi = x.clone().requires_grad_()
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        y = m(xi)
-                    y.float().sum().backward()
-                    l2_y, max_y = _rel_errors(y, y64)
-                    l2_g, max_g = _rel_errors(xi.grad, x64.grad)
-                    errs[impl] = (max(l2_y, l2_g), max(max_y, max_g))
+                runs = {"fusedres": [], "stock": []}
+                for seed in range(3):  # the median of 3 inputs: one flipped mask does not decide
+                    torch.manual_seed(1000 + 10 * case + seed)
+                    ref64 = copy.deepcopy(stock).to(device, torch.float64)
+                    fused = fused_cls.from_module(copy.deepcopy(stock).to(device, memory_format=fmt))
+                    stock_m = copy.deepcopy(stock).to(device, memory_format=fmt)
+                    x = torch.randn(4, *shape, device=device).contiguous(memory_format=fmt)
+                    x64 = x.double().requires_grad_()
+                    y64 = ref64(x64)
+                    y64.sum().backward()
+                    for impl, m in (("fusedres", fused), ("stock", stock_m)):
+                        xi = x.clone().requires_grad_()
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            y = m(xi)
+                        y.float().sum().backward()
+                        l2_y, max_y = _rel_errors(y, y64)
+                        l2_g, max_g = _rel_errors(xi.grad, x64.grad)
+                        runs[impl].append((max(l2_y, l2_g), max(max_y, max_g)))
+                errs = {impl: tuple(statistics.median(e[i] for e in v) for i in range(2)) for impl, v in runs.items()}
                 rows.append(dict(block=name, dtype=str(dtype).replace("torch.", ""), format=fmt_name,
                                  fused_l2_err=errs["fusedres"][0], stock_l2_err=errs["stock"][0],
                                  fused_max_err=errs["fusedres"][1], stock_max_err=errs["stock"][1]))
