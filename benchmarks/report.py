@@ -200,6 +200,13 @@ def main(argv=None):
     path = os.path.join(out, f"report_{device.type}_{stamp}.json")
     write_json(path, results)
     print(f"\nresults written to {path}")
+    try:
+        import plots
+
+        for png in plots.plot(results, out):
+            print(f"plot: {png}")
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (every figure is in the JSON)")
     if not all(r["ok"] for r in checks):
         print("CORRECTNESS CHECK FAILED for: " + ", ".join(f"{r['block']} {r['dtype']} {r['format']}"
                                                           for r in checks if not r["ok"]))

@@ -18,6 +18,9 @@ fi
 # Build and test tools; triton only when none imports (CUDA torch wheels bring their own).
 "$PY" -m pip install -q setuptools wheel ninja packaging numpy pytest >&2
 "$PY" -c "import triton" >/dev/null 2>&1 || "$PY" -m pip install -q triton >&2
+# Plots of the benchmark report; optional (offline machines run the report without them).
+"$PY" -c "import matplotlib" >/dev/null 2>&1 || "$PY" -m pip install -q matplotlib >&2 \
+  || echo "setup: matplotlib not installed; the benchmark report will skip its plots" >&2
 "$PY" -m pip install -v --no-build-isolation --no-deps . 2>&1 | grep -E "fusedres build|error|Error" >&2 || true
 PYTHONSAFEPATH=1 "$PY" -c "import fusedres, sys; sys.exit(0 if fusedres.extension_loaded() else 'fusedres._C failed to build')" >&2
 echo "$PY"

@@ -34,3 +34,42 @@ def test_tiny_end_to_end_run_writes_predictions(tmp_path):
     assert abs(result["stock"]["losses"][0] - result["fusedres"]["losses"][0]) < 1e-4, "same weights, same batch"
     lines = open(result["predictions_csv"]).read().splitlines()
     assert lines[0] == "id,p_dog" and len(lines) == 1 + result["held_out"]
+
+
+import headline  # noqa: E402
+
+
+def _model(model, mode, impl, ips, peak=None):
+    return dict(model=model, mode=mode, impl=impl, dtype="bfloat16", batch=256, ms=256 / ips * 1e3,
+                images_per_s=ips, peak_MB=peak)
+
+
+def test_headline_figures_against_targets(tmp_path):
+    report = dict(environment=dict(device="NVIDIA H100", torch="2.11", triton="3.6", cuda="13.0", date="2026-11-22"),
+                  command="bash benchmarks/gpu_check.sh", models=[
+                      _model("resnet50", "train", "torchvision eager", 1000, 40000),
+                      _model("resnet50", "train", "torchvision torch.compile(max-autotune)", 1300),
+                      _model("resnet50", "train", "fusedres", 1600, 20000),
+                      _model("resnet50", "eval", "torchvision eager", 3000),
+                      _model("resnet50", "eval", "fusedres", 3600),
+                      _model("resnext50_32x4d", "train", "fusedres", 1200)],
+                  dense=[dict(model="densenet121", impl="fusedres", dtype="bfloat16", batch=256, ms=1.0,
+                              time_vs_stock=0.95, memory_vs_memory_efficient=0.8)])
+    rows = {r["figure"]: r for r in headline.headline_rows(report)}
+    train = rows["ResNet-50 training images/s vs stock eager"]
+    assert abs(train["measured"] - 1.6) < 1e-9 and train["met"] is True
+    compiled = rows["ResNet-50 training images/s vs stock torchvision torch.compile(max-autotune)"]
+    assert abs(compiled["measured"] - 1600 / 1300) < 1e-9 and compiled["met"] is True
+    assert rows["ResNet-50 inference images/s vs stock eager"]["met"] is False  # 1.2x < 1.3x
+    assert rows["ResNet-50 inference images/s vs stock torch.compile"]["measured"] is None  # not in this result
+    assert rows["ResNet-50 training peak memory vs stock eager"]["met"] is True  # 0.5x
+    assert rows["resnext50_32x4d training images/s vs resnet50's (both fused)"]["met"] is False  # 0.75x
+    assert rows["DenseNet-121 batch 256 step time vs memory_efficient=False"]["met"] is False
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{headline.START}\nold\n{headline.END}\nrest\n")
+    path = tmp_path / "report_cuda_x.json"
+    headline.update_readme(str(readme), headline.render(report, str(path)))
+    text = readme.read_text()
+    assert "old" not in text and "| ResNet-50 training images/s vs stock eager | 1.60x | >= 1.5x | yes |" in text
+    assert "| ResNet-50 inference images/s vs stock eager | 1.20x | >= 1.3x | **no** |" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n")
