@@ -61,12 +61,30 @@ def block_cases(small: bool):
     ] + dense_block_cases(small)
 
 
+def graphed_inference(module, x, dtype):
+    """A CUDA-graph replay of module(x) in eval under no_grad (static input x): warmed up first,
+    so the fused convs' autotuning runs outside the capture."""
+    amp = dtype != torch.float32
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=amp):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                module(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(x)
+    return graph.replay
+
+
 def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline: bool,
-        compile_mode: str = "default", only: str = "") -> List[Dict[str, object]]:
+        compile_mode: str = "default", only: str = "", progress=None) -> List[Dict[str, object]]:
     rows = []
-    for name, stock, fused_cls, shape in block_cases(device.type == "cpu"):
-        if only and only not in name:
-            continue
+    cases = [c for c in block_cases(device.type == "cpu") if not only or only in c[0]]
+    for number, (name, stock, fused_cls, shape) in enumerate(cases):
+        if progress:
+            progress(f"  blocks [{number + 1}/{len(cases)}] {name}")
         for dtype in dtypes:
             stock_m = copy.deepcopy(stock).to(device, memory_format=torch.channels_last)
             fused_m = fused_cls.from_module(copy.deepcopy(stock_m))
@@ -97,4 +115,16 @@ def run(device: torch.device, dtypes, batch: int, quick: bool, compile_baseline:
                     peak = peak_mb(device, make(0))
                     rows.append(dict(block=name, mode=mode, impl=impl, dtype=str(dtype).replace("torch.", ""),
                                      batch=batch, ms=ms, speedup_vs_eager=base / ms, peak_MB=peak))
+                    if mode == "eval" and device.type == "cuda" and impl in ("stock eager", "fusedres"):
+                        # CUDA graphs remove the launch overhead of both; inference only (a training
+                        # step would need static gradients and optimizer state)
+                        label = f"{impl} + CUDA graph"
+                        try:
+                            replays = [graphed_inference(m, xs[i], dtype) for i in range(len(xs))]
+                            g_ms = bench(lambda i: replays[i], len(xs), device, quick)
+                            rows.append(dict(block=name, mode=mode, impl=label, dtype=str(dtype).replace("torch.", ""),
+                                             batch=batch, ms=g_ms, speedup_vs_eager=base / g_ms, peak_MB=None))
+                        except Exception as e:  # reported, not hidden: a capture that fails is a finding
+                            rows.append(dict(block=name, mode=mode, impl=label, dtype=str(dtype).replace("torch.", ""),
+                                             batch=batch, ms=None, note=f"capture failed: {type(e).__name__}: {e}"[:200]))
     return rows

@@ -92,7 +92,7 @@ def _train_step(model, opt, x, labels, dtype, device):
 
 
 def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bool, compile_mode: str = "default",
-        archs=None, image_size: int = 224) -> List[Dict[str, object]]:
+        archs=None, image_size: int = 224, progress=None) -> List[Dict[str, object]]:
     small = device.type == "cpu"
     archs = archs or (("densenet121",) if small else GPU_MODELS)
     rows = []
@@ -115,6 +115,8 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
                 labels = torch.randint(0, 100, (batch,), device=device)
                 reference_ms = memeff_peak = None
                 for impl, make in impls.items():
+                    if progress:
+                        progress(f"  dense: {arch} {_name(dtype)} batch {batch}: {impl}")
                     model = make().to(device, memory_format=torch.channels_last).train()
                     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
                     forward, _ = _train_step(model, opt, xs[0], labels, dtype, device)

@@ -155,17 +155,19 @@ def main(argv=None):
         else:
             print("\n== conv kernels: skipped, the Triton conv kernels need a GPU (the interpreter is no benchmark)")
     if "blocks" in suites:
-        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline, args.compile_mode, args.blocks)
+        rows = bench_blocks.run(device, dtypes, batch, args.quick, compile_baseline, args.compile_mode, args.blocks,
+                                progress=lambda m: print(m, file=sys.stderr, flush=True))
         results["blocks"] = rows
         print("\n== blocks (same weights; train = fwd + bwd)")
-        print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB"]), flush=True)
+        print(table(rows, ["block", "mode", "dtype", "impl", "ms", "speedup_vs_eager", "peak_MB", "note"]), flush=True)
 
     if "dense" in suites:
         small = device.type == "cpu"
         archs = tuple(a for a in args.dense_models.split(",") if a) or None
         batches = [int(b) for b in args.dense_batches.split(",") if b] or ([4] if small else [64, 256])
         rows = bench_dense.run(device, dtypes, batches, args.quick, compile_baseline, args.compile_mode, archs,
-                               image_size=64 if small else 224)
+                               image_size=64 if small else 224,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
         results["dense"] = rows
         print(f"\n== DenseNet training step (fwd + bwd + SGD), {64 if small else 224}x{64 if small else 224}, "
               "channels_last; targets: time <= 0.9x memory_efficient=False, memory <= memory_efficient=True")
