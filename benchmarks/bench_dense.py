@@ -20,20 +20,9 @@ import torch.nn.functional as F
 import fusedres
 from fusedres.models import DenseBlock, Transition
 
-from common import bench, peak_mb
+from common import bench, model_factory, peak_mb
 
 GPU_MODELS = ("densenet121", "densenet169", "densenet201")
-
-
-def _factory(arch: str):
-    try:
-        import torchvision
-
-        return getattr(torchvision.models, arch), "torchvision"
-    except ImportError:
-        from fusedres import models
-
-        return getattr(models, arch), "fusedres.models"
 
 
 def dense_block_cases(small: bool):
@@ -97,7 +86,7 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
     archs = archs or (("densenet121",) if small else GPU_MODELS)
     rows = []
     for arch in archs:
-        factory, source = _factory(arch)
+        factory, source = model_factory(arch)
         for dtype in dtypes:
             for batch in batches:
                 torch.manual_seed(0)

@@ -14,22 +14,11 @@ import torch.nn.functional as F
 
 import fusedres
 
-from common import bench, peak_mb
+from common import bench, model_factory, peak_mb
 
 GPU_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
               "resnext101_32x8d", "wide_resnet50_2", "densenet121")
 CPU_MODELS = ("resnet18", "resnet50")
-
-
-def _factory(arch: str):
-    try:
-        import torchvision
-
-        return getattr(torchvision.models, arch), "torchvision"
-    except ImportError:
-        from fusedres import models
-
-        return getattr(models, arch), "fusedres.models"
 
 
 def _train_step(model, opt, x, labels, dtype, device):
@@ -56,7 +45,7 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
     archs = archs or (CPU_MODELS if device.type == "cpu" else GPU_MODELS)
     rows = []
     for arch in archs:
-        factory, source = _factory(arch)
+        factory, source = model_factory(arch)
         for dtype in dtypes:
             for batch in batches:
                 torch.manual_seed(0)

@@ -116,6 +116,19 @@ def distinct_submodules(model: torch.nn.Module, wanted: Callable[[str, torch.nn.
     return found
 
 
+def model_factory(arch: str):
+    """(constructor, source) of a torchvision architecture: torchvision's own when it imports (a
+    GPU machine), else fusedres.models' copy (same architecture and keys)."""
+    try:
+        import torchvision
+
+        return getattr(torchvision.models, arch), "torchvision"
+    except ImportError:
+        from fusedres import models
+
+        return getattr(models, arch), "fusedres.models"
+
+
 def peak_mb(device: torch.device, fn: Callable[[], object]):
     """MB the CUDA allocator's peak rises above what is allocated before fn() (None off CUDA)."""
     if device.type != "cuda":

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 import fusedres
 
+from common import model_factory
+
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -178,14 +180,7 @@ def run(args, device) -> dict:
     idx = list(range(len(data)))
     held = [i for i in idx if i % 10 in (0, 5)]  # 20%, both parities (the synthetic label is i % 2)
     train_idx = [i for i in idx if i % 10 not in (0, 5)]
-    try:
-        import torchvision
-
-        factory, source = getattr(torchvision.models, args.arch), "torchvision"
-    except ImportError:
-        from fusedres import models
-
-        factory, source = getattr(models, args.arch), "fusedres.models"
+    factory, source = model_factory(args.arch)
     torch.manual_seed(args.seed)
     stock = factory(num_classes=len(data.classes)).to(device, memory_format=torch.channels_last)
     fused = fusedres.fuse(stock)  # a deep copy: the same initial weights
