@@ -17,14 +17,14 @@ legacy `norm.1`-style keys included. Only forward differs:
 never stores the concatenation it would have recomputed.
 """
 from collections import OrderedDict
-from typing import Any, List, Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .autograd.dense import DenseLayerArgs, bn_relu_conv_pool, dense_block
-from .modules import _warn_once, bn_args, conv_args, unfusable_reason
+from .modules import _warn_once, bn_args, check_block_input, conv_args, unfusable_reason
 
 
 def rename_legacy_keys_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -85,19 +85,6 @@ def transition_layers(num_input_features: int, num_output_features: int) -> "Ord
     ])
 
 
-def _check_input(x: Any, channels: int, owner: str, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{owner}: expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{owner}: input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
-                        f"got {x.dtype}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{owner}: input has {x.shape[1]} channels but {what} expects {channels}; input shape "
-                         f"{tuple(x.shape)}")
-
-
 class FusedDenseLayer(nn.Module):
     """torchvision.models.densenet._DenseLayer, fused: norm1-relu1-conv1 (1x1 to bn_size * growth)
     over the concatenated features, norm2-relu2-conv2 (3x3 to growth), dropout.
@@ -141,7 +128,7 @@ class FusedDenseLayer(nn.Module):
         if not prev:
             raise ValueError(f"{name}: input must be a tensor or a non-empty list of tensors")
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
-        _check_input(x, self.conv1.in_channels, name, "norm1")
+        check_block_input(x, self.conv1, name, "norm1", source="")
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -201,7 +188,7 @@ class FusedDenseBlock(nn.ModuleDict):
         layers = list(self.values())
         if not layers:
             return init_features
-        _check_input(init_features, layers[0].conv1.in_channels, name, "denselayer1.norm1")
+        check_block_input(init_features, layers[0].conv1, name, "denselayer1.norm1", source="")
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -247,7 +234,7 @@ class FusedTransition(nn.Sequential):
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
             return super().forward(x)
-        _check_input(x, self.conv.in_channels, name, "norm")
+        check_block_input(x, self.conv, name, "norm", source="")
         return bn_relu_conv_pool(x, bn_args(self.norm), conv_args(self.conv), pool=2)
 
     @classmethod

@@ -60,19 +60,23 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_input(x: torch.Tensor, conv: nn.Conv2d, block: str) -> None:
+def check_block_input(x, conv: nn.Conv2d, owner: str, reader: str = "the block", source: str = "conv1") -> None:
+    """Clear errors for a fused module's input: a 4-D floating tensor with the channel count that
+    `reader` (the block, a dense layer's norm1, ...) expects, on the device of `conv`, the first
+    conv that reads it (named `source` in the message where it differs from the reader)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{block}: input must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{block}: expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+        raise ValueError(f"{owner}: expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
     if x.shape[1] != conv.in_channels:
-        raise ValueError(f"{block}: input has {x.shape[1]} channels but the block expects {conv.in_channels} "
-                         f"(conv1.in_channels); input shape {tuple(x.shape)}")
+        where = f" ({source}.in_channels)" if source else ""
+        raise ValueError(f"{owner}: input has {x.shape[1]} channels but {reader} expects {conv.in_channels}{where}; "
+                         f"input shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{block}: input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+        raise TypeError(f"{owner}: input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
                         f"got {x.dtype}")
     if x.device != conv.weight.device:
-        raise ValueError(f"{block}: input is on {x.device} but the block's weights are on {conv.weight.device}")
+        raise ValueError(f"{owner}: input is on {x.device} but the block's weights are on {conv.weight.device}")
 
 
 def _grad_needed(x, residual, *modules) -> bool:
@@ -189,7 +193,7 @@ class _FusedBlockBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        _check_input(x, self.conv1, name)
+        check_block_input(x, self.conv1, name)
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -357,7 +361,7 @@ class FusedResidual(_FusedBlockBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = f"FusedResidual({type(self.original).__name__})"
-        _check_input(x, self._units()[0][0], name)
+        check_block_input(x, self._units()[0][0], name, source=self.unit_names[0][0])
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
