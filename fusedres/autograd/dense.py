@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops.layout import dense, memory_format, new_scratch, per_channel, stats_dtype
 from .chain import BNArgs, ConvArgs, BNReLUConv
-from .units import BNAct, _conv_backward, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift
+from .units import (BNAct, _conv_backward, autocast_dtype, batch_count, batch_or_running_stats,
+                    bn_backward_coefficients, bn_scale_shift, running_stats)
 
 # A channel-statistics record left on a dense block's output for the transition after it:
 # (tensor version when written, mean [C], biased var [C], values per channel).
@@ -64,12 +65,11 @@ class _Plan(NamedTuple):
 def _unit_stats(bn: BNArgs, mean_var: Optional[Tuple[torch.Tensor, torch.Tensor]], count: int, ref: torch.Tensor):
     """(mean, invstd) a unit's BatchNorm uses: the shared batch statistics (running ones updated)
     or its running statistics."""
-    acc = stats_dtype(ref)
     if bn.batch_stats:
         mean, var = mean_var
         ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, bn.momentum)
         return mean, (var + bn.eps).rsqrt()
-    return bn.running_mean.to(acc), (bn.running_var.to(acc) + bn.eps).rsqrt()
+    return running_stats(bn.running_mean, bn.running_var, bn.eps, ref)
 
 
 def _dropout(z: torch.Tensor, p: float, out: torch.Tensor) -> torch.Tensor:
@@ -393,15 +393,11 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if recorded is not None:
             mean, var, count = recorded
-            ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, bn.momentum)
-            invstd = (var + bn.eps).rsqrt()
-        elif bn.batch_stats:
-            batch_count(x)
-            # detached: the gradient through the batch statistics is the Functions' own (batch_stats)
-            mean, invstd = ops.bn_stats(x.detach(), bn.eps, bn.running_mean, bn.running_var, bn.momentum)
+            mean, invstd = _unit_stats(bn, (mean, var), count, x)
         else:
-            acc = stats_dtype(x)
-            mean, invstd = bn.running_mean.to(acc), (bn.running_var.to(acc) + bn.eps).rsqrt()
+            # detached: the gradient through the batch statistics is the Functions' own (batch_stats)
+            mean, invstd = batch_or_running_stats(x.detach(), bn.batch_stats, bn.eps, bn.running_mean, bn.running_var,
+                                                  bn.momentum)
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if fused:
             z = BNReLUConv.apply(x, weight, bias, bn.weight, bn.bias, mean, invstd, conv_args, True, bn.batch_stats,
