@@ -15,12 +15,11 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fusedres
 from fusedres.models import DenseBlock, Transition
 
-from common import bench, model_factory, peak_mb
+from common import bench, model_factory, peak_mb, train_step
 
 GPU_MODELS = ("densenet121", "densenet169", "densenet201")
 
@@ -67,19 +66,6 @@ def saved_megabytes(step_forward, model: nn.Module) -> float:
     return sum(storages.values()) / 2**20
 
 
-def _train_step(model, opt, x, labels, dtype, device):
-    def forward():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return F.cross_entropy(model(x).float(), labels)
-
-    def step():
-        forward().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return forward, step
-
-
 def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bool, compile_mode: str = "default",
         archs=None, image_size: int = 224, progress=None) -> List[Dict[str, object]]:
     small = device.type == "cpu"
@@ -108,16 +94,16 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
                         progress(f"  dense: {arch} {_name(dtype)} batch {batch}: {impl}")
                     model = make().to(device, memory_format=torch.channels_last).train()
                     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-                    forward, _ = _train_step(model, opt, xs[0], labels, dtype, device)
+                    forward, _ = train_step(model, opt, xs[0], labels, dtype, device)
                     try:
-                        ms = bench(lambda i, m=model, o=opt: _train_step(m, o, xs[i], labels, dtype, device)[1],
+                        ms = bench(lambda i, m=model, o=opt: train_step(m, o, xs[i], labels, dtype, device)[1],
                                    len(xs), device, quick)
                     except torch.cuda.OutOfMemoryError:
                         rows.append(dict(model=arch, impl=impl, dtype=_name(dtype), batch=batch, ms=None,
                                          note="out of memory"))
                         torch.cuda.empty_cache()
                         continue
-                    peak = peak_mb(device, _train_step(model, opt, xs[0], labels, dtype, device)[1])
+                    peak = peak_mb(device, train_step(model, opt, xs[0], labels, dtype, device)[1])
                     saved = saved_megabytes(forward, model) if "compile" not in impl else None
                     opt.zero_grad(set_to_none=True)
                     if impl.endswith("memory_efficient=False"):

@@ -10,26 +10,14 @@ import copy
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
 import fusedres
 
-from common import bench, model_factory, peak_mb
+from common import bench, model_factory, peak_mb, train_step
 
 GPU_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
               "resnext101_32x8d", "wide_resnet50_2", "densenet121")
 CPU_MODELS = ("resnet18", "resnet50")
-
-
-def _train_step(model, opt, x, labels, dtype, device):
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.cross_entropy(model(x).float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def _infer(model, x, dtype, device):
@@ -67,7 +55,7 @@ def run(device: torch.device, dtypes, batches, quick: bool, compile_baseline: bo
                     for mode in ("train", "eval"):
                         model.train(mode == "train")
                         if mode == "train":
-                            fn = lambda i, m=model, o=opt: _train_step(m, o, xs[i], labels, dtype, device)  # noqa: E731
+                            fn = lambda i, m=model, o=opt: train_step(m, o, xs[i], labels, dtype, device)[1]  # noqa: E731
                         else:
                             fn = lambda i, m=model: _infer(m, xs[i], dtype, device)  # noqa: E731
                         try:

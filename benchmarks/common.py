@@ -129,6 +129,21 @@ def model_factory(arch: str):
         return getattr(models, arch), "fusedres.models"
 
 
+def train_step(model, opt, x, labels, dtype, device):
+    """(forward, step) of a classifier's training step: forward() returns the cross-entropy loss
+    under autocast when dtype is not float32; step() is forward + backward + optimizer step."""
+    def forward():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return torch.nn.functional.cross_entropy(model(x).float(), labels)
+
+    def step():
+        forward().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return forward, step
+
+
 def peak_mb(device: torch.device, fn: Callable[[], object]):
     """MB the CUDA allocator's peak rises above what is allocated before fn() (None off CUDA)."""
     if device.type != "cuda":

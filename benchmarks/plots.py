@@ -26,6 +26,18 @@ def _bars(ax, labels: List[str], series: Dict[str, List[float]], ylabel: str, re
     ax.legend(fontsize=7)
 
 
+def _series(rows, label, value):
+    """(x labels in first-seen order, {impl: [row[value] per label]}) of result rows."""
+    labels = list(dict.fromkeys(label(r) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    return labels, {i: [next((r.get(value) for r in rows if label(r) == b and r["impl"] == i), None) for b in labels]
+                    for i in impls}
+
+
+def _run_label(r):
+    return f"{r['model']} {r['dtype']} b{r['batch']}"
+
+
 def plot(report: dict, out: str) -> List[str]:
     import matplotlib
 
@@ -35,60 +47,43 @@ def plot(report: dict, out: str) -> List[str]:
     os.makedirs(out, exist_ok=True)
     device = report.get("environment", {}).get("device", "?")
     written = []
+
+    def save(fig, title, name):
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def two_panels(rows, left, right, title, name):
+        """(value, y label) on the left and on the right, one bar per impl and run."""
+        labels, _ = _series(rows, _run_label, left[0])
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(labels)), 4))
+        for ax, (value, ylabel) in zip(axes, (left, right)):
+            _bars(ax, *_series(rows, _run_label, value), ylabel)
+        save(fig, title, name)
+
     blocks = [r for r in report.get("blocks", []) if r.get("ms")]
     for dtype in sorted({r["dtype"] for r in blocks}):
         for mode in ("train", "eval"):
             rows = [r for r in blocks if r["dtype"] == dtype and r["mode"] == mode and r["impl"] != "stock eager"]
-            if not rows:
-                continue
-            labels = list(dict.fromkeys(r["block"] for r in rows))
-            impls = list(dict.fromkeys(r["impl"] for r in rows))
-            series = {i: [next((r["speedup_vs_eager"] for r in rows if r["block"] == b and r["impl"] == i), None)
-                          for b in labels] for i in impls}
-            fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 4))
-            _bars(ax, labels, series, "speedup vs stock eager", reference=1.0)
-            ax.set_title(f"blocks, {mode}, {dtype}, {device}", fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(out, f"blocks_{mode}_{dtype}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            if rows:
+                labels, series = _series(rows, lambda r: r["block"], "speedup_vs_eager")
+                fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 4))
+                _bars(ax, labels, series, "speedup vs stock eager", reference=1.0)
+                save(fig, f"blocks, {mode}, {dtype}, {device}", f"blocks_{mode}_{dtype}.png")
     models = [r for r in report.get("models", []) if r.get("ms")]
     for mode in ("train", "eval"):
         rows = [r for r in models if r["mode"] == mode]
-        if not rows:
-            continue
-        labels = list(dict.fromkeys(f"{r['model']} {r['dtype']} b{r['batch']}" for r in rows))
-        impls = list(dict.fromkeys(r["impl"] for r in rows))
-        key = lambda r: f"{r['model']} {r['dtype']} b{r['batch']}"  # noqa: E731
-        fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(labels)), 4))
-        _bars(axes[0], labels, {i: [next((r["images_per_s"] for r in rows if key(r) == b and r["impl"] == i), None)
-                                    for b in labels] for i in impls}, "images/s")
-        _bars(axes[1], labels, {i: [next((r.get("peak_MB") for r in rows if key(r) == b and r["impl"] == i), None)
-                                    for b in labels] for i in impls}, "peak MB (GPU)")
-        fig.suptitle(f"models, {mode}, {device}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out, f"models_{mode}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        if rows:
+            two_panels(rows, ("images_per_s", "images/s"), ("peak_MB", "peak MB (GPU)"), f"models, {mode}, {device}",
+                       f"models_{mode}.png")
     dense = [r for r in report.get("dense", []) if r.get("ms")]
     if dense:
-        labels = list(dict.fromkeys(f"{r['model']} {r['dtype']} b{r['batch']}" for r in dense))
-        impls = list(dict.fromkeys(r["impl"] for r in dense))
-        key = lambda r: f"{r['model']} {r['dtype']} b{r['batch']}"  # noqa: E731
         mem = "peak_MB" if any(r.get("peak_MB") for r in dense) else "saved_MB"
-        fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(labels)), 4))
-        _bars(axes[0], labels, {i: [next((r["ms"] for r in dense if key(r) == b and r["impl"] == i), None)
-                                    for b in labels] for i in impls}, "training step ms")
-        _bars(axes[1], labels, {i: [next((r.get(mem) for r in dense if key(r) == b and r["impl"] == i), None)
-                                    for b in labels] for i in impls}, mem.replace("_", " "))
-        fig.suptitle(f"DenseNet training step, {device}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out, "densenet.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        two_panels(dense, ("ms", "training step ms"), (mem, mem.replace("_", " ")), f"DenseNet training step, {device}",
+                   "densenet.png")
     return written
 
 
