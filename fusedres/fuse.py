@@ -384,14 +384,16 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
     return _recurse(module, path, entries)
 
 
-def _recurse(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
+def _map_children(module: nn.Module, fn) -> nn.Module:
+    """module with each child replaced by fn(name, child) (None children kept)."""
     for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        new = _swap(child, f"{path}.{name}" if path else name, entries)
-        if new is not child:
-            module._modules[name] = new
+        if child is not None:
+            module._modules[name] = fn(name, child)
     return module
+
+
+def _recurse(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
+    return _map_children(module, lambda name, child: _swap(child, f"{path}.{name}" if path else name, entries))
 
 
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -422,9 +424,9 @@ def fuse_report(model: nn.Module) -> FuseReport:
 
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """`model` with every fused block swapped back for plain nn modules (the originals that
-    fusedres.fuse kept, or, for blocks built fused, the torchvision-style reference forward is
-    not needed: their children are plain nn modules already); for export."""
+    """`model` with every block that fusedres.fuse swapped in replaced by the original module it
+    kept (children replaced since fusing carried over to a FusedResidual's original), e.g. for
+    export. Blocks built fused (FusedBottleneck, ...) have no original and are kept."""
     if not inplace:
         model = copy.deepcopy(model)
     return _unswap(model)
@@ -437,7 +439,4 @@ def _unswap(module: nn.Module) -> nn.Module:
     if original is not None:
         original.training = module.training
         return _unswap(original)
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = _unswap(child)
-    return module
+    return _map_children(module, lambda name, child: _unswap(child))
