@@ -1,9 +1,10 @@
 // Op schemas of the fusedres extension. The CPU and CUDA implementations register themselves
-// with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; Python calls them as torch.ops.fusedres.<op>.
+// with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; Python calls them as torch.ops.fusedres_kernels.<op>
+// (fusedres/ops registers the dispatching ops torch.ops.fusedres.<op>, which choose among backends).
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(fusedres, m) {
+TORCH_LIBRARY(fusedres_kernels, m) {
   // Per-channel batch mean and inverse standard deviation 1/sqrt(var + eps) (biased variance) of
   // an [N, C, ...] activation, accumulated in float32 (float64 for float64 input). When running
   // statistics are given they are updated in place as nn.BatchNorm2d does, with `momentum` the
@@ -39,6 +40,6 @@ PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedres_module); }
 namespace fusedres {
 bool built_with_cuda();
 }
-TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+TORCH_LIBRARY_FRAGMENT(fusedres_kernels, m) {
   m.def("built_with_cuda() -> bool", [] { return fusedres::built_with_cuda(); });
 }

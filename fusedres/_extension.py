@@ -2,7 +2,7 @@
 import torch
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.fusedres.*)
+    from . import _C  # noqa: F401  (registers torch.ops.fusedres_kernels.*)
 
     LOAD_ERROR = None
 except ImportError as exc:  # not built, or built against another torch
@@ -14,4 +14,4 @@ def loaded() -> bool:
 
 
 def built_with_cuda() -> bool:
-    return loaded() and bool(torch.ops.fusedres.built_with_cuda())
+    return loaded() and bool(torch.ops.fusedres_kernels.built_with_cuda())

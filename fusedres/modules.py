@@ -24,7 +24,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .autograd import BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act_inference, conv_bn_act, conv_bn_chain
+from .autograd import (BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act_inference, conv_bn_act, conv_bn_chain,
+                       tracing)
 from .ops import fold_bn
 
 _warned = set()
@@ -154,7 +155,10 @@ class _FusedBlockBase(nn.Module):
         return out
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version)."""
+        """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version);
+        recomputed in a traced graph (torch.compile / export), where the fold is part of the graph."""
+        if tracing():
+            return fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
         key += (bn.eps,)

@@ -27,7 +27,7 @@ def test_extension_is_loaded_and_has_cpu_kernels():
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
-    built = bool(torch.ops.fusedres.built_with_cuda())
+    built = bool(torch.ops.fusedres_kernels.built_with_cuda())
     assert built == (torch.version.cuda is not None and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
                      and cpp_extension.CUDA_HOME is not None)
 

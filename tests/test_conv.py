@@ -103,7 +103,7 @@ def test_forward_with_every_fusion(device, name, dtype, geo):
     residual = _tensor(z64.shape, dtype, device, fmt, mean=-0.5)
     ctx = _conv_backend(name, device)
     try:
-        y, partials = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=True, stats=True)
+        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=True, stats=True)
         stored, _ = ops.conv2d_forward(x, weight, bias, **conv, **pro)
     finally:
         ctx.__exit__(None, None, None)
@@ -114,7 +114,7 @@ def test_forward_with_every_fusion(device, name, dtype, geo):
     assert_close_scaled(y, expected, SCALED_TOL[dtype], msg=f"{geo} {dtype}")
     # statistics are of the stored conv output (before residual and ReLU)
     var, mean = torch.var_mean(stored.double(), dim=(0, 2, 3), unbiased=False)
-    got_mean, got_invstd = ops.bn_stats_from_partials(*partials, eps=1e-5)
+    got_mean, got_invstd = moments.mean, (moments.var + 1e-5).rsqrt()
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got_mean.double().cpu(), mean.cpu(), atol=tol * (1 + mean.abs().max().item()), rtol=tol)
     torch.testing.assert_close(got_invstd.double().cpu(), (var + 1e-5).rsqrt().cpu(), atol=0, rtol=10 * tol)
@@ -135,10 +135,10 @@ def test_forward_fusion_combinations(device, name, fmt, fusions):
         expected = torch.relu(expected)
     ctx = _conv_backend(name, device)
     try:
-        y, partials = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=fusions == "relu")
+        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=fusions == "relu")
     finally:
         ctx.__exit__(None, None, None)
-    assert partials is None
+    assert moments is None
     assert_close_scaled(y, expected, 1e-12, msg=fusions)
 
 
@@ -208,7 +208,7 @@ def test_forward_writes_into_a_channel_slice_and_reads_one(device, name, fmt, dt
     before = buffer.clone()
     ctx = _conv_backend(name, device)
     try:
-        y, partials = ops.conv2d_forward(x_in, weight, None, **conv, **pro, stats=True, out=out)
+        y, moments = ops.conv2d_forward(x_in, weight, None, **conv, **pro, stats=True, out=out)
     finally:
         ctx.__exit__(None, None, None)
     assert y.data_ptr() == out.data_ptr()
@@ -217,7 +217,7 @@ def test_forward_writes_into_a_channel_slice_and_reads_one(device, name, fmt, dt
     untouched[3:3 + expected.shape[1]] = False
     assert torch.equal(buffer[:, untouched], before[:, untouched]), "wrote outside its slice"
     var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
-    got_mean, _ = ops.bn_stats_from_partials(*partials, eps=1e-5)
+    got_mean = moments.mean
     assert_close_scaled(got_mean, mean, 2e-5 if dtype != torch.float64 else 1e-12, msg="stats of the slice")
 
 
@@ -286,11 +286,11 @@ def test_large_mean_statistics_do_not_cancel(device, name):
     bias = torch.full((6,), 1e3, device=device)
     ctx = _conv_backend(name, device)
     try:
-        y, partials = ops.conv2d_forward(x, weight, bias, stats=True)
+        y, moments = ops.conv2d_forward(x, weight, bias, stats=True)
     finally:
         ctx.__exit__(None, None, None)
     var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
-    _, invstd = ops.bn_stats_from_partials(*partials, eps=0.0)
+    invstd = moments.var.rsqrt()
     torch.testing.assert_close(invstd.double().cpu(), var.rsqrt().cpu(), rtol=1e-4, atol=0)
 
 
@@ -472,7 +472,7 @@ def test_real_resnet_shapes_on_gpu(dtype, shape):
     x, weight, conv, pro = _problem(geo, dtype, "cuda", torch.channels_last, prologue=cin > 3)
     weight = (weight / (weight.shape[1] * k * k) ** 0.5).to(dtype)
     with fusedres.use_backend("triton"):
-        y, partials = ops.conv2d_forward(x, weight, None, **conv, **pro, stats=True)
+        y, moments = ops.conv2d_forward(x, weight, None, **conv, **pro, stats=True)
         grad_y = torch.randn_like(y)
         dx, _, _ = ops.conv2d_input_grad(grad_y, weight, x, **conv, **pro)
         dw = ops.conv2d_weight_grad(grad_y, x, weight, **conv, **pro)

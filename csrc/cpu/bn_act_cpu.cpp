@@ -231,7 +231,7 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+TORCH_LIBRARY_IMPL(fusedres_kernels, CPU, m) {
   m.impl("bn_act_forward", &cpu::bn_act_forward_cpu);
   m.impl("bn_act_backward_reduce", &cpu::bn_act_backward_reduce_cpu);
   m.impl("bn_act_backward_elementwise", &cpu::bn_act_backward_elementwise_cpu);

@@ -54,6 +54,6 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input, double 
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fusedres, CPU, m) { m.impl("bn_stats", &cpu::bn_stats_cpu); }
+TORCH_LIBRARY_IMPL(fusedres_kernels, CPU, m) { m.impl("bn_stats", &cpu::bn_stats_cpu); }
 
 }  // namespace fusedres

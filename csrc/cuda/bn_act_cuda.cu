@@ -255,7 +255,7 @@ at::Tensor bn_act_backward_elementwise_cuda(const at::Tensor& grad, const at::Te
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+TORCH_LIBRARY_IMPL(fusedres_kernels, CUDA, m) {
   m.impl("bn_act_forward", &cuda::bn_act_forward_cuda);
   m.impl("bn_act_backward_reduce", &cuda::bn_act_backward_reduce_cuda);
   m.impl("bn_act_backward_elementwise", &cuda::bn_act_backward_elementwise_cuda);

@@ -99,6 +99,6 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input, double
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) { m.impl("bn_stats", &cuda::bn_stats_cuda); }
+TORCH_LIBRARY_IMPL(fusedres_kernels, CUDA, m) { m.impl("bn_stats", &cuda::bn_stats_cuda); }
 
 }  // namespace fusedres

@@ -44,8 +44,8 @@ class BNArgs(NamedTuple):
 
 class BNReLUConv(torch.autograd.Function):
     """z = conv2d(p(x), weight, bias), p(x) = relu(BN(x)) with BN's (mean, invstd, gamma, beta)
-    applied in the conv's prologue when in_norm, else p(x) = x. Also returns the StatsPartials of z
-    (empty tensors unless want_stats; not differentiable). With in_batch_stats, mean and invstd are
+    applied in the conv's prologue when in_norm, else p(x) = x. Also returns z's batch mean and
+    biased variance from the conv's epilogue (empty tensors unless want_stats; not differentiable). With in_batch_stats, mean and invstd are
     x's batch statistics and backward includes the path through them."""
 
     @staticmethod
@@ -55,17 +55,17 @@ class BNReLUConv(torch.autograd.Function):
         if in_norm:
             scale, shift = bn_scale_shift(invstd, gamma, beta)
             pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
-        z, partials = ops.conv2d_forward(x, weight, bias, *conv_args, stats=want_stats, **pro)
-        if partials is None:
-            partials = tuple(z.new_empty(0, dtype=torch.float32) for _ in range(3))
+        z, moments = ops.conv2d_forward(x, weight, bias, *conv_args, stats=want_stats, **pro)
+        if moments is None:
+            moments = tuple(z.new_empty(0, dtype=stats_dtype(z)) for _ in range(2))
         ctx.conv_args = conv_args
         ctx.in_norm = in_norm
         ctx.in_batch_stats = in_batch_stats
         ctx.dtypes = (None if bias is None else bias.dtype, None if gamma is None else gamma.dtype,
                       None if beta is None else beta.dtype)
         ctx.save_for_backward(x, weight, mean, scale, shift, invstd)
-        ctx.mark_non_differentiable(*partials)
-        return (z, *partials)
+        ctx.mark_non_differentiable(*moments)
+        return (z, *moments)
 
     @staticmethod
     def backward(ctx, grad_z, *_unused_partial_grads):
@@ -102,9 +102,6 @@ def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Opti
     return None
 
 
-# torch.compile runs the chain as an opaque call (a graph break) until its ops are registered with
-# torch.library (the compile issue): Dynamo must not trace into the Triton launch code.
-@torch.compiler.disable
 def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], residual: Optional[torch.Tensor] = None,
                   relu: bool = True) -> torch.Tensor:
     """act(BN_n(conv_n(relu(BN_{n-1}(... relu(BN_1(conv_1(x))) ...)))) + residual) with autograd.
@@ -129,11 +126,11 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
             conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
             # the previous unit's BN + ReLU runs in this conv's prologue; the first conv has none
             in_bn = (prev.weight, prev.bias, mean, invstd) if prev is not None else (None,) * 4
-            z, *partials = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
-                                            prev is not None and prev.batch_stats, bn.batch_stats)
+            z, batch_mean, batch_var = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
+                                                        prev is not None and prev.batch_stats, bn.batch_stats)
             if bn.batch_stats:
-                mean, invstd = ops.bn_stats_from_partials(*partials, bn.eps, bn.running_mean, bn.running_var,
-                                                          bn.momentum, count=batch_count(z))
+                mean, invstd = ops.bn_stats_from_moments(batch_mean, batch_var, batch_count(z), bn.eps,
+                                                         bn.running_mean, bn.running_var, bn.momentum)
             else:
                 mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
             h, prev = z, bn

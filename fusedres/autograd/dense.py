@@ -40,7 +40,7 @@ from .. import ops
 from ..ops.layout import dense, memory_format, new_scratch, per_channel, stats_dtype
 from .chain import BNArgs, ConvArgs, BNReLUConv
 from .units import (BNAct, _conv_backward, autocast_dtype, batch_count, batch_or_running_stats,
-                    bn_backward_coefficients, bn_scale_shift, running_stats)
+                    bn_backward_coefficients, bn_scale_shift, running_stats, tracing)
 
 # A channel-statistics record left on a dense block's output for the transition after it:
 # (tensor version when written, mean [C], biased var [C], values per channel).
@@ -55,7 +55,7 @@ class DenseLayerArgs(NamedTuple):
 
 class _Plan(NamedTuple):
     """What the autograd Function needs besides the tensors it differentiates."""
-    bns: Tuple[Tuple[BNArgs, ...], ...]  # per layer, per unit (tensors inside are only read)
+    bns: Tuple[Tuple[BNArgs, ...], ...]  # per layer, per unit; no tensors (those are the Function's arguments)
     convs: Tuple[Tuple[tuple, ...], ...]  # per layer, per unit: (stride, padding, dilation, groups)
     drop_rates: Tuple[float, ...]
     growth: int
@@ -92,7 +92,7 @@ def _dropout_backward(grad: torch.Tensor, saved: torch.Tensor, p: float) -> torc
 
 
 def _prologue_conv(h, weight, bias, conv_args, mean, scale, shift, fused, stats, out=None):
-    """z = conv(relu((h - mean) * scale + shift)) (into `out` if given), with the StatsPartials
+    """z = conv(relu((h - mean) * scale + shift)) (into `out` if given), with the ChannelMoments
     of z when stats and fused."""
     if fused:
         return ops.conv2d_forward(h, weight, bias, *conv_args, in_mean=mean, in_scale=scale, in_shift=shift,
@@ -105,8 +105,8 @@ def _prologue_conv(h, weight, bias, conv_args, mean, scale, shift, fused, stats,
     return z, None
 
 
-def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch.Tensor]], training_dropout,
-                   dtype: torch.dtype):
+def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch.Tensor]],
+                   running: Sequence[Optional[torch.Tensor]], training_dropout, dtype: torch.dtype):
     """The block's forward with its convs in `dtype`. Returns (buffer, mean [C], var [C] or None,
     saved per layer)."""
     n, c0, h, w = x.shape
@@ -127,6 +127,7 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
         var_all[:c0], mean_all[:c0] = ops.channel_var_mean(buffer[:, :c0])
     saved = []
     it = iter(params)
+    running_it = iter(running)
     for j, (bns, convs, p) in enumerate(zip(plan.bns, plan.convs, plan.drop_rates)):
         cj = c0 + j * k
         dst = buffer[:, cj:cj + k]
@@ -136,11 +137,12 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
         mean_var = (mean_all[:cj], var_all[:cj]) if shared else None
         for u, (bn, conv_args) in enumerate(zip(bns, convs)):
             gamma, beta, weight, bias = next(it), next(it), next(it), next(it)
+            bn = bn._replace(running_mean=next(running_it), running_var=next(running_it))
             last = u == len(bns) - 1
             mean, invstd = _unit_stats(bn, mean_var, count, x)
             scale, shift = bn_scale_shift(invstd, gamma, beta)
             next_batch = bns[u + 1].batch_stats if not last else (shared and not dropout)
-            z, partials = _prologue_conv(h_in, weight, bias, conv_args, mean, scale, shift, plan.fused,
+            z, moments = _prologue_conv(h_in, weight, bias, conv_args, mean, scale, shift, plan.fused,
                                          stats=next_batch and plan.fused,
                                          out=dst if last and not dropout else None)
             layer_saved += [mean, invstd, scale, shift]  # then z (units before the last) or dropout's mask
@@ -148,7 +150,7 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
                 mean_var = None
                 if next_batch:
                     if plan.fused:
-                        mean_var = ops.merge_partials(*partials, count=count)[:2]
+                        mean_var = tuple(moments)
                     else:
                         var, mean_z = ops.channel_var_mean(z)
                         mean_var = (mean_z, var)
@@ -161,7 +163,7 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
                 layer_saved.append(None)
             if shared:
                 if plan.fused and not dropout:
-                    mean_all[cj:cj + k], var_all[cj:cj + k] = ops.merge_partials(*partials, count=count)[:2]
+                    mean_all[cj:cj + k], var_all[cj:cj + k] = moments
                 else:
                     var_all[cj:cj + k], mean_all[cj:cj + k] = ops.channel_var_mean(dst)
         saved.append(layer_saved)
@@ -170,12 +172,16 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
 
 class DenseBlockFunction(torch.autograd.Function):
     """buffer = the dense block's output over x; see the module docstring. params: per layer, per
-    unit, (bn weight, bn bias, conv weight, conv bias), None where absent. Also returns the
+    unit, (bn weight, bn bias, conv weight, conv bias), None where absent, then per unit its
+    (running_mean, running_var), updated in place (torch.compile sees every tensor as an argument,
+    none hidden in `plan`; the running statistics are not saved for backward). Also returns the
     buffer's per-channel batch mean and biased variance (not differentiable; empty in eval)."""
 
     @staticmethod
-    def forward(ctx, x, plan, training_dropout, dtype, *params):
-        buffer, mean_all, var_all, saved = _dense_forward(x, plan, params, training_dropout, dtype)
+    def forward(ctx, x, plan, training_dropout, dtype, *params_and_running):
+        num_params = 4 * sum(len(bns) for bns in plan.bns)
+        params, running = params_and_running[:num_params], params_and_running[num_params:]
+        buffer, mean_all, var_all, saved = _dense_forward(x, plan, params, running, training_dropout, dtype)
         ctx.x_dtype = x.dtype
         output = buffer
         if torch.promote_types(x.dtype, dtype) != dtype:
@@ -193,7 +199,7 @@ class DenseBlockFunction(torch.autograd.Function):
         ctx.save_for_backward(*tensors, *params)
         ctx.num_params = len(params)
         if mean_all is None or output is not buffer:
-            mean_all = var_all = x.new_empty(0, dtype=stats_dtype(buffer))
+            mean_all, var_all = (x.new_empty(0, dtype=stats_dtype(buffer)) for _ in range(2))
         ctx.mark_non_differentiable(mean_all, var_all)
         return output, mean_all, var_all
 
@@ -302,7 +308,7 @@ class DenseBlockFunction(torch.autograd.Function):
         # a view of G where no BatchNorm read the input with batch statistics (autograd copies it
         # into x.grad with x's strides if need be)
         grad_x = complete(0, c0).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return (grad_x, None, None, None, *grads)
+        return (grad_x, None, None, None, *grads, *([None] * 2 * (ctx.num_params // 4)))
 
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -321,9 +327,6 @@ def dense_block_unsupported_reason(x: torch.Tensor, layers: Sequence[DenseLayerA
     return None
 
 
-# torch.compile runs the block as an opaque call (a graph break) until its ops are registered with
-# torch.library (the compile issue).
-@torch.compiler.disable
 def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequence[bool] = ()) -> torch.Tensor:
     """The output of a DenseNet dense block, torch.cat([x, y_1, ..., y_L], 1), built in one buffer.
 
@@ -352,29 +355,32 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
     dropout = tuple(bool(d) for d in dropout) or (False,) * len(layers)
     dtype = autocast_dtype(x.device.type)
     fused = dense_block_unsupported_reason(x, layers) is None
-    params = []
+    params, running = [], []
     for layer in layers:
         for bn, conv in layer.units:
             params += [bn.weight, bn.bias, _cast(conv.weight, dtype), _cast(conv.bias, dtype)]
-    plan = _Plan(tuple(tuple(bn for bn, _ in layer.units) for layer in layers),
+            running += [bn.running_mean, bn.running_var]
+    no_tensors = dict(weight=None, bias=None, running_mean=None, running_var=None)
+    plan = _Plan(tuple(tuple(bn._replace(**no_tensors) for bn, _ in layer.units) for layer in layers),
                  tuple(tuple((c.stride, c.padding, c.dilation, c.groups) for _, c in layer.units) for layer in layers),
                  tuple(float(layer.drop_rate) for layer in layers), growth, fused)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, dtype or x.dtype, *params)
-    if mean.numel():
+        buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, dtype or x.dtype, *params, *running)
+    if mean.numel() and not tracing():  # a compiled graph recomputes the transition's statistics
         setattr(buffer, STATS_ATTR, (buffer._version, mean, var, buffer.numel() // buffer.shape[1]))
     return buffer
 
 
 def channel_stats(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
     """(mean, biased var, count) a dense block recorded for its output x, if x is unchanged since."""
+    if tracing():
+        return None
     record = getattr(x, STATS_ATTR, None)
     if record is None or record[0] != x._version:
         return None
     return record[1:]
 
 
-@torch.compiler.disable
 def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2) -> torch.Tensor:
     """avg_pool2d(conv(relu(BN(x))), pool): DenseNet's transition.
 

@@ -20,6 +20,13 @@ from .. import ops
 from ..ops.layout import stats_dtype
 
 
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: Python-side caches keyed on a tensor's
+    version or data pointer (which a traced graph cannot see) are then bypassed."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+    return torch.compiler.is_compiling() or is_exporting()
+
+
 def _conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, groups, needs):
     """aten's conv backward (cuDNN / oneDNN): (grad_x, grad_weight, grad_bias), None where not needed."""
     if not any(needs):
@@ -70,8 +77,8 @@ def bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, batch_sta
 
 
 def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu):
-    """y = act((z - mean) * scale + shift + residual); records in ctx what bn_act_backward needs
-    (ctx.bn_saved: tensors for save_for_backward)."""
+    """(y, saved): y = act((z - mean) * scale + shift + residual); ctx gets the flags
+    bn_act_backward needs and `saved` is the tensors it needs (for save_for_backward)."""
     scale, shift = bn_scale_shift(invstd, bn_weight, bn_bias)
     y = ops.bn_act_forward(z, mean, scale, shift, residual, relu)
     ctx.batch_stats = batch_stats
@@ -80,8 +87,7 @@ def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batc
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
     mask_source = y if (residual is not None and relu) else None
-    ctx.bn_saved = (z, mean, scale, shift, invstd, mask_source)
-    return y
+    return y, (z, mean, scale, shift, invstd, mask_source)
 
 
 def bn_act_backward(ctx, grad_y, saved, need_z, need_gamma, need_beta, need_residual):
@@ -127,11 +133,10 @@ class ConvBNAct(torch.autograd.Function):
                 stride, padding, dilation, groups, eps, momentum, batch_stats, relu):
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         mean, invstd = batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum)
-        y = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
+        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, *ctx.bn_saved)
-        del ctx.bn_saved
+        ctx.save_for_backward(x, weight, *bn_saved)
         return y
 
     @staticmethod
@@ -156,9 +161,8 @@ class BNAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu):
-        y = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
-        ctx.save_for_backward(*ctx.bn_saved)
-        del ctx.bn_saved
+        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
+        ctx.save_for_backward(*bn_saved)
         return y
 
     @staticmethod

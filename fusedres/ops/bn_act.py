@@ -11,9 +11,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _extension
 from . import _validate
 from .layout import dense, like, per_channel, stats_dtype
-from .registry import register, resolve
+from .registry import dispatch, register
 
 
 def _relu_mask(x, mean, scale, shift, output):
@@ -69,9 +70,8 @@ register("bn_act_backward_reduce", "reference")(bn_act_backward_reduce_reference
 register("bn_act_backward_elementwise", "reference")(bn_act_backward_elementwise_reference)
 
 for _backend in ("cpu", "cuda"):
-    register("bn_act_forward", _backend)(lambda *a: torch.ops.fusedres.bn_act_forward(*a))
-    register("bn_act_backward_reduce", _backend)(lambda *a: torch.ops.fusedres.bn_act_backward_reduce(*a))
-    register("bn_act_backward_elementwise", _backend)(lambda *a: torch.ops.fusedres.bn_act_backward_elementwise(*a))
+    for _op in ("bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise"):
+        register(_op, _backend)(lambda *a, _op=_op: getattr(torch.ops.fusedres_kernels, _op)(*a))
 
 
 @register("bn_act_forward", "triton")
@@ -93,6 +93,53 @@ def _backward_elementwise_triton(*args):
     from ..kernels.bn_act_triton import bn_act_backward_elementwise_triton
 
     return bn_act_backward_elementwise_triton(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch.library ops (torch.ops.fusedres.*): dispatch to a backend; fakes give output metadata.
+# The extension's own ops (torch.ops.fusedres_kernels.*) take the same fakes.
+# ---------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("fusedres::bn_act_forward", mutates_args=())
+def _forward_op(x: Tensor, mean: Optional[Tensor], scale: Optional[Tensor], shift: Tensor,
+                residual: Optional[Tensor], relu: bool) -> Tensor:
+    return dispatch("bn_act_forward", x.device, x, mean, scale, shift, residual, relu)
+
+
+@torch.library.custom_op("fusedres::bn_act_backward_reduce", mutates_args=())
+def _backward_reduce_op(grad_output: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                        output: Optional[Tensor], relu: bool, write_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return dispatch("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift, output, relu,
+                    write_grad_z)
+
+
+@torch.library.custom_op("fusedres::bn_act_backward_elementwise", mutates_args=())
+def _backward_elementwise_op(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                             coef_xmu: Tensor, coef_c: Tensor, relu: bool) -> Tensor:
+    return dispatch("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, relu)
+
+
+def _forward_fake(x, mean, scale, shift, residual, relu):
+    return torch.empty_like(x)
+
+
+def _backward_reduce_fake(grad_output, x, mean, scale, shift, output, relu, write_grad_z):
+    acc = stats_dtype(x)
+    grad_z = torch.empty_like(x, dtype=grad_output.dtype) if write_grad_z else grad_output.new_empty(0)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc), grad_z
+
+
+def _backward_elementwise_fake(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
+    return torch.empty_like(x)
+
+
+for _op, _fake in (("bn_act_forward", _forward_fake), ("bn_act_backward_reduce", _backward_reduce_fake),
+                   ("bn_act_backward_elementwise", _backward_elementwise_fake)):
+    torch.library.register_fake(f"fusedres::{_op}")(_fake)
+    if _extension.loaded():
+        torch.library.register_fake(f"fusedres_kernels::{_op}")(_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +171,7 @@ def bn_act_forward(x: torch.Tensor, mean: Optional[torch.Tensor], scale: Optiona
     _validate.same_shape(x, residual, "residual")
     x = dense(x)
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
-    _, impl = resolve("bn_act_forward", x.device)
-    return impl(x, mean, scale, shift, like(residual, x), bool(relu))
+    return torch.ops.fusedres.bn_act_forward(x, mean, scale, shift, like(residual, x), bool(relu))
 
 
 def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
@@ -142,8 +188,8 @@ def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: tor
     x = dense(x)
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
     grad_output = like(grad_output.to(x.dtype), x)
-    _, impl = resolve("bn_act_backward_reduce", x.device)
-    return impl(grad_output, x, mean, scale, shift, like(output, x), bool(relu), bool(write_grad_z))
+    return torch.ops.fusedres.bn_act_backward_reduce(grad_output, x, mean, scale, shift, like(output, x), bool(relu),
+                                                     bool(write_grad_z))
 
 
 def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
@@ -156,5 +202,4 @@ def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch
     mean, scale, shift, coef_xmu, coef_c = _params(x, mean=mean, scale=scale, shift=shift,
                                                    coef_xmu=coef_xmu, coef_c=coef_c)
     grad = like(grad.to(x.dtype), x)
-    _, impl = resolve("bn_act_backward_elementwise", x.device)
-    return impl(grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))
+    return torch.ops.fusedres.bn_act_backward_elementwise(grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))

@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _extension
 from . import _validate
 from .layout import channel_view, dense, stats_dtype
-from .registry import register, resolve
+from .registry import dispatch, register
 
 
 def bn_stats_reference(x: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
@@ -34,7 +35,23 @@ register("bn_stats", "reference")(bn_stats_reference)
 @register("bn_stats", "cpu")
 @register("bn_stats", "cuda")
 def _bn_stats_extension(x, eps, running_mean, running_var, momentum):
-    return torch.ops.fusedres.bn_stats(x, eps, running_mean, running_var, momentum)
+    return torch.ops.fusedres_kernels.bn_stats(x, eps, running_mean, running_var, momentum)
+
+
+@torch.library.custom_op("fusedres::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(x: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor],
+                 running_var: Optional[torch.Tensor], momentum: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return dispatch("bn_stats", x.device, x, eps, running_mean, running_var, momentum)
+
+
+def _bn_stats_fake(x, eps, running_mean, running_var, momentum):
+    acc = stats_dtype(x)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+_bn_stats_op.register_fake(_bn_stats_fake)
+if _extension.loaded():
+    torch.library.register_fake("fusedres_kernels::bn_stats")(_bn_stats_fake)
 
 
 @register("bn_stats", "triton")
@@ -72,8 +89,7 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
     if running_mean is not None and count < 2:
         raise ValueError("fusedres: the running variance needs more than 1 value per channel, "
                          f"got input size {tuple(x.shape)}")
-    _, impl = resolve("bn_stats", x.device)
-    return impl(x, float(eps), running_mean, running_var, float(momentum))
+    return torch.ops.fusedres.bn_stats(x, float(eps), running_mean, running_var, float(momentum))
 
 
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
@@ -112,12 +128,11 @@ def merge_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor,
     return mean, var, count
 
 
-def bn_stats_from_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor, eps: float = 1e-5,
-                           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
-                           momentum: float = 0.1, count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and invstd from per-tile partials (see merge_partials), with the running
-    update of bn_stats."""
-    mean, var, count = merge_partials(rows, sums, m2s, count)
+def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count: float, eps: float = 1e-5,
+                          running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                          momentum: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) of BatchNorm from a batch's per-channel mean and biased variance over `count`
+    values per channel (a conv epilogue's ChannelMoments), with the running update of bn_stats."""
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return mean, (var + eps).rsqrt()
 

@@ -1,8 +1,9 @@
 """Ops: 2-D convolution with BatchNorm fused at both ends (forward, input gradient, weight gradient).
 
   conv2d_forward      y = act(conv2d(pro(x), W) + bias + residual), pro(x) = act((x - mean) * scale + shift)
-                      per input channel (optional), with partial BatchNorm statistics of
-                      conv2d(pro(x), W) + bias when asked
+                      per input channel (optional), with the BatchNorm statistics (mean, biased
+                      variance) of conv2d(pro(x), W) + bias when asked, from the kernel epilogue's
+                      per-tile partials
   conv2d_input_grad   the gradient of pro(x)'s conv; with the prologue's BN given, dU = dA * relu'(U)
                       (U the prologue's pre-activation) and its per-channel sums for BatchNorm's backward
   conv2d_weight_grad  the weight gradient, recomputing pro(x) from x
@@ -10,25 +11,34 @@ Reference here (plain PyTorch; it materializes pro(x)); Triton kernels in
 fusedres/kernels/conv_triton.py. There is no C++ backend for these: on the CPU and where the
 kernels do not apply, fusedres.autograd keeps aten's conv with the core BatchNorm ops.
 """
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _validate
 from .bn_act import bn_act_forward_reference
+from .bn_stats import merge_partials
 from .layout import memory_format, per_channel, poison_outputs, stats_dtype
-from .registry import available_backend, get_backend, register, resolve
+from .registry import available_backend, dispatch, get_backend, register
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
+Tensor = torch.Tensor
 
 
 class StatsPartials(NamedTuple):
-    """Per-tile BatchNorm statistics: tile i holds rows[i] values per channel with sum[i] and
-    centered sum of squares m2[i] (merged with Chan's formula by ops.bn_stats_from_partials)."""
+    """Per-tile BatchNorm statistics, as a backend returns them: tile i holds rows[i] values per
+    channel with sum[i] and centered sum of squares m2[i] (merged with Chan's formula by
+    ops.merge_partials inside the op, so the op's outputs have fixed shapes)."""
     rows: torch.Tensor  # [T]
     sum: torch.Tensor  # [T, C]
     m2: torch.Tensor  # [T, C]
+
+
+class ChannelMoments(NamedTuple):
+    """Per-channel batch mean and biased variance (float32; float64 for float64 input)."""
+    mean: torch.Tensor  # [C]
+    var: torch.Tensor  # [C]
 
 
 def _prologue_reference(x, in_mean, in_scale, in_shift, in_relu):
@@ -132,6 +142,82 @@ def _conv2d_weight_grad_triton(grad_y, x, weight, stride, padding, dilation, gro
 
 
 # ---------------------------------------------------------------------------------------------
+# The torch.library ops (torch.ops.fusedres.conv2d_*): dispatch to a backend, with fakes. Outputs
+# never alias inputs: with `out` the op writes into it and returns an empty tensor in its place;
+# absent statistics are empty tensors.
+# ---------------------------------------------------------------------------------------------
+def _empty(ref: Tensor, dtype=None) -> Tensor:
+    return ref.new_empty(0, dtype=dtype or ref.dtype)
+
+
+@torch.library.custom_op("fusedres::conv2d_forward", mutates_args=("out",))
+def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+                       dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
+                       in_shift: Optional[Tensor], in_relu: bool, residual: Optional[Tensor], relu: bool,
+                       stats: bool, out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    if out is not None and poison_outputs():
+        out.fill_(float("nan"))
+    y, partials = dispatch("conv2d_forward", x.device, x, weight, bias, tuple(stride), tuple(padding),
+                           tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu, residual, relu, stats, out)
+    if out is not None:
+        y = _empty(x)
+    if partials is None:
+        return y, _empty(x, stats_dtype(x)), _empty(x, stats_dtype(x))
+    count = x.shape[0] * (out if out is not None else y).shape[2] * (out if out is not None else y).shape[3]
+    mean, var, _ = merge_partials(*partials, count=count)
+    return y, mean, var
+
+
+@_conv2d_forward_op.register_fake
+def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
+                         residual, relu, stats, out):
+    shape = _output_shape(x, weight, stride, padding, dilation)
+    y = _empty(x) if out is not None else torch.empty(shape, dtype=x.dtype, device=x.device,
+                                                      memory_format=memory_format(x))
+    acc = stats_dtype(x)
+    c = weight.shape[0] if stats else 0
+    return y, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+@torch.library.custom_op("fusedres::conv2d_input_grad", mutates_args=("out",))
+def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: List[int], padding: List[int],
+                          dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
+                          in_shift: Optional[Tensor], in_relu: bool, out: Optional[Tensor],
+                          out_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, sum_du, sum_du_xmu = dispatch("conv2d_input_grad", x.device, grad_y, weight, x, tuple(stride),
+                                      tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu,
+                                      out, out_scale)
+    acc = stats_dtype(grad_y)
+    return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else sum_du,
+            _empty(x, acc) if sum_du_xmu is None else sum_du_xmu)
+
+
+@_conv2d_input_grad_op.register_fake
+def _conv2d_input_grad_fake(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                            in_relu, out, out_scale):
+    dx = _empty(grad_y) if out is not None else torch.empty(x.shape, dtype=grad_y.dtype, device=x.device,
+                                                            memory_format=memory_format(x))
+    c = x.shape[1] if in_scale is not None else 0
+    acc = stats_dtype(grad_y)
+    return dx, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+@torch.library.custom_op("fusedres::conv2d_weight_grad", mutates_args=())
+def _conv2d_weight_grad_op(grad_y: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                           dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
+                           in_shift: Optional[Tensor], in_relu: bool) -> Tensor:
+    dw = dispatch("conv2d_weight_grad", x.device, grad_y, x, weight, tuple(stride), tuple(padding), tuple(dilation),
+                  groups, in_mean, in_scale, in_shift, in_relu)
+    return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))
+
+
+@_conv2d_weight_grad_op.register_fake
+def _conv2d_weight_grad_fake(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                             in_relu):
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format(weight))
+
+
+# ---------------------------------------------------------------------------------------------
 # Checks and public functions.
 # ---------------------------------------------------------------------------------------------
 def _pair(v, name) -> Tuple[int, int]:
@@ -190,7 +276,8 @@ def _check_out(out, shape, dtype, device, name):
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(f"fusedres: {name} must be a {tuple(shape)} {dtype} tensor on {device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if torch._debug_has_internal_overlap(out) == 1:
+    # (an aten query a traced graph cannot hold: skipped while torch.compile traces)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
         raise ValueError(f"fusedres: {name} has overlapping memory (an expanded tensor); each element must be "
                          f"its own")
 
@@ -218,7 +305,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    groups: int = 1, *, in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
                    in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
                    residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False,
-                   out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[StatsPartials]]:
+                   out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[ChannelMoments]]:
     """y = act(conv2d(pro(x), weight) + bias + residual), pro(x) = act((x - in_mean) * in_scale + in_shift).
 
     Args:
@@ -226,11 +313,12 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         in_mean, in_scale, in_shift (Tensor[C_in]): the input's BatchNorm, applied as each tile is
             loaded; padding is zero after it. in_relu: ReLU after it.
         residual (Tensor[N, C_out, P, Q]): added after the bias; relu: ReLU last.
-        stats: also return StatsPartials of conv2d(pro(x)) + bias (before residual and ReLU).
+        stats: also return the ChannelMoments (mean, biased variance) of conv2d(pro(x)) + bias as
+            stored in y's dtype (before residual and ReLU), merged from the epilogue's per-tile partials.
         out (Tensor[N, C_out, P, Q]): written in place instead of a new tensor; any strides, e.g. a
             channel slice of a dense block's feature buffer.
     Returns:
-        (y in x's dtype and memory format (or `out`), StatsPartials or None).
+        (y in x's dtype and memory format (or `out`), ChannelMoments or None).
     """
     stride, padding, dilation = _check_conv(x, weight, bias, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
@@ -242,12 +330,10 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                              f"{tuple(residual.shape)} on {residual.device}")
     if out is not None:
         _check_out(out, out_shape, x.dtype, x.device, "out")
-        if poison_outputs():
-            out.fill_(float("nan"))
-    _, impl = resolve("conv2d_forward", x.device)
-    y, partials = impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
-                       residual, bool(relu), bool(stats), out)
-    return y, (StatsPartials(*partials) if partials is not None else None)
+    y, mean, var = torch.ops.fusedres.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, in_mean,
+                                                     in_scale, in_shift, bool(in_relu), residual, bool(relu),
+                                                     bool(stats), out)
+    return (y if out is None else out), (ChannelMoments(mean, var) if stats else None)
 
 
 def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: Sequence[int] = (1, 1),
@@ -274,9 +360,12 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
                      else out_scale.to(stats_dtype(grad_y)).contiguous())
     elif out_scale is not None:
         raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
-    _, impl = resolve("conv2d_input_grad", x.device)
-    return impl(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu),
-                out, out_scale)
+    dx, sum_du, sum_du_xmu = torch.ops.fusedres.conv2d_input_grad(grad_y, weight, x, stride, padding, dilation, groups,
+                                                                  in_mean, in_scale, in_shift, bool(in_relu), out,
+                                                                  out_scale)
+    if in_scale is None:
+        sum_du = sum_du_xmu = None
+    return (dx if out is None else out), sum_du, sum_du_xmu
 
 
 def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = (1, 1),
@@ -287,6 +376,5 @@ def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     _validate.activation(grad_y, "grad_y")
-    _, impl = resolve("conv2d_weight_grad", x.device)
-    dw = impl(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, bool(in_relu))
-    return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))
+    return torch.ops.fusedres.conv2d_weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
+                                                 in_scale, in_shift, bool(in_relu))

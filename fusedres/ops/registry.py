@@ -5,6 +5,9 @@ Backends:
   cpu        C++ kernels of fusedres._C, CPU tensors
   cuda       CUDA kernels of fusedres._C, CUDA tensors
   triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
+Each op is one torch.library custom op, torch.ops.fusedres.<op>, whose body picks the backend at
+run time (`dispatch`) and which has a fake (meta) implementation: torch.compile and torch.export see
+one opaque op with known output shapes, never the launch code of a backend.
 `set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks, per op, the first of cuda > triton
 that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but
 cannot run a call falls back to the reference path and warns once per (op, backend, reason).
@@ -36,10 +39,7 @@ def register(op: str, backend: str):
         raise ValueError(f"fusedres: unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def deco(fn):
-        # Triton launchers are opaque to torch.compile (a graph break): Dynamo must not trace the
-        # host-side launch code (nor, under TRITON_INTERPRET, the interpreter). Registering the ops
-        # with torch.library will make them traceable.
-        _impls.setdefault(op, {})[backend] = torch.compiler.disable(fn) if backend == "triton" else fn
+        _impls.setdefault(op, {})[backend] = fn
         return fn
 
     return deco
@@ -169,6 +169,31 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
                                       "using the reference PyTorch path")
         backend = "reference"
     return backend, impls[backend]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def dispatch(op: str, device: torch.device, *args):
+    """Run `op` on the backend `resolve` picks. A custom op's outputs may alias neither its inputs
+    nor each other, so an output sharing memory with either (a reference path returning x
+    unchanged, two statistics vectors that are rows of one buffer) comes back as a copy."""
+    _, impl = resolve(op, device)
+    result = impl(*args)
+    seen = {_storage(a) for a in args if isinstance(a, torch.Tensor) and a.numel()}
+
+    def unaliased(t):
+        if not isinstance(t, torch.Tensor) or not t.numel():
+            return t
+        if _storage(t) in seen:
+            return t.clone()
+        seen.add(_storage(t))
+        return t
+
+    if isinstance(result, torch.Tensor):
+        return unaliased(result)
+    return tuple(unaliased(r) for r in result)
 
 
 def implementations(op: str) -> Dict[str, Callable]:
