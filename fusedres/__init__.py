@@ -11,12 +11,12 @@ from . import _extension
 from .autograd import conv_bias_act_inference, conv_bn_act  # noqa: F401
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition  # noqa: F401
 from .fuse import FuseReport, fuse, fuse_report, unfuse  # noqa: F401
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual  # noqa: F401
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedDenseLayer", "FusedDenseBlock",
-           "FusedTransition", "fuse", "fuse_report", "unfuse", "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
+           "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse", "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded"]
 
 

@@ -102,7 +102,7 @@ class FusedDenseLayer(nn.Module):
 
     def _fallback_reason(self) -> Optional[str]:
         for bn, conv in self._units():
-            why = unfusable_reason(conv, bn)
+            why = unfusable_reason(conv, bn, sync_ok=False)
             if why is not None:
                 return why
         for relu in (self.relu1, getattr(self, "relu2", None)):
@@ -217,7 +217,7 @@ class FusedTransition(nn.Sequential):
         names = list(self._modules)
         if names != ["norm", "relu", "conv", "pool"]:
             return f"submodules {names}, expected norm, relu, conv, pool"
-        why = unfusable_reason(self.conv, self.norm)
+        why = unfusable_reason(self.conv, self.norm, sync_ok=False)
         if why is not None:
             return why
         if type(self.relu) is not nn.ReLU:

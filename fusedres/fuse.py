@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, unfusable_reason
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, convert_sync_batchnorm, unfusable_reason
 
 _FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
@@ -73,7 +73,8 @@ class _Plan(NamedTuple):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.ReLU, nn.Identity))
+                or super().is_leaf_module(m, qualname))
 
 
 def _trace(block: nn.Module, training: bool) -> torch.fx.Graph:
@@ -119,7 +120,7 @@ def _module_kind(node, block) -> Optional[str]:
         return "identity"
     if isinstance(m, nn.Conv2d):
         return "conv"
-    if isinstance(m, nn.BatchNorm2d):
+    if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return "bn"
     return None
 
@@ -396,7 +397,8 @@ def _recurse(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
     return _map_children(module, lambda name, child: _swap(child, f"{path}.{name}" if path else name, entries))
 
 
-def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
+         process_group: Optional[object] = None) -> nn.Module:
     """`model` with every block fusedres can prove equivalent swapped for a fused one.
 
     The fused blocks hold the original submodules under their original names, so
@@ -404,11 +406,27 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     (with inplace=False, the default, on a deep copy: fuse a model before building its
     optimizer). Blocks already fused are kept, so fusing twice changes nothing. What was swapped
     and what was left, with reasons: fusedres.fuse_report(model).
+
+    sync_bn=True first makes every nn.BatchNorm2d (and nn.SyncBatchNorm) a fusedres
+    SyncBatchNorm2d over `process_group` (None: the default group), sharing its parameters and
+    buffers: in training under torch.distributed (e.g. DistributedDataParallel, on GPUs or, unlike
+    nn.SyncBatchNorm, CPUs) each BatchNorm's batch statistics are those of every process's batch,
+    one all-reduce per BatchNorm forward and one backward, inside the fused residual blocks too.
+    Dense blocks and transitions run their own forward with the synchronized norms (their fused
+    path does not synchronize), as the report says. A model converted with
+    nn.SyncBatchNorm.convert_sync_batchnorm is fused the same way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.fuse: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"fusedres.fuse: sync_bn must be a bool, got {type(sync_bn).__name__}")
+    if process_group is not None and not sync_bn:
+        raise ValueError("fusedres.fuse: process_group is the group sync_bn=True synchronizes over; "
+                         "give sync_bn=True with it")
     if not inplace:
         model = copy.deepcopy(model)
+    if sync_bn:
+        model = convert_sync_batchnorm(model, process_group)
     entries: List[Entry] = []
     fused = _swap(model, "", entries)
     object.__setattr__(fused, REPORT_ATTR, FuseReport(entries))

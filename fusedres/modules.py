@@ -14,9 +14,13 @@ conv -> BN -> (add) -> ReLU runs as one core unit (aten's conv, then the BN ops)
   eval, no gradients (inference) BN folded into the conv weights (cached until they change),
                                  then bias + residual + ReLU in the conv's epilogue (fused conv
                                  kernels) or in one pass after aten's conv
-A block whose convs or norm layers are not plain nn.Conv2d / nn.BatchNorm2d (a custom
-norm_layer, SyncBatchNorm, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference
-torchvision forward instead and says so once.
+Synchronized norm layers (sync_bn=True, which makes them SyncBatchNorm2d; or nn.SyncBatchNorm,
+e.g. from nn.SyncBatchNorm.convert_sync_batchnorm, which works on GPUs only) are fused too: in
+training under torch.distributed their batch statistics are those of every process's batch, one
+all-reduce per BatchNorm forward and one backward (ops.distributed). A block whose convs or norm
+layers are not plain nn.Conv2d / nn.BatchNorm2d / SyncBatchNorm2d / nn.SyncBatchNorm (a custom
+norm_layer, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference torchvision
+forward instead and says so once.
 """
 import warnings
 from typing import Callable, Optional
@@ -25,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from .autograd import (BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act_inference, conv_bn_act, conv_bn_chain,
-                       tracing)
-from .ops import fold_bn
+                       sync_batch_norm, tracing)
+from .ops import fold_bn, sync_group
 
 _warned = set()
 
@@ -48,16 +52,78 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """None if conv -> bn can run as a fused unit, else why not."""
+def _is_plain(module: nn.Module, cls) -> bool:
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode batch statistics are those of every process's batch,
+    like nn.SyncBatchNorm, on any device (nn.SyncBatchNorm, and DistributedDataParallel holding
+    one, accept only CUDA modules), with nn.BatchNorm2d's state_dict keys.
+
+    It synchronizes, as nn.SyncBatchNorm does, only in training mode under an initialized
+    torch.distributed with more than one process in `process_group` (None: the default group);
+    otherwise it is nn.BatchNorm2d. Fused blocks fuse it, synchronized; standalone it is one
+    all-reduce of per-channel count, sum and sum of squares forward and one of BatchNorm's two
+    sums backward."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Optional[object] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sync = sync_group(self.process_group) if self.training else None
+        if sync is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"SyncBatchNorm2d: input has {x.shape[1]} channels, expected {self.num_features}")
+        b = bn_args(self)
+        return sync_batch_norm(x, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.momentum, b.sync)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, process_group: Optional[object] = None
+                       ) -> "SyncBatchNorm2d":
+        """A SyncBatchNorm2d sharing bn's parameters and buffers (and its training flag)."""
+        sync = cls.__new__(cls)
+        nn.Module.__init__(sync)
+        sync.__dict__.update({k: v for k, v in bn.__dict__.items()
+                              if k not in ("_parameters", "_buffers", "_modules")})
+        sync._parameters = bn._parameters
+        sync._buffers = bn._buffers
+        sync._modules = bn._modules
+        sync.process_group = process_group
+        return sync
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Optional[object] = None) -> nn.Module:
+    """module with every nn.BatchNorm2d / nn.SyncBatchNorm in it replaced, in place, by a
+    SyncBatchNorm2d over process_group sharing its parameters and buffers (so state_dict keys and
+    optimizers are unchanged). Returns module, or the replacement if module itself is one."""
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return SyncBatchNorm2d.from_batchnorm(module, process_group)
+    for name, child in module._modules.items():
+        if child is not None:
+            module._modules[name] = convert_sync_batchnorm(child, process_group)
+    return module
+
+
+def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True) -> Optional[str]:
+    """None if conv -> bn can run as a fused unit, else why not. sync_ok: a synchronized norm
+    (SyncBatchNorm2d, nn.SyncBatchNorm) is fused with its statistics synchronized, rather than
+    left to its own forward."""
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
-    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if sync_ok and (_is_plain(bn, SyncBatchNorm2d) or _is_plain(bn, nn.SyncBatchNorm)):
+        return None
+    if not _is_plain(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d" + (" or a synchronized one" if sync_ok else "")
     return None
 
 
@@ -97,8 +163,11 @@ def bn_args(bn: nn.BatchNorm2d) -> BNArgs:
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
+    # nn.SyncBatchNorm synchronizes only in training mode, under an initialized process group of > 1
+    sync = (sync_group(bn.process_group) if isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) and bn.training
+            else None)
     return BNArgs(bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
-                  bn.eps, momentum, batch_stats)
+                  bn.eps, momentum, batch_stats, sync)
 
 
 def conv_args(conv: nn.Conv2d) -> ConvArgs:
@@ -122,7 +191,8 @@ class _FusedBlockBase(nn.Module):
             weight, bias = self._folded(conv, bn)
             return conv_bias_act_inference(x, weight, bias, residual, relu=relu, **conv_args)
         return conv_bn_act(x, conv.weight, conv.bias, b.weight, b.bias, b.running_mean, b.running_var, residual,
-                           eps=b.eps, momentum=b.momentum, batch_stats=b.batch_stats, relu=relu, **conv_args)
+                           eps=b.eps, momentum=b.momentum, batch_stats=b.batch_stats, relu=relu, sync=b.sync,
+                           **conv_args)
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         """The units as one conv_bn_chain on the fused conv kernels."""
@@ -212,7 +282,8 @@ class FusedBasicBlock(_FusedBlockBase):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, sync_bn: bool = False,
+                 process_group: Optional[object] = None) -> None:
         super().__init__()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
@@ -227,6 +298,7 @@ class FusedBasicBlock(_FusedBlockBase):
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
+        _convert_sync(self, sync_bn, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2))
@@ -253,7 +325,8 @@ class FusedBottleneck(_FusedBlockBase):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, sync_bn: bool = False,
+                 process_group: Optional[object] = None) -> None:
         super().__init__()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
@@ -267,6 +340,7 @@ class FusedBottleneck(_FusedBlockBase):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        _convert_sync(self, sync_bn, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
@@ -285,6 +359,16 @@ class FusedBottleneck(_FusedBlockBase):
     def from_module(cls, block: nn.Module) -> "FusedBottleneck":
         """A FusedBottleneck sharing `block`'s submodules (and so its parameters and buffers)."""
         return _adopt(cls, block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"))
+
+
+def _convert_sync(block: nn.Module, sync_bn: bool, process_group: Optional[object]) -> None:
+    """sync_bn=True: the block's norm layers (downsample's too) become SyncBatchNorm2d over
+    process_group."""
+    if process_group is not None and not sync_bn:
+        raise ValueError(f"{type(block).__name__}: process_group is the group sync_bn=True synchronizes over; "
+                         "give sync_bn=True with it")
+    if sync_bn:
+        convert_sync_batchnorm(block, process_group)
 
 
 def _adopt(cls, block: nn.Module, names) -> nn.Module:

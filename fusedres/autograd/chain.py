@@ -40,16 +40,19 @@ class BNArgs(NamedTuple):
     eps: float
     momentum: float
     batch_stats: bool
+    sync: Optional[ops.SyncGroup] = None  # batch statistics over every process of a group (training only)
 
 
 class BNReLUConv(torch.autograd.Function):
     """z = conv2d(p(x), weight, bias), p(x) = relu(BN(x)) with BN's (mean, invstd, gamma, beta)
     applied in the conv's prologue when in_norm, else p(x) = x. Also returns z's batch mean and
     biased variance from the conv's epilogue (empty tensors unless want_stats; not differentiable). With in_batch_stats, mean and invstd are
-    x's batch statistics and backward includes the path through them."""
+    x's batch statistics and backward includes the path through them; with in_sync (ops.SyncGroup)
+    they are the statistics of every process's batch, in_count values per channel in all."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, mean, invstd, conv_args, in_norm, in_batch_stats, want_stats):
+    def forward(ctx, x, weight, bias, gamma, beta, mean, invstd, conv_args, in_norm, in_batch_stats, want_stats,
+                in_sync=None, in_count=None):
         pro = {}
         scale = shift = None
         if in_norm:
@@ -61,6 +64,8 @@ class BNReLUConv(torch.autograd.Function):
         ctx.conv_args = conv_args
         ctx.in_norm = in_norm
         ctx.in_batch_stats = in_batch_stats
+        ctx.in_sync = in_sync if in_batch_stats else None
+        ctx.in_count = in_count
         ctx.dtypes = (None if bias is None else bias.dtype, None if gamma is None else gamma.dtype,
                       None if beta is None else beta.dtype)
         ctx.save_for_backward(x, weight, mean, scale, shift, invstd)
@@ -80,6 +85,9 @@ class BNReLUConv(torch.autograd.Function):
             grad_beta = sum_du.to(ctx.dtypes[2]) if need_beta else None
             if need_x:
                 count = x.numel() // x.shape[1]
+                if ctx.in_sync is not None:  # after gamma's and beta's local gradients
+                    sum_du, sum_du_xmu = ops.all_reduce_sums(sum_du, sum_du_xmu, ctx.in_sync)
+                    count = ctx.in_count
                 coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_du, sum_du_xmu, count,
                                                             ctx.in_batch_stats)
                 grad_x = ops.bn_act_backward_elementwise(du, x, mean, scale, shift, coef_xmu, coef_c, relu=False)
@@ -89,7 +97,7 @@ class BNReLUConv(torch.autograd.Function):
             grad_w = ops.conv2d_weight_grad(grad_z, x, weight, *conv_args, **pro)
         if need_b:
             grad_b = grad_z.sum((0, 2, 3), dtype=stats_dtype(grad_z)).to(ctx.dtypes[0])
-        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None, None, None
 
 
 def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Optional[str]:
@@ -107,7 +115,8 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
     """act(BN_n(conv_n(relu(BN_{n-1}(... relu(BN_1(conv_1(x))) ...)))) + residual) with autograd.
 
     BN_k uses batch statistics (running statistics updated in place, as nn.BatchNorm2d) when
-    units[k].batch_stats, else its running statistics as constants. Under autocast the convs run
+    units[k].batch_stats, else its running statistics as constants; with units[k].sync, the
+    statistics of every process's batch (nn.SyncBatchNorm). Under autocast the convs run
     in the autocast dtype, as F.conv2d would; BatchNorm math stays float32.
     """
     if not units:
@@ -117,7 +126,7 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
         x = x.to(dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         h = x
-        prev = mean = invstd = None
+        prev = mean = invstd = count = None
         for conv, bn in units:
             weight, bias = conv.weight, conv.bias
             if dtype is not None:
@@ -127,11 +136,16 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
             # the previous unit's BN + ReLU runs in this conv's prologue; the first conv has none
             in_bn = (prev.weight, prev.bias, mean, invstd) if prev is not None else (None,) * 4
             z, batch_mean, batch_var = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
-                                                        prev is not None and prev.batch_stats, bn.batch_stats)
+                                                        prev is not None and prev.batch_stats, bn.batch_stats,
+                                                        None if prev is None else prev.sync, count)
+            count = None
             if bn.batch_stats:
-                mean, invstd = ops.bn_stats_from_moments(batch_mean, batch_var, batch_count(z), bn.eps,
+                count = batch_count(z)
+                if bn.sync is not None:
+                    batch_mean, batch_var, count = ops.all_reduce_moments(batch_mean, batch_var, count, bn.sync)
+                mean, invstd = ops.bn_stats_from_moments(batch_mean, batch_var, count, bn.eps,
                                                          bn.running_mean, bn.running_var, bn.momentum)
             else:
                 mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
             h, prev = z, bn
-        return BNAct.apply(h, prev.weight, prev.bias, mean, invstd, residual, prev.batch_stats, relu)
+        return BNAct.apply(h, prev.weight, prev.bias, mean, invstd, residual, prev.batch_stats, relu, prev.sync, count)

@@ -76,11 +76,24 @@ def bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, batch_sta
     return -scale * invstd * invstd * sum_dz_xmu / count, -scale * sum_dz / count
 
 
-def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu):
+def synced_batch_stats(z, eps, running_mean, running_var, momentum, sync):
+    """(mean, invstd, count) of BatchNorm over z and the same BatchNorm's inputs on every process
+    of `sync` (running statistics updated with them); count is the whole batch's, a 0-d tensor."""
+    var, mean = ops.channel_var_mean(z)
+    mean, var, count = ops.all_reduce_moments(mean, var, batch_count(z), sync)
+    mean, invstd = ops.bn_stats_from_moments(mean, var, count, eps, running_mean, running_var, momentum)
+    return mean, invstd, count
+
+
+def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu, sync=None,
+                        count=None):
     """(y, saved): y = act((z - mean) * scale + shift + residual); ctx gets the flags
-    bn_act_backward needs and `saved` is the tensors it needs (for save_for_backward)."""
+    bn_act_backward needs and `saved` is the tensors it needs (for save_for_backward). With `sync`
+    (ops.SyncGroup), mean and invstd are of the batch over every process, `count` values per channel."""
     scale, shift = bn_scale_shift(invstd, bn_weight, bn_bias)
     y = ops.bn_act_forward(z, mean, scale, shift, residual, relu)
+    ctx.sync = sync if batch_stats else None
+    ctx.count = count
     ctx.batch_stats = batch_stats
     ctx.relu = relu
     ctx.has_residual = residual is not None
@@ -110,6 +123,9 @@ def bn_act_backward(ctx, grad_y, saved, need_z, need_gamma, need_beta, need_resi
     grad_z = None
     if need_z:
         count = z.numel() // z.shape[1]
+        if ctx.sync is not None:  # gamma's and beta's gradients above stay local (DDP averages them)
+            sum_dz, sum_dz_xmu = ops.all_reduce_sums(sum_dz, sum_dz_xmu, ctx.sync)
+            count = ctx.count
         coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, ctx.batch_stats)
         grad_z = ops.bn_act_backward_elementwise(grad_for_bn, z, mean, scale, shift, coef_xmu, coef_c,
                                                  relu=mask_in_elementwise)
@@ -130,10 +146,15 @@ class ConvBNAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                stride, padding, dilation, groups, eps, momentum, batch_stats, relu):
+                stride, padding, dilation, groups, eps, momentum, batch_stats, relu, sync):
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        mean, invstd = batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum)
-        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
+        count = None
+        if batch_stats and sync is not None:
+            mean, invstd, count = synced_batch_stats(z, eps, running_mean, running_var, momentum, sync)
+        else:
+            mean, invstd = batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum)
+        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu,
+                                          sync, count)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *bn_saved)
@@ -151,17 +172,19 @@ class ConvBNAct(torch.autograd.Function):
             grad_x, grad_w, grad_b = _conv_backward(grad_z, x, weight, ctx.has_bias, *ctx.conv_args,
                                                     (need_x, need_w, need_b))
         return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, grad_residual,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class BNAct(torch.autograd.Function):
     """y = act(BN(z) + residual) of a raw conv output z whose statistics (mean, invstd) were taken
     elsewhere (a conv epilogue; running statistics when not batch_stats). Backward includes the
-    path through the batch statistics, which are functions of z."""
+    path through the batch statistics, which are functions of z. With sync (ops.SyncGroup) they
+    are the statistics of every process's batch, `count` values per channel in all."""
 
     @staticmethod
-    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu):
-        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu)
+    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu, sync=None, count=None):
+        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu,
+                                          sync, count)
         ctx.save_for_backward(*bn_saved)
         return y
 
@@ -170,7 +193,17 @@ class BNAct(torch.autograd.Function):
         grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(
             ctx, grad_y, ctx.saved_tensors, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.needs_input_grad[2], ctx.needs_input_grad[5])
-        return grad_z, grad_gamma, grad_beta, None, None, grad_residual, None, None
+        return grad_z, grad_gamma, grad_beta, None, None, grad_residual, None, None, None, None
+
+
+def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
+                    momentum: float, sync: ops.SyncGroup) -> torch.Tensor:
+    """Training-mode BatchNorm of x with the batch statistics of every process of `sync` (one
+    all-reduce forward, one backward), running statistics updated with them: nn.SyncBatchNorm's
+    forward, on any device. The math is float32 (float64 for float64 x); y has x's dtype."""
+    mean, invstd, count = synced_batch_stats(x.detach(), eps, running_mean, running_var, momentum, sync)
+    return BNAct.apply(x, weight, bias, mean, invstd, None, True, False, sync, count)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -184,7 +217,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 residual: Optional[torch.Tensor] = None, *, stride: Sequence[int] = (1, 1),
                 padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
-                eps: float = 1e-5, momentum: float = 0.1, batch_stats: bool = True, relu: bool = True) -> torch.Tensor:
+                eps: float = 1e-5, momentum: float = 0.1, batch_stats: bool = True, relu: bool = True,
+                sync: Optional[ops.SyncGroup] = None) -> torch.Tensor:
     """act(BatchNorm(conv2d(x)) + residual) with autograd; see ConvBNAct.
 
     Args:
@@ -192,6 +226,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         bn_weight, bn_bias (Tensor[C_out] or None): gamma and beta (None: 1 and 0, affine=False).
         running_mean, running_var (Tensor[C_out] or None): updated when batch_stats, read otherwise.
         residual (Tensor[N, C_out, H', W'] or None): added before the activation.
+        sync (ops.SyncGroup or None): batch statistics over every process of its group, as
+            nn.SyncBatchNorm (ops.sync_group makes one).
     Under autocast the conv runs in the autocast dtype, as F.conv2d would; BN math stays float32.
     """
     dtype = autocast_dtype(x.device.type)
@@ -201,7 +237,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                                tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum, batch_stats,
-                               relu)
+                               relu, sync)
 
 
 def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

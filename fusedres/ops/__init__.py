@@ -4,6 +4,7 @@ from .bn_stats import (bn_stats, bn_stats_from_moments, channel_var_mean, merge_
                        update_running_stats)
 from .conv import (CONV_OPS, ChannelMoments, StatsPartials, conv2d_forward, conv2d_input_grad, conv2d_weight_grad,  # noqa: F401
                    kernel_unsupported_reason)
+from .distributed import SyncGroup, all_reduce_moments, all_reduce_sums, sync_group  # noqa: F401
 from .fold import fold_bn  # noqa: F401
 from .registry import (available_backend, backends, get_backend, implementations, resolve, set_backend,  # noqa: F401
                        use_backend)

@@ -93,12 +93,12 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
 
 
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                         mean: torch.Tensor, var: torch.Tensor, count: float, momentum: float) -> None:
+                         mean: torch.Tensor, var: torch.Tensor, count, momentum: float) -> None:
     """nn.BatchNorm2d's running update from a batch's mean and biased variance over `count` values
     per channel: running = (1 - momentum) * running + momentum * batch, the variance unbiased."""
     if running_mean is None:
         return
-    if count < 2:
+    if not isinstance(count, torch.Tensor) and count < 2:  # (a tensor count: a synchronized batch's)
         raise ValueError("fusedres: the running variance needs more than 1 value per channel")
     acc = mean.dtype
     with torch.no_grad():
@@ -128,11 +128,12 @@ def merge_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor,
     return mean, var, count
 
 
-def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count: float, eps: float = 1e-5,
+def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count, eps: float = 1e-5,
                           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
                           momentum: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) of BatchNorm from a batch's per-channel mean and biased variance over `count`
-    values per channel (a conv epilogue's ChannelMoments), with the running update of bn_stats."""
+    values per channel (a conv epilogue's ChannelMoments; count an int, or a 0-d tensor for a
+    batch synchronized across processes), with the running update of bn_stats."""
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return mean, (var + eps).rsqrt()
 
