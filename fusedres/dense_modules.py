@@ -129,6 +129,8 @@ class FusedDenseLayer(nn.Module):
             raise ValueError(f"{name}: input must be a tensor or a non-empty list of tensors")
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
         check_block_input(x, self.conv1, name, "norm1", source="")
+        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
+            return self._reference_forward(x)
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -189,6 +191,8 @@ class FusedDenseBlock(nn.ModuleDict):
         if not layers:
             return init_features
         check_block_input(init_features, layers[0].conv1, name, "denselayer1.norm1", source="")
+        if init_features.numel() == 0:  # an empty batch: exactly what the reference does with one
+            return self._reference_forward(init_features)
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -235,6 +239,8 @@ class FusedTransition(nn.Sequential):
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
             return super().forward(x)
         check_block_input(x, self.conv, name, "norm", source="")
+        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
+            return super().forward(x)
         return bn_relu_conv_pool(x, bn_args(self.norm), conv_args(self.conv), pool=2)
 
     @classmethod

@@ -22,6 +22,7 @@ layers are not plain nn.Conv2d / nn.BatchNorm2d / SyncBatchNorm2d / nn.SyncBatch
 norm_layer, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference torchvision
 forward instead and says so once.
 """
+import threading
 import warnings
 from typing import Callable, Optional
 
@@ -33,12 +34,15 @@ from .autograd import (BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act
 from .ops import fold_bn, sync_group
 
 _warned = set()
+_warned_lock = threading.Lock()
 
 
 def _warn_once(key, message):
-    if key not in _warned:
+    with _warned_lock:  # two threads hitting one fallback at once warn once
+        if key in _warned:
+            return
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -80,6 +84,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"SyncBatchNorm2d: input has {x.shape[1]} channels, expected {self.num_features}")
+        if x.numel() == 0:
+            raise ValueError("SyncBatchNorm2d: an empty batch on one process while synchronizing statistics "
+                             "(every process needs at least one sample per step)")
         b = bn_args(self)
         return sync_batch_norm(x, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.momentum, b.sync)
 
@@ -268,6 +275,8 @@ class _FusedBlockBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
         check_block_input(x, self.conv1, name)
+        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
+            return self._reference_forward(x)
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
@@ -450,6 +459,8 @@ class FusedResidual(_FusedBlockBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = f"FusedResidual({type(self.original).__name__})"
         check_block_input(x, self._units()[0][0], name, source=self.unit_names[0][0])
+        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
+            return self._reference_forward(x)
         why = self._fallback_reason()
         if why is not None:
             _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")

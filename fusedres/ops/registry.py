@@ -31,6 +31,7 @@ _state = threading.local()
 _default_backend = None
 _warned = set()
 _warn_lock = threading.Lock()
+_interpreter_lock = threading.Lock()
 
 
 def register(op: str, backend: str):
@@ -179,8 +180,12 @@ def dispatch(op: str, device: torch.device, *args):
     """Run `op` on the backend `resolve` picks. A custom op's outputs may alias neither its inputs
     nor each other, so an output sharing memory with either (a reference path returning x
     unchanged, two statistics vectors that are rows of one buffer) comes back as a copy."""
-    _, impl = resolve(op, device)
-    result = impl(*args)
+    backend, impl = resolve(op, device)
+    if backend == "triton" and triton_interpreted():
+        with _interpreter_lock:  # the interpreter patches triton.language globally: one launch at a time
+            result = impl(*args)
+    else:
+        result = impl(*args)
     seen = {_storage(a) for a in args if isinstance(a, torch.Tensor) and a.numel()}
 
     def unaliased(t):
