@@ -1,6 +1,7 @@
 """Robustness: NaN and Inf propagate as in the reference, empty batches behave as the reference,
-results are the same run to run (deterministic mode turns autotuning off), and the autotune
-cache, the extension loading and the fused modules are safe from several threads at once."""
+results are the same run to run (deterministic mode turns autotuning off), and the extension
+loading and the fused modules are safe from several threads at once (the autotune cache's
+thread safety: test_conv.py)."""
 import copy
 import subprocess
 import sys
@@ -126,39 +127,6 @@ def test_deterministic_mode_turns_conv_autotuning_off(monkeypatch):
         assert not conv_triton.autotune_enabled(cuda)
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def test_autotune_cache_is_tuned_once_per_key_from_many_threads(monkeypatch):
-    """Eight threads ask for the same two keys at once: each key is timed once, and every thread
-    gets that key's winner."""
-    import triton.testing
-
-    monkeypatch.setattr(conv_triton, "autotune_enabled", lambda device: True)
-    monkeypatch.setattr(conv_triton, "_tuned", {})
-    timed = []
-    timed_lock = threading.Lock()
-
-    def fake_do_bench(fn, warmup, rep):
-        cfg = fn()
-        with timed_lock:
-            timed.append(cfg)
-        return {"a": 2.0, "b": 1.0, "c": 3.0}[cfg]
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    barrier = threading.Barrier(8)
-    answers = [None] * 8
-
-    def worker(i):
-        barrier.wait()
-        answers[i] = conv_triton._choose(("key", i % 2), torch.device("cuda"), ["a", "b", "c"], "a", lambda cfg: cfg)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert answers == ["b"] * 8
-    assert sorted(timed) == ["a", "a", "b", "b", "c", "c"], "each key's three candidates timed once"
 
 
 def test_extension_loading_and_first_calls_from_two_threads():
