@@ -36,8 +36,9 @@ grep -E "fusedres build" "$OUT/build.log" | head -n 1
 fi
 
 if [[ $STAGES == *,test,* ]]; then
-echo "== tests on the GPU"
-PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 --junitxml="$OUT/tests.xml" -rs \
+echo "== tests on the GPU (property tests: ${FUSEDRES_PROPERTY_EXAMPLES:=200} examples each)"
+"$PY" -c "import hypothesis" 2>/dev/null || echo "   hypothesis is not installed: the property tests draw seeded random examples"
+FUSEDRES_PROPERTY_EXAMPLES=$FUSEDRES_PROPERTY_EXAMPLES PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 --junitxml="$OUT/tests.xml" -rs \
   --durations=25 ${TESTS:-tests/} \
   > "$OUT/tests.log" 2>&1
 test_rc=$?

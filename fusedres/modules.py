@@ -151,6 +151,9 @@ def check_block_input(x, conv: nn.Conv2d, owner: str, reader: str = "the block",
                         f"got {x.dtype}")
     if x.device != conv.weight.device:
         raise ValueError(f"{owner}: input is on {x.device} but the block's weights are on {conv.weight.device}")
+    if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{owner}: input is {x.dtype} but the block's weights are {conv.weight.dtype}; convert one "
+                        f"(block.to(dtype) or x.to(dtype)) or run under torch.autocast")
 
 
 def _grad_needed(x, residual, *modules) -> bool:

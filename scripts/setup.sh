@@ -17,6 +17,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build and test tools; triton only when none imports (CUDA torch wheels bring their own).
 "$PY" -m pip install -q setuptools wheel ninja packaging numpy pytest >&2
+# Property tests; optional (offline machines draw seeded random examples instead).
+"$PY" -c "import hypothesis" >/dev/null 2>&1 || "$PY" -m pip install -q hypothesis >&2 \
+  || echo "setup: hypothesis not installed; the property tests draw seeded random examples" >&2
 "$PY" -c "import triton" >/dev/null 2>&1 || "$PY" -m pip install -q triton >&2
 # Plots of the benchmark report; optional (offline machines run the report without them).
 "$PY" -c "import matplotlib" >/dev/null 2>&1 || "$PY" -m pip install -q matplotlib >&2 \

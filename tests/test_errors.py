@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import fusedres
 from fusedres import FusedBasicBlock, FusedBottleneck, ops
+from fusedres.models import densenet
 from helpers import activation
 
 
@@ -104,3 +105,76 @@ def test_unavailable_backend_falls_back_to_reference_and_warns_once():
         with pytest.warns(RuntimeWarning, match="backend 'cuda' unavailable .*using the reference PyTorch path"):
             mean, _ = ops.bn_stats(x)
     torch.testing.assert_close(mean, x.double().mean((0, 2, 3)).float())
+
+
+BLOCKS = {
+    "FusedBasicBlock": lambda: FusedBasicBlock(4, 4),
+    "FusedBottleneck": lambda: FusedBottleneck(16, 4),
+    "FusedDenseBlock": lambda: fusedres.fuse(densenet.DenseNet(growth_rate=4, block_config=(2,), num_init_features=4,
+                                                               bn_size=2)).features.denseblock1,
+    "FusedTransition": lambda: fusedres.FusedTransition(4, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_every_fused_module_names_its_bad_input(name):
+    """The README's error table, module rows: each case raises with the module's name and what
+    was expected."""
+    block = BLOCKS[name]()
+    c = 16 if name == "FusedBottleneck" else 4
+    cases = [
+        (torch.randn(c, 5, 5), ValueError, r"expected a 4-D input \[N, C, H, W\], got 3-D"),
+        (torch.randn(2, c + 1, 5, 5), ValueError, rf"input has {c + 1} channels but .* expects {c}"),
+        (torch.ones(2, c, 5, 5, dtype=torch.int64), TypeError, "input must be a floating-point tensor"),
+        (torch.randn(2, c, 5, 5, dtype=torch.float64), TypeError, "input is torch.float64 but the block's weights are "
+                                                                   "torch.float32"),
+        (torch.randn(2, c, 5, 5, device="meta"), ValueError, "input is on meta but the block's weights are on cpu"),
+        ([1.0], TypeError, "input must be a torch.Tensor"),
+    ]
+    for x, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            block(x)
+        assert type(block).__name__ in str(info.value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a dtype other than the weights' is fine under autocast
+        block(torch.randn(2, c, 5, 5))
+
+
+def test_fuse_names_its_bad_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got list"):
+        fusedres.fuse([nn.Conv2d(3, 3, 3)])
+    with pytest.raises(TypeError, match="sync_bn must be a bool"):
+        fusedres.fuse(nn.Conv2d(3, 3, 3), sync_bn=1)
+    with pytest.raises(ValueError, match="fuse_report: this model did not come from fusedres.fuse"):
+        fusedres.fuse_report(nn.Conv2d(3, 3, 3))
+
+
+def test_conv_op_names_mismatched_weight():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"weight .*torch.float64.* must match x .*torch.float32"):
+        fusedres.ops.conv2d_forward(x, torch.randn(3, 4, 1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight \(3, 2, 1, 1\) with groups=1 expects 2 input channels, got x with 4"):
+        fusedres.ops.conv2d_forward(x, torch.randn(3, 2, 1, 1))
+    with pytest.raises(ValueError, match=r"in_scale must have shape \[4\]"):
+        fusedres.ops.conv2d_forward(x, torch.randn(3, 4, 1, 1), in_mean=torch.zeros(4), in_scale=torch.ones(3),
+                                    in_shift=torch.zeros(4))
+
+
+def test_sync_batchnorm_rejects_an_empty_batch_while_synchronizing(monkeypatch):
+    """An empty batch on one process while synchronizing: a clear error, not a hang later."""
+    from fusedres import modules
+
+    monkeypatch.setattr(modules, "sync_group", lambda group: fusedres.ops.SyncGroup(group))
+    bn = fusedres.SyncBatchNorm2d(4)
+    with pytest.raises(ValueError, match="SyncBatchNorm2d: an empty batch"):
+        bn(torch.randn(0, 4, 3, 3))
+
+
+def test_versions_are_compared_as_versions():
+    from fusedres import _versions
+
+    assert _versions.at_least("2.13.0+cpu", "2.4") and _versions.at_least("2.11.0a0+git1234", "2.4")
+    assert _versions.at_least("2.10.0", "2.4"), "as strings, '2.10.0' < '2.4'"
+    assert not _versions.at_least("2.3.1", "2.4")
+    assert _versions.triton_too_old("2.3.0") and not _versions.triton_too_old("3.6.0")
+    with pytest.raises(ImportError, match="fusedres needs torch >= 2.4"):
+        _versions.check_torch("2.3.1")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .. import _extension
+from .. import _extension, _versions
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
@@ -86,7 +86,9 @@ def triton_interpreted() -> bool:
 def _triton_missing() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    return None
+    import triton
+
+    return _versions.triton_too_old(triton.__version__) or None
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
