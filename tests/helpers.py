@@ -93,3 +93,23 @@ def randomize_bn(module):
         elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
             m.bias.data.normal_()
     return module
+
+
+class SmallResNet(torch.nn.Module):
+    """Stem conv-BN-ReLU, a BasicBlock, a grouped Bottleneck with a strided downsample (5x5 -> 3x3),
+    and a linear head when `classes` is given: every kind of fused block, at interpreter sizes."""
+
+    def __init__(self, classes=None):
+        super().__init__()
+        from fusedres.models import resnet
+
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = resnet.BasicBlock(8, 8)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.block2 = resnet.Bottleneck(8, 4, stride=2, downsample=down, groups=2, base_width=32)
+        self.head = nn.Linear(16, classes) if classes else None
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.head(x.mean((2, 3))) if self.head is not None else x

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fusedres
-from fusedres.models import densenet, resnet
-from helpers import BACKEND_CASES, assert_close_scaled, randomize_bn
+from fusedres.models import densenet
+from helpers import BACKEND_CASES, SmallResNet, assert_close_scaled, randomize_bn
 
 # Backends the ops and models are compiled over here: the C++ CPU kernels, and the Triton kernels
 # under the interpreter where there is no GPU (on a GPU: the CUDA and Triton kernels).
@@ -90,27 +89,11 @@ def test_opcheck_extension_ops(device, name):
             torch.library.opcheck(getattr(torch.ops.fusedres_kernels, op), args)
 
 
-class TinyResNet(nn.Module):
-    """Stem, a BasicBlock, a grouped Bottleneck with a strided downsample (odd 5x5 -> 3x3), head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block1 = resnet.BasicBlock(8, 8)
-        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-        self.block2 = resnet.Bottleneck(8, 4, stride=2, downsample=down, groups=2, base_width=32)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = self.block2(self.block1(self.stem(x)))
-        return self.head(x.mean((2, 3)))
-
-
 def _tiny_densenet():
     return densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
 
 
-MODELS = {"resnet": TinyResNet, "densenet": _tiny_densenet}
+MODELS = {"resnet": lambda: SmallResNet(classes=5), "densenet": _tiny_densenet}
 
 
 def _fused_pair(arch, fmt):

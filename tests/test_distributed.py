@@ -12,27 +12,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fusedres
-from fusedres.models import resnet
-from helpers import assert_close_scaled, randomize_bn
+from helpers import SmallResNet, assert_close_scaled, randomize_bn
 
 STEPS = 3
 BATCH = 5
 SPLIT = (3, 2)  # uneven per-rank batches
 LR = 0.1
-
-
-class SmallResNet(nn.Module):
-    """Stem, a BasicBlock, a grouped Bottleneck with a strided downsample, a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block1 = resnet.BasicBlock(8, 8)
-        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-        self.block2 = resnet.Bottleneck(8, 4, stride=2, downsample=down, groups=2, base_width=32)
-
-    def forward(self, x):
-        return self.block2(self.block1(self.stem(x)))
 
 
 def _inputs(fmt):
