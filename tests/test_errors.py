@@ -178,3 +178,18 @@ def test_versions_are_compared_as_versions():
     assert _versions.triton_too_old("2.3.0") and not _versions.triton_too_old("3.6.0")
     with pytest.raises(ImportError, match="fusedres needs torch >= 2.4"):
         _versions.check_torch("2.3.1")
+
+
+def test_unit_functions_name_their_bad_arguments():
+    """fusedres.conv_bn_act and conv_bias_act_inference check their conv arguments as the ops do."""
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(3, 4, 3, 3)
+    bn = (torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got 3-D"):
+        fusedres.conv_bn_act(x[0], w, None, *bn)
+    with pytest.raises(ValueError, match=r"expects 4 input channels, got x with 5"):
+        fusedres.conv_bn_act(torch.randn(2, 5, 5, 5), w, None, *bn)
+    with pytest.raises(ValueError, match=r"weight \(torch.float64, cpu\) must match x \(torch.float32, cpu\)"):
+        fusedres.conv_bias_act_inference(x, w.double(), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"groups=3 must be a positive int dividing"):
+        fusedres.conv_bias_act_inference(x, w, torch.zeros(3), groups=3)

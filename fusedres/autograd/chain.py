@@ -46,9 +46,10 @@ class BNArgs(NamedTuple):
 class BNReLUConv(torch.autograd.Function):
     """z = conv2d(p(x), weight, bias), p(x) = relu(BN(x)) with BN's (mean, invstd, gamma, beta)
     applied in the conv's prologue when in_norm, else p(x) = x. Also returns z's batch mean and
-    biased variance from the conv's epilogue (empty tensors unless want_stats; not differentiable). With in_batch_stats, mean and invstd are
-    x's batch statistics and backward includes the path through them; with in_sync (ops.SyncGroup)
-    they are the statistics of every process's batch, in_count values per channel in all."""
+    biased variance from the conv's epilogue (empty tensors unless want_stats; not
+    differentiable). With in_batch_stats, mean and invstd are x's batch statistics and backward
+    includes the path through them; with in_sync (ops.SyncGroup) they are the statistics of
+    every process's batch, in_count values per channel in all."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, mean, invstd, conv_args, in_norm, in_batch_stats, want_stats,

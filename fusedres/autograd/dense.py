@@ -143,8 +143,8 @@ def _dense_forward(x: torch.Tensor, plan: _Plan, params: Sequence[Optional[torch
             scale, shift = bn_scale_shift(invstd, gamma, beta)
             next_batch = bns[u + 1].batch_stats if not last else (shared and not dropout)
             z, moments = _prologue_conv(h_in, weight, bias, conv_args, mean, scale, shift, plan.fused,
-                                         stats=next_batch and plan.fused,
-                                         out=dst if last and not dropout else None)
+                                        stats=next_batch and plan.fused,
+                                        out=dst if last and not dropout else None)
             layer_saved += [mean, invstd, scale, shift]  # then z (units before the last) or dropout's mask
             if not last:
                 mean_var = None

@@ -234,6 +234,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    ops.check_conv(x, weight, bias, stride, padding, dilation, groups)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                                tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum, batch_stats,
@@ -253,6 +254,7 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
+    ops.check_conv(x, weight, None, stride, padding, dilation, groups)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if ops.kernel_unsupported_reason(x, weight) is None:
             return ops.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=residual,

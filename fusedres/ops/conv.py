@@ -229,7 +229,8 @@ def _pair(v, name) -> Tuple[int, int]:
     return v
 
 
-def _check_conv(x, weight, bias, stride, padding, dilation, groups):
+def check_conv(x, weight, bias, stride, padding, dilation, groups):
+    """Clear errors for a conv's arguments (naming each); returns (stride, padding, dilation) as pairs."""
     _validate.activation(x, "x")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"fusedres: weight must be a 4-D tensor [C_out, C_in/groups, kh, kw], got "
@@ -320,7 +321,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Returns:
         (y in x's dtype and memory format (or `out`), ChannelMoments or None).
     """
-    stride, padding, dilation = _check_conv(x, weight, bias, stride, padding, dilation, groups)
+    stride, padding, dilation = check_conv(x, weight, bias, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     out_shape = _output_shape(x, weight, stride, padding, dilation)
     if residual is not None:
@@ -348,7 +349,7 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     out += out_scale * dU (out_scale [C_in], default 1), summed in float32 and rounded once, and
     `out` is returned in dU's place: a dense block adds each layer's input gradient into the
     prefix of its gradient buffer this way."""
-    stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
+    stride, padding, dilation = check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     _validate.activation(grad_y, "grad_y")
     if out is not None:
@@ -373,7 +374,7 @@ def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                        in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
                        in_shift: Optional[torch.Tensor] = None, in_relu: bool = False) -> torch.Tensor:
     """The weight gradient, in weight's dtype and memory format (summed in float32 / float64)."""
-    stride, padding, dilation = _check_conv(x, weight, None, stride, padding, dilation, groups)
+    stride, padding, dilation = check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     _validate.activation(grad_y, "grad_y")
     return torch.ops.fusedres.conv2d_weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
