@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .autograd.dense import DenseLayerArgs, bn_relu_conv_pool, dense_block
-from .modules import _warn_once, bn_args, check_block_input, conv_args, unfusable_reason
+from .modules import _warn_once, bn_args, check_block_input, conv_args, runs_reference, unfusable_reason
 
 
 def rename_legacy_keys_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -129,11 +129,7 @@ class FusedDenseLayer(nn.Module):
             raise ValueError(f"{name}: input must be a tensor or a non-empty list of tensors")
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
         check_block_input(x, self.conv1, name, "norm1", source="")
-        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
-            return self._reference_forward(x)
-        why = self._fallback_reason()
-        if why is not None:
-            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+        if runs_reference(x, name, self._fallback_reason):
             return self._reference_forward(x)
         # a one-layer block over the concatenation; its new channels are the layer's output
         return dense_block(x, [self._layer_args()], dropout=[self.training])[:, x.shape[1]:]
@@ -191,11 +187,7 @@ class FusedDenseBlock(nn.ModuleDict):
         if not layers:
             return init_features
         check_block_input(init_features, layers[0].conv1, name, "denselayer1.norm1", source="")
-        if init_features.numel() == 0:  # an empty batch: exactly what the reference does with one
-            return self._reference_forward(init_features)
-        why = self._fallback_reason()
-        if why is not None:
-            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+        if runs_reference(init_features, name, self._fallback_reason):
             return self._reference_forward(init_features)
         return dense_block(init_features, [layer._layer_args() for layer in layers],
                            dropout=[layer.training for layer in layers])

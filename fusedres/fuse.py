@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, convert_sync_batchnorm, unfusable_reason
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedResidual, check_sync_args, convert_sync_batchnorm,
+                      unfusable_reason)
 
 _FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
@@ -418,11 +419,7 @@ def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.fuse: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(sync_bn, bool):
-        raise TypeError(f"fusedres.fuse: sync_bn must be a bool, got {type(sync_bn).__name__}")
-    if process_group is not None and not sync_bn:
-        raise ValueError("fusedres.fuse: process_group is the group sync_bn=True synchronizes over; "
-                         "give sync_bn=True with it")
+    check_sync_args(sync_bn, process_group, "fusedres.fuse")
     if not inplace:
         model = copy.deepcopy(model)
     if sync_bn:

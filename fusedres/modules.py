@@ -45,6 +45,19 @@ def _warn_once(key, message):
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def runs_reference(x: torch.Tensor, owner: str, fallback_reason: Callable[[], Optional[str]]) -> bool:
+    """Whether a fused module's forward runs its reference (stock) forward instead: for an empty
+    batch (exactly what the reference does with one), or where a submodule cannot be fused
+    (fallback_reason() says why; warned once per owner and reason)."""
+    if x.numel() == 0:
+        return True
+    why = fallback_reason()
+    if why is not None:
+        _warn_once((owner, why), f"fusedres: {owner} runs the unfused reference forward: {why}")
+        return True
+    return False
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding (torchvision's helper)."""
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
@@ -278,11 +291,7 @@ class _FusedBlockBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
         check_block_input(x, self.conv1, name)
-        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
-            return self._reference_forward(x)
-        why = self._fallback_reason()
-        if why is not None:
-            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+        if runs_reference(x, name, self._fallback_reason):
             return self._reference_forward(x)
         return self._fused_forward(x)
 
@@ -310,7 +319,9 @@ class FusedBasicBlock(_FusedBlockBase):
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
-        _convert_sync(self, sync_bn, process_group)
+        check_sync_args(sync_bn, process_group, type(self).__name__)
+        if sync_bn:  # the block's norm layers (downsample's too) become SyncBatchNorm2d
+            convert_sync_batchnorm(self, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2))
@@ -352,7 +363,9 @@ class FusedBottleneck(_FusedBlockBase):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        _convert_sync(self, sync_bn, process_group)
+        check_sync_args(sync_bn, process_group, type(self).__name__)
+        if sync_bn:  # the block's norm layers (downsample's too) become SyncBatchNorm2d
+            convert_sync_batchnorm(self, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
@@ -373,14 +386,13 @@ class FusedBottleneck(_FusedBlockBase):
         return _adopt(cls, block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"))
 
 
-def _convert_sync(block: nn.Module, sync_bn: bool, process_group: Optional[object]) -> None:
-    """sync_bn=True: the block's norm layers (downsample's too) become SyncBatchNorm2d over
-    process_group."""
+def check_sync_args(sync_bn: bool, process_group: Optional[object], owner: str) -> None:
+    """The sync_bn / process_group arguments of fuse and the blocks (errors name `owner`)."""
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"{owner}: sync_bn must be a bool, got {type(sync_bn).__name__}")
     if process_group is not None and not sync_bn:
-        raise ValueError(f"{type(block).__name__}: process_group is the group sync_bn=True synchronizes over; "
+        raise ValueError(f"{owner}: process_group is the group sync_bn=True synchronizes over; "
                          "give sync_bn=True with it")
-    if sync_bn:
-        convert_sync_batchnorm(block, process_group)
 
 
 def _adopt(cls, block: nn.Module, names) -> nn.Module:
@@ -462,11 +474,7 @@ class FusedResidual(_FusedBlockBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = f"FusedResidual({type(self.original).__name__})"
         check_block_input(x, self._units()[0][0], name, source=self.unit_names[0][0])
-        if x.numel() == 0:  # an empty batch: exactly what the reference does with one
-            return self._reference_forward(x)
-        why = self._fallback_reason()
-        if why is not None:
-            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+        if runs_reference(x, name, self._fallback_reason):
             return self._reference_forward(x)
         return self._fused_forward(x)
 

@@ -20,7 +20,8 @@ import torch
 
 from .. import ops
 from ..ops.layout import stats_dtype
-from .units import BNAct, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift, running_stats
+from .units import (BNAct, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift, running_stats,
+                    stats_from_moments)
 
 
 class ConvArgs(NamedTuple):
@@ -85,12 +86,9 @@ class BNReLUConv(torch.autograd.Function):
             grad_gamma = (sum_du_xmu * invstd).to(ctx.dtypes[1]) if need_gamma else None
             grad_beta = sum_du.to(ctx.dtypes[2]) if need_beta else None
             if need_x:
-                count = x.numel() // x.shape[1]
-                if ctx.in_sync is not None:  # after gamma's and beta's local gradients
-                    sum_du, sum_du_xmu = ops.all_reduce_sums(sum_du, sum_du_xmu, ctx.in_sync)
-                    count = ctx.in_count
+                count = ctx.in_count if ctx.in_count is not None else x.numel() // x.shape[1]
                 coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_du, sum_du_xmu, count,
-                                                            ctx.in_batch_stats)
+                                                            ctx.in_batch_stats, ctx.in_sync)
                 grad_x = ops.bn_act_backward_elementwise(du, x, mean, scale, shift, coef_xmu, coef_c, relu=False)
         elif need_x:
             grad_x = ops.conv2d_input_grad(grad_z, weight, x, *conv_args)[0]
@@ -139,14 +137,11 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
             z, batch_mean, batch_var = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
                                                         prev is not None and prev.batch_stats, bn.batch_stats,
                                                         None if prev is None else prev.sync, count)
-            count = None
             if bn.batch_stats:
-                count = batch_count(z)
-                if bn.sync is not None:
-                    batch_mean, batch_var, count = ops.all_reduce_moments(batch_mean, batch_var, count, bn.sync)
-                mean, invstd = ops.bn_stats_from_moments(batch_mean, batch_var, count, bn.eps,
-                                                         bn.running_mean, bn.running_var, bn.momentum)
+                mean, invstd, count = stats_from_moments(batch_mean, batch_var, batch_count(z), bn.eps,
+                                                         bn.running_mean, bn.running_var, bn.momentum, bn.sync)
             else:
                 mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
+                count = None
             h, prev = z, bn
         return BNAct.apply(h, prev.weight, prev.bias, mean, invstd, residual, prev.batch_stats, relu, prev.sync, count)

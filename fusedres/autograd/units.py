@@ -67,22 +67,35 @@ def bn_scale_shift(invstd, bn_weight, bn_bias):
     return scale, shift
 
 
-def bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, batch_stats):
+def bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, batch_stats, sync=None):
     """(coef_xmu, coef_c) of BatchNorm's input gradient scale * dz + (z - mean) * coef_xmu + coef_c;
-    zero with constant (running) statistics, where dz/dz_in is just the scale."""
+    zero with constant (running) statistics, where dz/dz_in is just the scale. With sync
+    (ops.SyncGroup) the two sums are all-reduced over its processes first and `count` is the whole
+    batch's; the caller's sums stay local (gamma's and beta's gradients: DDP averages them)."""
     if not batch_stats:
         zero = torch.zeros_like(scale)
         return zero, zero
+    if sync is not None:
+        sum_dz, sum_dz_xmu = ops.all_reduce_sums(sum_dz, sum_dz_xmu, sync)
     return -scale * invstd * invstd * sum_dz_xmu / count, -scale * sum_dz / count
+
+
+def stats_from_moments(mean, var, count, eps, running_mean, running_var, momentum, sync=None):
+    """(mean, invstd, count) of BatchNorm from a batch's moments over `count` values per channel,
+    running statistics updated. With sync (ops.SyncGroup) the moments are first combined with the
+    same BatchNorm's on every process (one all-reduce) and count becomes the whole batch's, a 0-d
+    tensor."""
+    if sync is not None:
+        mean, var, count = ops.all_reduce_moments(mean, var, count, sync)
+    mean, invstd = ops.bn_stats_from_moments(mean, var, count, eps, running_mean, running_var, momentum)
+    return mean, invstd, count
 
 
 def synced_batch_stats(z, eps, running_mean, running_var, momentum, sync):
     """(mean, invstd, count) of BatchNorm over z and the same BatchNorm's inputs on every process
     of `sync` (running statistics updated with them); count is the whole batch's, a 0-d tensor."""
     var, mean = ops.channel_var_mean(z)
-    mean, var, count = ops.all_reduce_moments(mean, var, batch_count(z), sync)
-    mean, invstd = ops.bn_stats_from_moments(mean, var, count, eps, running_mean, running_var, momentum)
-    return mean, invstd, count
+    return stats_from_moments(mean, var, batch_count(z), eps, running_mean, running_var, momentum, sync)
 
 
 def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu, sync=None,
@@ -93,7 +106,7 @@ def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batc
     scale, shift = bn_scale_shift(invstd, bn_weight, bn_bias)
     y = ops.bn_act_forward(z, mean, scale, shift, residual, relu)
     ctx.sync = sync if batch_stats else None
-    ctx.count = count
+    ctx.count = count if count is not None else z.numel() // z.shape[1]
     ctx.batch_stats = batch_stats
     ctx.relu = relu
     ctx.has_residual = residual is not None
@@ -122,11 +135,8 @@ def bn_act_backward(ctx, grad_y, saved, need_z, need_gamma, need_beta, need_resi
     grad_beta = sum_dz.to(ctx.bn_dtypes[1]) if need_beta else None
     grad_z = None
     if need_z:
-        count = z.numel() // z.shape[1]
-        if ctx.sync is not None:  # gamma's and beta's gradients above stay local (DDP averages them)
-            sum_dz, sum_dz_xmu = ops.all_reduce_sums(sum_dz, sum_dz_xmu, ctx.sync)
-            count = ctx.count
-        coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, ctx.batch_stats)
+        coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, ctx.count, ctx.batch_stats,
+                                                    ctx.sync)
         grad_z = ops.bn_act_backward_elementwise(grad_for_bn, z, mean, scale, shift, coef_xmu, coef_c,
                                                  relu=mask_in_elementwise)
     if grad_residual is not None and need_residual:

@@ -159,12 +159,12 @@ def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         out.fill_(float("nan"))
     y, partials = dispatch("conv2d_forward", x.device, x, weight, bias, tuple(stride), tuple(padding),
                            tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu, residual, relu, stats, out)
+    written = y
     if out is not None:
         y = _empty(x)
     if partials is None:
         return y, _empty(x, stats_dtype(x)), _empty(x, stats_dtype(x))
-    count = x.shape[0] * (out if out is not None else y).shape[2] * (out if out is not None else y).shape[3]
-    mean, var, _ = merge_partials(*partials, count=count)
+    mean, var, _ = merge_partials(*partials, count=written.numel() // written.shape[1])
     return y, mean, var
 
 
