@@ -11,10 +11,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _extension
 from . import _validate
 from .layout import dense, like, per_channel, stats_dtype
-from .registry import dispatch, register
+from .registry import dispatch, register, register_fake
 
 
 def _relu_mask(x, mean, scale, shift, output):
@@ -137,9 +136,7 @@ def _backward_elementwise_fake(grad, x, mean, scale, shift, coef_xmu, coef_c, re
 
 for _op, _fake in (("bn_act_forward", _forward_fake), ("bn_act_backward_reduce", _backward_reduce_fake),
                    ("bn_act_backward_elementwise", _backward_elementwise_fake)):
-    torch.library.register_fake(f"fusedres::{_op}")(_fake)
-    if _extension.loaded():
-        torch.library.register_fake(f"fusedres_kernels::{_op}")(_fake)
+    register_fake(_op, _fake)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _extension
 from . import _validate
 from .layout import channel_view, dense, stats_dtype
-from .registry import dispatch, register
+from .registry import dispatch, register, register_fake
 
 
 def bn_stats_reference(x: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
@@ -49,9 +48,7 @@ def _bn_stats_fake(x, eps, running_mean, running_var, momentum):
     return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
 
 
-_bn_stats_op.register_fake(_bn_stats_fake)
-if _extension.loaded():
-    torch.library.register_fake("fusedres_kernels::bn_stats")(_bn_stats_fake)
+register_fake("bn_stats", _bn_stats_fake)
 
 
 @register("bn_stats", "triton")

@@ -13,6 +13,7 @@ that implements it on a GPU, and cpu on the CPU, else reference. A backend that 
 cannot run a call falls back to the reference path and warns once per (op, backend, reason).
 """
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -83,6 +84,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)  # asked on every op call (resolve); the answer cannot change
 def _triton_missing() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -172,6 +174,14 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
                                       "using the reference PyTorch path")
         backend = "reference"
     return backend, impls[backend]
+
+
+def register_fake(op: str, fake: Callable) -> None:
+    """`fake` as the fake implementation of torch.ops.fusedres.<op> and, where the extension has
+    the same op (the C++ / CUDA kernels), of torch.ops.fusedres_kernels.<op>."""
+    torch.library.register_fake(f"fusedres::{op}")(fake)
+    if _extension.loaded() and hasattr(torch.ops.fusedres_kernels, op):
+        torch.library.register_fake(f"fusedres_kernels::{op}")(fake)
 
 
 def _storage(t: torch.Tensor) -> int:
