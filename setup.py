@@ -6,13 +6,47 @@ nvcc is found. Environment overrides:
   FUSEDRES_SKIP_CUDA_BUILD=1   never build them
   TORCH_CUDA_ARCH_LIST         target GPUs (default "8.0;9.0+PTX": A100, H100 and PTX for newer)
   MAX_JOBS                     parallel compile jobs (default: from cores and memory)
+  CUDA_HOME                    the CUDA toolkit (default: the one the `nvcc` on PATH belongs to)
 Build with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
+
+
+def _toolkit_of_nvcc():
+    """(toolkit folder, how it was found) of the `nvcc` on PATH, or (None, why not).
+
+    torch's extension builder takes the parent of nvcc's folder as CUDA_HOME, which is wrong where
+    nvcc is reached through a link or a wrapper script outside its toolkit (/usr/local/bin/nvcc
+    running /usr/local/cuda-13.0/bin/nvcc: the link then fails with `cannot find -lcudart`). nvcc
+    itself says where it lives: its --dryrun prints `TOP=<toolkit>/bin/..`."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "no nvcc on PATH"
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        top = re.search(r"^#\$ TOP=(.+)$", dry.stderr + dry.stdout, re.MULTILINE)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"{nvcc} --dryrun failed ({e})"
+    home = os.path.realpath(top.group(1).strip()) if top else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return home, f"from {nvcc}" + (" (--dryrun TOP)" if top else " (resolved path)")
+
+
+# Before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    _home, _how = _toolkit_of_nvcc()
+    if _home is not None:
+        os.environ["CUDA_HOME"] = _home
+    CUDA_HOME_SOURCE = _how
+else:
+    CUDA_HOME_SOURCE = "from the CUDA_HOME / CUDA_PATH variable"
 
 try:
     import torch
@@ -37,7 +71,7 @@ def _cuda_decision():
         return False, f"skipped: torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None:
         return False, "skipped: nvcc not found (set CUDA_HOME)"
-    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {CUDA_HOME}"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {CUDA_HOME} ({CUDA_HOME_SOURCE})"
 
 
 def _default_jobs():
@@ -83,5 +117,8 @@ setup(
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # one build folder per torch: builds against two torches (scripts/test.sh's two stages) never
+    # share objects, and a rebuild against the same torch reuses its own
+    options={"build": {"build_base": os.path.join("build", f"torch-{torch.__version__}")}},
     zip_safe=False,
 )

@@ -4,7 +4,8 @@ Each submodule's forward is traced with torch.fx (convs, norms, activations as l
 and in eval mode. A block is swapped for a FusedResidual only when both traces are exactly
 
     main path   conv -> bn (-> relu -> conv -> bn)+       at least two (conv, bn) units
-    shortcut    the input itself, conv -> bn, or a conv alone
+    shortcut    the input itself, conv -> bn, or a conv alone, after any number of plain
+                AvgPool2d / MaxPool2d (timm's `d` variants: avg-pool -> conv -> bn)
     join        main + shortcut (`+`, `+=`, torch.add), then a ReLU or nothing
 
 with plain nn.Conv2d / nn.BatchNorm2d modules, each used once, ReLU as a module, F.relu,
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedResidual, check_sync_args, convert_sync_batchnorm,
-                      unfusable_reason)
+                      norm_with_relu, unfusable_reason)
 
 _FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
@@ -68,14 +69,28 @@ class FuseReport:
 
 class _Plan(NamedTuple):
     units: Tuple[Tuple[str, str], ...]
-    shortcut: Tuple[str, ...]
+    shortcut: Tuple[str, ...]  # () identity, (conv,) or (conv, bn)
     final_relu: bool
+    shortcut_pools: Tuple[str, ...] = ()  # pooling modules the shortcut runs first, in order
 
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.ReLU, nn.Identity))
                 or super().is_leaf_module(m, qualname))
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module constructed and called inside forward (`nn.ReLU()(x)`, as tutorials write it) is
+        not a submodule, so it has no name to record: if it holds no parameters or buffers it is its
+        functional form, traced through (`nn.ReLU(inplace=True)` becomes F.relu(x, inplace=True));
+        one with state stays untraceable (its tensors would be baked into the graph)."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+                return forward(*args, **kwargs)
+            raise
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _trace(block: nn.Module, training: bool) -> torch.fx.Graph:
@@ -90,10 +105,12 @@ def _trace(block: nn.Module, training: bool) -> torch.fx.Graph:
 
 def _is_relu(node, block) -> bool:
     if node.op == "call_module":
-        return type(block.get_submodule(node.target)) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
-    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+        return type(block.get_submodule(node.target)) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function":  # F.relu(x), F.relu(x, True), F.relu(x, inplace=False): the flag changes no value
+        flags = list(node.args[1:]) + list(node.kwargs.values())
+        return (node.target in _RELU_FUNCTIONS and bool(node.args) and set(node.kwargs) <= {"inplace"}
+                and len(flags) <= 1 and all(isinstance(v, bool) for v in flags))
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
 
 
 def _is_add(node) -> bool:
@@ -119,6 +136,8 @@ def _module_kind(node, block) -> Optional[str]:
     m = block.get_submodule(node.target)
     if type(m) is nn.Identity:
         return "identity"
+    if type(m) in (nn.AvgPool2d, nn.MaxPool2d):
+        return "pool"
     if isinstance(m, nn.Conv2d):
         return "conv"
     if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
@@ -138,10 +157,10 @@ def _chain_back(node, block, placeholder, visited) -> Tuple[Optional[List[Tuple[
             return list(reversed(ops)), ""
         visited.add(node)
         kind = "relu" if _is_relu(node, block) else _module_kind(node, block)
-        if kind not in ("conv", "bn", "relu") or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
-            return None, f"unrecognized op {_describe(node, block)} (not a conv, BatchNorm or ReLU on the path)"
-        if node.kwargs and not (kind == "relu" and set(node.kwargs) <= {"inplace"}):
-            return None, f"{_describe(node, block)} has keyword arguments {sorted(node.kwargs)}"
+        if kind not in ("conv", "bn", "relu", "pool") or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None, f"unrecognized op {_describe(node, block)} (not a conv, BatchNorm, ReLU or pooling on the path)"
+        if kind != "relu" and (len(node.args) != 1 or node.kwargs):
+            return None, f"{_describe(node, block)} is called with more than the input"
         ops.append((kind, node.target if node.op == "call_module" else ""))
         node = node.args[0]
 
@@ -176,7 +195,7 @@ def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], st
     while _module_kind(out, block) == "identity":
         visited.add(out)
         out = out.args[0]
-    final_relu = _is_relu(out, block) and len(out.args) == 1
+    final_relu = _is_relu(out, block)
     join = out
     if final_relu:
         visited.add(out)
@@ -200,8 +219,12 @@ def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], st
     units = _units(main)
     if units is None or len(units) < 2:
         return None, "the main path is not conv -> bn (-> relu -> conv -> bn)+"
+    pools = []
+    while short and short[0][0] == "pool":
+        pools.append(short.pop(0)[1])
     if [k for k, _ in short] not in ([], ["conv"], ["conv", "bn"]):
-        return None, f"shortcut {' -> '.join(k for k, _ in short)} is not the identity, conv + bn or a conv"
+        what = " -> ".join(["pool"] * len(pools) + [k for k, _ in short])
+        return None, f"shortcut {what} is not the identity, conv + bn or a conv (after pooling)"
     matched = [t for k, t in main + short if k in ("conv", "bn")]
     if len(set(matched)) != len(matched):
         return None, "a module is used more than once"
@@ -217,7 +240,7 @@ def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], st
             return None, why
     if len(short) == 1 and not isinstance(block.get_submodule(short[0][1]), nn.Conv2d):
         return None, "the shortcut conv is not an nn.Conv2d"
-    return _Plan(tuple(units), tuple(t for _, t in short), final_relu), ""
+    return _Plan(tuple(units), tuple(t for _, t in short), final_relu, tuple(pools)), ""
 
 
 def _timm_reason(block: nn.Module) -> Optional[str]:
@@ -292,12 +315,17 @@ def _dense_match(graph: torch.fx.Graph, block: nn.Module) -> Optional[str]:
                 return f"{lname}: dropout p={p} differs from drop_rate={layer.drop_rate}"
             visited.add(y)
             y = y.args[0]
-        names = ["conv2", "relu2", "norm2", "conv1", "relu1", "norm1"] if layer.bottleneck else [
-            "conv1", "relu1", "norm1"]
+        bottleneck = isinstance(getattr(layer, "conv2", None), nn.Module)  # torchvision's; without: the plain layer
+        names = ["conv2", "relu2", "norm2", "conv1", "relu1", "norm1"] if bottleneck else ["conv1", "relu1", "norm1"]
         for expected in names:
-            if expected.startswith("relu") and _is_relu(y, block):
-                pass
-            elif y.op != "call_module" or y.target != f"{lname}.{expected}":
+            if expected.startswith("relu"):  # any ReLU; none after a norm with its ReLU inside (timm's)
+                if _is_relu(y, block):
+                    visited.add(y)
+                    y = y.args[0]
+                elif not norm_with_relu(getattr(layer, f"norm{expected[-1]}")):
+                    return f"{lname}: expected {expected}, found {_describe(y, block)}"
+                continue
+            if y.op != "call_module" or y.target != f"{lname}.{expected}":
                 return f"{lname}: expected {expected}, found {_describe(y, block)}"
             visited.add(y)
             y = y.args[0]
@@ -321,11 +349,13 @@ def _dense_reason(module: nn.Module) -> Optional[str]:
             return str(e)
         if why is not None:
             return f"{name}: {why}"
-    flags = [(layer, getattr(layer, "memory_efficient", False)) for layer in module.children()]
+    # checkpointing (torchvision's memory_efficient, timm's grad_checkpointing) changes memory, not
+    # values, and its guard (any input requiring grad) is not traceable: off while tracing
+    flags = [(layer, name, getattr(layer, name)) for layer in module.children()
+             for name in ("memory_efficient", "grad_checkpointing") if hasattr(layer, name)]
     try:
-        for layer, _ in flags:  # checkpointing changes memory, not values; its guard is not traceable
-            if hasattr(layer, "memory_efficient"):
-                layer.memory_efficient = False
+        for layer, name, _ in flags:
+            setattr(layer, name, False)
         for training in (True, False):
             try:
                 graph = _trace(module, training)
@@ -335,21 +365,38 @@ def _dense_reason(module: nn.Module) -> Optional[str]:
             if why is not None:
                 return why + ("" if training else " (in eval mode)")
     finally:
-        for layer, flag in flags:
-            if hasattr(layer, "memory_efficient"):
-                layer.memory_efficient = flag
+        for layer, name, flag in flags:
+            setattr(layer, name, flag)
     return None
 
 
-def _is_transition(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-            and list(module._modules) == ["norm", "relu", "conv", "pool"]
-            and FusedTransition.from_module(module)._fallback_reason() is None)
+def _transition_reason(module: nn.Module) -> Optional[str]:
+    """For a DenseNet transition candidate (an nn.Sequential from a norm layer to a pooling layer
+    with a conv between), None if it is nn.Sequential(norm, relu, conv, pool) as FusedTransition
+    runs it, else why not."""
+    if type(module).forward is not nn.Sequential.forward:
+        return f"{type(module).__name__} overrides nn.Sequential.forward"
+    names = list(module._modules)
+    if names != ["norm", "relu", "conv", "pool"] and not (
+            names == ["norm", "conv", "pool"] and norm_with_relu(module.norm)):
+        return f"submodules {names}, expected norm, relu, conv, pool"
+    return FusedTransition.from_module(module)._fallback_reason()
+
+
+def _looks_like_transition(module: nn.Module) -> bool:
+    children = list(module.children())
+    return (isinstance(module, nn.Sequential) and len(children) >= 3
+            and isinstance(children[0], nn.modules.batchnorm._BatchNorm)
+            and isinstance(children[-1], (nn.AvgPool2d, nn.MaxPool2d))
+            and any(isinstance(c, nn.Conv2d) for c in children))
 
 
 def _looks_residual(module: nn.Module) -> bool:
-    """Worth a report line when left: it holds convs directly (a block), not just containers."""
-    return any(isinstance(c, nn.Conv2d) for c in module.children()) and not isinstance(module, nn.Sequential)
+    """Worth a report line when left: it holds a conv and a norm layer directly (a block), not just
+    containers or a conv-only helper such as a squeeze-excitation module."""
+    children = list(module.children())
+    return (not isinstance(module, nn.Sequential) and any(isinstance(c, nn.Conv2d) for c in children)
+            and any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in children))
 
 
 def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
@@ -367,20 +414,23 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
         if any(hasattr(layer, "conv1") for layer in module.children()):  # a dense block that is not ours
             entries.append(Entry(path, kind, "left", why))
             return module
-    if _is_transition(module):
-        fused = FusedTransition.from_module(module)
-        object.__setattr__(fused, "original", module)
-        entries.append(Entry(path, kind, "swapped", "FusedTransition"))
-        return fused
+    if _looks_like_transition(module):
+        why = _transition_reason(module)
+        if why is None:
+            fused = FusedTransition.from_module(module)
+            object.__setattr__(fused, "original", module)
+            entries.append(Entry(path, kind, "swapped", "FusedTransition"))
+            return fused
+        entries.append(Entry(path, kind, "left", f"a transition that is not fused: {why}"))
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not any(
             isinstance(m, nn.Conv2d) for m in module.modules()):
         return _recurse(module, path, entries)
     plan, why = residual_plan(module)
     if plan is not None:
-        shortcut = "->".join(plan.shortcut) or "identity"
+        shortcut = "->".join(plan.shortcut_pools + plan.shortcut) or "identity"
         entries.append(Entry(path, kind, "swapped", f"FusedResidual ({len(plan.units)} units, shortcut {shortcut}"
                                                    f"{', ReLU after the add' if plan.final_relu else ', no ReLU'})"))
-        return FusedResidual(module, plan.units, plan.shortcut, plan.final_relu)
+        return FusedResidual(module, plan.units, plan.shortcut, plan.final_relu, plan.shortcut_pools)
     if _looks_residual(module) and path:
         entries.append(Entry(path, kind, "left", why))
     return _recurse(module, path, entries)

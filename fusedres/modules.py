@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .autograd import (BNArgs, ConvArgs, chain_unsupported_reason, conv_bias_act_inference, conv_bn_act, conv_bn_chain,
                        sync_batch_norm, tracing)
+from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, sync_group
 
 _warned = set()
@@ -56,17 +57,6 @@ def runs_reference(x: torch.Tensor, owner: str, fallback_reason: Callable[[], Op
         _warn_once((owner, why), f"fusedres: {owner} runs the unfused reference forward: {why}")
         return True
     return False
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding (torchvision's helper)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
-                     bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution (torchvision's helper)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def _is_plain(module: nn.Module, cls) -> bool:
@@ -130,10 +120,22 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[object] = 
     return module
 
 
-def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True) -> Optional[str]:
+def norm_with_relu(norm: nn.Module) -> bool:
+    """Whether `norm` is BatchNorm followed by a ReLU in one module, as timm writes its DenseNet:
+    timm.layers.BatchNormAct2d (its own forward: F.batch_norm with nn.BatchNorm2d's arguments, then
+    `drop`, then `act`) with `drop` an nn.Identity and `act` an nn.ReLU."""
+    cls = type(norm)
+    return (cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+            and isinstance(norm, nn.BatchNorm2d) and type(getattr(norm, "act", None)) is nn.ReLU
+            and type(getattr(norm, "drop", None)) is nn.Identity)
+
+
+def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False
+                     ) -> Optional[str]:
     """None if conv -> bn can run as a fused unit, else why not. sync_ok: a synchronized norm
     (SyncBatchNorm2d, nn.SyncBatchNorm) is fused with its statistics synchronized, rather than
-    left to its own forward."""
+    left to its own forward. relu_inside_ok: where a ReLU follows the norm anyway (the dense
+    layers' BN -> ReLU -> conv), a norm with that ReLU inside (norm_with_relu) is fused too."""
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.padding_mode != "zeros":
@@ -142,9 +144,19 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True) -> Op
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
     if sync_ok and (_is_plain(bn, SyncBatchNorm2d) or _is_plain(bn, nn.SyncBatchNorm)):
         return None
+    if relu_inside_ok and norm_with_relu(bn):
+        return None
     if not _is_plain(bn, nn.BatchNorm2d):
         return f"{type(bn).__name__} is not a plain nn.BatchNorm2d" + (" or a synchronized one" if sync_ok else "")
     return None
+
+
+def relu_after_norm_reason(relu: Optional[nn.Module], norm: nn.Module) -> Optional[str]:
+    """None if `relu` applied after `norm` is the ReLU a fused BN -> ReLU -> conv applies: an
+    nn.ReLU, or an nn.Identity (or nothing) after a norm with its ReLU inside; else why not."""
+    if type(relu) is nn.ReLU or (norm_with_relu(norm) and (relu is None or type(relu) is nn.Identity)):
+        return None
+    return f"{type(relu).__name__} where a ReLU was expected"
 
 
 def check_block_input(x, conv: nn.Conv2d, owner: str, reader: str = "the block", source: str = "conv1") -> None:
@@ -296,44 +308,21 @@ class _FusedBlockBase(nn.Module):
         return self._fused_forward(x)
 
 
-class FusedBasicBlock(_FusedBlockBase):
-    """torchvision.models.resnet.BasicBlock, fused: conv-BN-ReLU, then conv-BN-add-ReLU."""
-
-    expansion: int = 1
+class FusedBasicBlock(_FusedBlockBase, BasicBlock):
+    """torchvision.models.resnet.BasicBlock, fused: conv-BN-ReLU, then conv-BN-add-ReLU. The reference
+    BasicBlock's constructor and submodules; only forward differs (its own forward is the fallback)."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, sync_bn: bool = False,
                  process_group: Optional[object] = None) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        check_sync_args(sync_bn, process_group, type(self).__name__)
-        if sync_bn:  # the block's norm layers (downsample's too) become SyncBatchNorm2d
-            convert_sync_batchnorm(self, process_group)
+        BasicBlock.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        _convert_block_norms(self, sync_bn, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2))
 
-    def _reference_forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+    _reference_forward = BasicBlock.forward
 
     @classmethod
     def from_module(cls, block: nn.Module) -> "FusedBasicBlock":
@@ -341,49 +330,34 @@ class FusedBasicBlock(_FusedBlockBase):
         return _adopt(cls, block, ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"))
 
 
-class FusedBottleneck(_FusedBlockBase):
-    """torchvision.models.resnet.Bottleneck (ResNet v1.5: stride on the 3x3), fused."""
-
-    expansion: int = 4
+class FusedBottleneck(_FusedBlockBase, Bottleneck):
+    """torchvision.models.resnet.Bottleneck (ResNet v1.5: stride on the 3x3), fused. The reference
+    Bottleneck's constructor and submodules; only forward differs (its own forward is the fallback)."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, sync_bn: bool = False,
                  process_group: Optional[object] = None) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        check_sync_args(sync_bn, process_group, type(self).__name__)
-        if sync_bn:  # the block's norm layers (downsample's too) become SyncBatchNorm2d
-            convert_sync_batchnorm(self, process_group)
+        Bottleneck.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        _convert_block_norms(self, sync_bn, process_group)
 
     def _units(self):
         return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
 
-    def _reference_forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+    _reference_forward = Bottleneck.forward
 
     @classmethod
     def from_module(cls, block: nn.Module) -> "FusedBottleneck":
         """A FusedBottleneck sharing `block`'s submodules (and so its parameters and buffers)."""
         return _adopt(cls, block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"))
+
+
+def _convert_block_norms(block: nn.Module, sync_bn: bool, process_group: Optional[object]) -> None:
+    """A fused block's sync_bn / process_group constructor arguments: checked, then (sync_bn=True)
+    its norm layers, the downsample's too, made SyncBatchNorm2d."""
+    check_sync_args(sync_bn, process_group, type(block).__name__)
+    if sync_bn:
+        convert_sync_batchnorm(block, process_group)
 
 
 def check_sync_args(sync_bn: bool, process_group: Optional[object], owner: str) -> None:
@@ -414,8 +388,8 @@ class FusedResidual(_FusedBlockBase):
 
         act(bn_n(conv_n(relu(... relu(bn_1(conv_1(x))) ...))) + shortcut(x))
 
-    with shortcut the identity, conv + bn or a conv alone, and act a ReLU or nothing, however
-    its code names or writes them. It holds the original block's children under their own names
+    with shortcut the identity, conv + bn or a conv alone (after pooling layers, which run as
+    they are), and act a ReLU or nothing, however its code names or writes them. It holds the original block's children under their own names
     (so state_dict keys, parameters and buffers are the original's) and the original block
     itself, unregistered, for fusedres.unfuse.
 
@@ -424,15 +398,17 @@ class FusedResidual(_FusedBlockBase):
         units: (conv name, bn name) of each main-path unit, in order (dotted paths into block).
         shortcut: () for the identity, (conv name,) or (conv name, bn name).
         final_relu: whether a ReLU follows the add.
+        shortcut_pools: names of the pooling modules the shortcut applies first, in order.
     """
 
-    def __init__(self, block: nn.Module, units, shortcut=(), final_relu: bool = True) -> None:
+    def __init__(self, block: nn.Module, units, shortcut=(), final_relu: bool = True, shortcut_pools=()) -> None:
         super().__init__()
         for name, child in block._modules.items():
             self._modules[name] = child
         object.__setattr__(self, "original", block)  # not a submodule: no duplicate keys
         self.unit_names = tuple(tuple(u) for u in units)
         self.shortcut_names = tuple(shortcut)
+        self.shortcut_pools = tuple(shortcut_pools)
         self._final_relu = bool(final_relu)
         self.training = block.training
 
@@ -447,19 +423,21 @@ class FusedResidual(_FusedBlockBase):
         return None
 
     def _shortcut(self, x: torch.Tensor, chain: bool = False) -> torch.Tensor:
-        if not self.shortcut_names:
-            return x
+        x = self._run_modules(self.shortcut_pools, x)
         pair = self._fusable_downsample()
-        if pair is None:  # a conv alone (or a pair changed since fusing): its own forward
-            return self._reference_shortcut(x)
+        if pair is None:  # the identity, a conv alone (or a pair changed since fusing): their own forward
+            return self._run_modules(self.shortcut_names, x)
         if chain:
             return self._chain([pair], x, None, relu=False)
         return self._conv_bn(pair[0], pair[1], x, relu=False)
 
-    def _reference_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.shortcut_names:
+    def _run_modules(self, names, x: torch.Tensor) -> torch.Tensor:
+        for name in names:
             x = self.get_submodule(name)(x)
         return x
+
+    def _reference_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_modules(self.shortcut_pools + self.shortcut_names, x)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self._units()
@@ -488,5 +466,5 @@ class FusedResidual(_FusedBlockBase):
 
     def extra_repr(self) -> str:
         units = ", ".join(f"{c}->{b}" for c, b in self.unit_names)
-        shortcut = "->".join(self.shortcut_names) or "identity"
+        shortcut = "->".join(self.shortcut_pools + self.shortcut_names) or "identity"
         return f"original={type(self.original).__name__}, units=[{units}], shortcut={shortcut}, relu={self._final_relu}"

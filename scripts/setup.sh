@@ -1,29 +1,74 @@
 #!/usr/bin/env bash
 # Sets up an environment for fusedres and builds it; prints the python to use on its last line.
-# Never replaces a torch that already imports (a GPU user's CUDA build): torch is installed only
-# when none imports, and then as torch==2.13.0 into a fresh ./.venv.
+#
+#   scripts/setup.sh                the torch that already imports (a GPU user's CUDA build is never
+#                                   replaced); only when none imports, torch==2.13.0 (CPU) in ./.venv
+#   scripts/setup.sh --real-models  an environment where real torchvision and timm import, for
+#                                   tests/test_real_models.py: ./.venv-oracle with torch 2.14.1 (a
+#                                   CUDA 13.0 build, which runs on the CPU too), torchvision 0.29.1 and
+#                                   timm, created once and reused; fusedres is built there with its
+#                                   CUDA kernels (sm_80, sm_90) whenever nvcc is present
+#
+# A failed build fails this script (and so both README commands), whatever build was installed before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+REAL_MODELS=0
+[ "${1:-}" = "--real-models" ] && REAL_MODELS=1
+
+pip_quiet() { "$1" -m pip install -q "${@:2}" >&2; }
+
+if [ "$REAL_MODELS" = 1 ]; then
+  [ -x .venv-oracle/bin/python ] || "$PY" -m venv .venv-oracle
+  PY="$PWD/.venv-oracle/bin/python"
+  if ! "$PY" -c "import torch, torchvision, timm; assert torch.__version__.startswith('2.14.1')" >/dev/null 2>&1; then
+    pip_quiet "$PY" --upgrade pip
+    # pinned together: an unpinned torchvision would pull another torch
+    pip_quiet "$PY" torch==2.14.1 torchvision==0.29.1
+    pip_quiet "$PY" timm
+  fi
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+elif ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if [ -z "${VIRTUAL_ENV:-}" ]; then
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
     PY="$PWD/.venv/bin/python"
   fi
   if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    "$PY" -m pip install -q --upgrade pip >&2
-    "$PY" -m pip install -q torch==2.13.0 >&2
+    pip_quiet "$PY" --upgrade pip
+    pip_quiet "$PY" torch==2.13.0
   fi
 fi
 # Build and test tools; triton only when none imports (CUDA torch wheels bring their own).
-"$PY" -m pip install -q setuptools wheel ninja packaging numpy pytest >&2
+pip_quiet "$PY" setuptools wheel ninja packaging numpy pytest
+# Parallel test workers; optional (without it the suite runs in one process).
+"$PY" -c "import xdist" >/dev/null 2>&1 || pip_quiet "$PY" pytest-xdist \
+  || echo "setup: pytest-xdist not installed; the tests run in one process" >&2
 # Property tests; optional (offline machines draw seeded random examples instead).
-"$PY" -c "import hypothesis" >/dev/null 2>&1 || "$PY" -m pip install -q hypothesis >&2 \
+"$PY" -c "import hypothesis" >/dev/null 2>&1 || pip_quiet "$PY" hypothesis \
   || echo "setup: hypothesis not installed; the property tests draw seeded random examples" >&2
-"$PY" -c "import triton" >/dev/null 2>&1 || "$PY" -m pip install -q triton >&2
+"$PY" -c "import triton" >/dev/null 2>&1 || pip_quiet "$PY" triton
 # Plots of the benchmark report; optional (offline machines run the report without them).
-"$PY" -c "import matplotlib" >/dev/null 2>&1 || "$PY" -m pip install -q matplotlib >&2 \
+"$PY" -c "import matplotlib" >/dev/null 2>&1 || pip_quiet "$PY" matplotlib \
   || echo "setup: matplotlib not installed; the benchmark report will skip its plots" >&2
-"$PY" -m pip install -v --no-build-isolation --no-deps . 2>&1 | grep -E "fusedres build|error|Error" >&2 || true
-PYTHONSAFEPATH=1 "$PY" -c "import fusedres, sys; sys.exit(0 if fusedres.extension_loaded() else 'fusedres._C failed to build')" >&2
+
+LOG="$(mktemp -t fusedres-build.XXXXXX)"
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps . >"$LOG" 2>&1; then
+  grep -E "error|Error" "$LOG" | tail -n 40 >&2 || true
+  echo "setup: building fusedres failed (full log: $LOG)" >&2
+  exit 1
+fi
+grep -E "fusedres build:" "$LOG" | sort -u | sed 's/^ *//' >&2 || true
+# The installed package must be this build: loaded, and with CUDA kernels where they were to be built.
+PYTHONSAFEPATH=1 "$PY" - <<'EOF' >&2
+import os, sys
+import torch, fusedres
+from torch.utils.cpp_extension import CUDA_HOME
+if not fusedres.extension_loaded():
+    sys.exit(f"setup: {fusedres._extension.LOAD_ERROR}")
+wanted = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
+if wanted and not fusedres._extension.built_with_cuda():
+    sys.exit("setup: torch has CUDA and nvcc is present, but fusedres._C was built without its CUDA kernels")
+print(f"setup: fusedres._C loaded (torch {torch.__version__}, CUDA kernels: "
+      f"{'yes' if fusedres._extension.built_with_cuda() else 'no'})")
+EOF
 echo "$PY"

@@ -1,8 +1,43 @@
 #!/usr/bin/env bash
-# README's test command: set up, build, run the whole test suite (CPU: Triton under the interpreter).
+# README's test command: set up, build, run the tests in two stages.
+#   stage 1  setup.sh's environment: the whole suite (CPU: Triton under the interpreter); extra
+#            arguments go to this pytest
+#   stage 2  real torchvision / timm as the oracle (tests/test_real_models.py) and the extension
+#            built with its CUDA kernels (setup.sh --real-models); skipped when stage 1's environment
+#            already has torchvision and timm (stage 1 then ran those tests itself)
+# FUSEDRES_TEST_STAGES=1 or =2 runs one stage only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/setup.sh | tail -n 1)"
+STAGES="${FUSEDRES_TEST_STAGES:-1,2}"
 # PYTHONSAFEPATH=1 keeps the working directory off sys.path, so the tests import the installed
 # package (with fusedres._C), not ./fusedres, which has no compiled extension.
-PYTHONSAFEPATH=1 exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+export PYTHONSAFEPATH=1
+PY="$(bash scripts/setup.sh | tail -n 1)"
+if [[ "$STAGES" == *1* ]]; then
+  echo "== stage 1: the suite ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+  # Without a GPU the suite is CPU-bound, mostly the single-threaded Triton interpreter: one worker
+  # process per core (pytest-xdist, whole files per worker), each with one intra-op thread. With a
+  # GPU, one process (workers would share the device).
+  XDIST=()
+  CORES="$(nproc)"
+  if [ "$CORES" -gt 1 ] && "$PY" -c "import xdist, torch, sys; sys.exit(torch.cuda.is_available())" >/dev/null 2>&1; then
+    XDIST=(-n "$(( CORES < 8 ? CORES : 8 ))" --dist loadfile)
+  fi
+  SECONDS=0
+  (if [ ${#XDIST[@]} -gt 0 ]; then export OMP_NUM_THREADS=1; fi
+   "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "$@")
+  echo "== stage 1 took $((SECONDS / 60)) min $((SECONDS % 60)) s"
+fi
+if [[ "$STAGES" == *2* ]]; then
+  if "$PY" -c "import torchvision, timm" >/dev/null 2>&1 && [[ "$STAGES" == *1* ]]; then
+    echo "== stage 2: skipped, stage 1's environment has torchvision and timm and ran the real-model tests"
+    exit 0
+  fi
+  SECONDS=0
+  PY2="$(bash scripts/setup.sh --real-models | tail -n 1)"
+  echo "== stage 2: real torchvision / timm models ($("$PY2" -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'); setup $((SECONDS / 60)) min $((SECONDS % 60)) s)"
+  FUSEDRES_REAL_MODELS=1 "$PY2" -m pytest -q -p no:cacheprovider tests/test_real_models.py \
+    tests/test_build.py::test_extension_is_loaded_and_has_cpu_kernels \
+    tests/test_build.py::test_cuda_kernels_registered_when_built_with_cuda
+  echo "== stage 2 took $((SECONDS / 60)) min $((SECONDS % 60)) s"
+fi

@@ -2,7 +2,11 @@
 - no GPU: Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1);
 - FUSEDRES_POISON_OUTPUTS=1: every kernel's outputs start as NaN, so an unwritten element fails;
 - FUSEDRES_AUTOTUNE=0: no autotuning inside tests;
-- tests marked needs_cuda skip, with the reason, where no GPU is present (the only skips)."""
+- tests marked needs_cuda skip, with the reason, where no GPU is present (the only skips);
+- tests/test_real_models.py is collected only where torchvision and timm import (scripts/test.sh
+  runs it in its second stage, in an environment that has them); FUSEDRES_REAL_MODELS=1 makes
+  their absence an error instead."""
+import importlib.util
 import os
 
 import torch
@@ -14,6 +18,17 @@ os.environ["FUSEDRES_POISON_OUTPUTS"] = "1"
 os.environ["FUSEDRES_AUTOTUNE"] = "0"  # tests run the fixed default conv configurations, never tune
 
 import pytest  # noqa: E402
+
+REAL_MODELS = all(importlib.util.find_spec(m) is not None for m in ("torchvision", "timm"))
+if os.environ.get("FUSEDRES_REAL_MODELS") == "1" and not REAL_MODELS:
+    raise RuntimeError("FUSEDRES_REAL_MODELS=1 but torchvision or timm does not import here")
+collect_ignore = [] if REAL_MODELS else ["test_real_models.py"]
+
+
+def pytest_report_header(config):
+    return ("real torchvision / timm model tests: "
+            + ("collected" if REAL_MODELS else "not collected here (no torchvision / timm); "
+               "scripts/test.sh runs them in its second stage"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,22 +1,17 @@
-"""The extension: it is built and loaded, import works without it, and every .cu file compiles
-with nvcc for sm_80 and sm_90 against torch's headers (also on machines without a GPU)."""
-import concurrent.futures
-import inspect
+"""The extension: it is built and loaded (with its CUDA kernels wherever a CUDA torch and nvcc
+are present: scripts/test.sh's second stage builds them for sm_80 and sm_90 on this CPU machine),
+import works without it, and the Triton conv kernels compile for sm_90."""
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import sysconfig
 
-import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
 import fusedres
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
 def test_extension_is_loaded_and_has_cpu_kernels():
@@ -26,10 +21,20 @@ def test_extension_is_loaded_and_has_cpu_kernels():
     assert table["selected"] in ("auto", "reference", "cpu", "cuda", "triton")
 
 
+KERNEL_OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise")
+
+
 def test_cuda_kernels_registered_when_built_with_cuda():
+    """A CUDA torch with nvcc present builds the CUDA kernels (scripts/test.sh's real-model stage
+    builds them with torch 2.14.1 + CUDA 13 on this CPU machine), and then every op has a CUDA
+    implementation registered with the dispatcher, whether or not a GPU is present."""
     built = bool(torch.ops.fusedres_kernels.built_with_cuda())
     assert built == (torch.version.cuda is not None and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
                      and cpp_extension.CUDA_HOME is not None)
+    for op in KERNEL_OPS:
+        for key, expected in (("CPU", True), ("CUDA", built)):
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres_kernels::{op}", key)
+            assert has == expected, f"fusedres_kernels::{op}: {key} kernel registered {has}, expected {expected}"
 
 
 def test_import_without_extension_reports_why():
@@ -45,34 +50,6 @@ def test_import_without_extension_reports_why():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-
-
-def _nvcc():
-    home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
-    path = pathlib.Path(home) / "bin" / "nvcc"
-    return str(path) if path.exists() else shutil.which("nvcc")
-
-
-def _compile(source: pathlib.Path, tmp: pathlib.Path):
-    include = pathlib.Path(torch.utils.cpp_extension.include_paths()[0])
-    # The standard torch's own extension builder passes (C++20 from torch 2.10 on, C++17 before).
-    flags = ["-std=c++20" if "c++20" in inspect.getsource(cpp_extension) else "-std=c++17"]
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
-        includes.insert(0, f"-I{ROOT / 'tests' / 'cuda_stub'}")  # the CPU wheel lacks this one header
-    cmd = [_nvcc(), "-c", str(source), "-o", str(tmp / (source.stem + ".o")), *flags, "-O1", "-Xcompiler", "-fPIC",
-           "-DFUSEDRES_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           *includes]
-    return source.name, subprocess.run(cmd, capture_output=True, text=True)
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed: the CUDA compile check needs it")
-def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
-    assert CUDA_SOURCES, "no .cu files found"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda s: _compile(s, tmp_path), CUDA_SOURCES))
-    failures = {name: r.stderr[-3000:] for name, r in results if r.returncode != 0}
-    assert not failures, failures
 
 
 def test_triton_conv_kernels_compile_for_sm90_with_mma_and_pipelined_loads():

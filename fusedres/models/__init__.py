@@ -1,5 +1,6 @@
-"""Reference models of torchvision's architectures (same state_dict keys), for tests and benchmarks
-on machines where torchvision cannot be installed (it has no CPU build beside a CPU torch)."""
+"""Reference models: torchvision's ResNet and DenseNet architectures written out (same state_dict
+keys), for tests and benchmarks where torchvision is not installed (where it is, it is the oracle).
+They import nothing of fusedres; the fused modules subclass them, never the reverse."""
 from .densenet import (DenseBlock, DenseLayer, DenseNet, Transition, densenet121, densenet161,  # noqa: F401
                        densenet169, densenet201, rename_legacy_keys)
 from .resnet import (BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101,  # noqa: F401

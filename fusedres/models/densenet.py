@@ -4,6 +4,9 @@ legacy checkpoints whose layers were saved as `norm.1` instead of `norm1`.
 
 Also the plain (non-bottleneck) DenseNet of Huang et al. 2017: `bottleneck=False` layers are
 BN-ReLU-conv3x3 (with bias) only. `dense_block=` and `transition=` accept the fused modules.
+
+A reference: it imports nothing from fusedres (the fused dense modules subclass these, never the
+reverse), so a test that checks the fused code against it is not checking that code against itself.
 """
 import re
 from collections import OrderedDict
@@ -14,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ..dense_modules import add_dense_layers, build_dense_layer, concatenating_forward, transition_layers
 
 # torchvision's pattern: "denselayer1.norm.1.weight" was saved by versions before 0.2; now "norm1"
 LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -33,6 +35,18 @@ def rename_legacy_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def rename_legacy_keys_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs):
+    """load_state_dict pre-hook of a dense layer: legacy keys (`norm.1.weight`) renamed in place to
+    `norm1.weight`, as torchvision renames them, so old checkpoints load with strict=True."""
+    for kind in ("norm", "relu", "conv"):
+        for i in ("1", "2"):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                old = f"{prefix}{kind}.{i}.{name}"
+                if old in state_dict:
+                    state_dict[f"{prefix}{kind}{i}.{name}"] = state_dict.pop(old)
+
+
 class DenseLayer(nn.Module):
     """torchvision's _DenseLayer: norm1-relu1-conv1 (1x1 to bn_size * growth_rate) over the
     concatenated earlier features, then norm2-relu2-conv2 (3x3 to growth_rate), then dropout.
@@ -41,7 +55,19 @@ class DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        build_dense_layer(self, num_input_features, growth_rate, bn_size, drop_rate, memory_efficient, bottleneck)
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        else:  # the plain DenseNet layer: BN-ReLU-conv3x3 with bias
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=True)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+        self.bottleneck = bottleneck
+        self._register_load_state_dict_pre_hook(rename_legacy_keys_hook, with_module=True)
 
     def bn_function(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         concated_features = torch.cat(inputs, 1)
@@ -65,22 +91,33 @@ class DenseBlock(nn.ModuleDict):
     concatenation of the block input and every earlier layer's output; returns all of it."""
 
     _version = 2
+    layer_class: Type[nn.Module] = DenseLayer  # what each layer is built as (a subclass may change it)
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int, drop_rate: float,
                  memory_efficient: bool = False, *, bottleneck: bool = True) -> None:
         super().__init__()
-        add_dense_layers(self, DenseLayer, num_layers, num_input_features, bn_size, growth_rate, drop_rate,
-                         memory_efficient, bottleneck)
+        for i in range(num_layers):
+            layer = self.layer_class(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
+                                     drop_rate=drop_rate, memory_efficient=memory_efficient, bottleneck=bottleneck)
+            self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        return concatenating_forward(self, init_features)
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
 
 
 class Transition(nn.Sequential):
     """torchvision's _Transition: norm-relu-conv (1x1, no bias)-pool (2x2 average)."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__(transition_layers(num_input_features, num_output_features))
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(num_input_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1,
+                                          bias=False))
+        self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
 
 
 class DenseNet(nn.Module):

@@ -1,11 +1,24 @@
 """torchvision.models.resnet's architecture, written out (same module names, so the same
-state_dict keys and the same initialization scheme). `block=` accepts the fused blocks too."""
+state_dict keys and the same initialization scheme). `block=` accepts the fused blocks too.
+
+A reference: it imports nothing from fusedres (the fused blocks subclass these, never the reverse),
+so a test that checks the fused code against it is not checking that code against itself."""
 from typing import Callable, List, Optional, Type, Union
 
 import torch
 import torch.nn as nn
 
-from ..modules import conv1x1, conv3x3
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (torchvision's helper)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution (torchvision's helper)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):

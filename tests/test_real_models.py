@@ -1,0 +1,183 @@
+"""Real torchvision and timm models as the oracle (collected wherever both import: scripts/test.sh's
+second stage builds such an environment on the CPU; the GPU machine has both).
+
+For every ResNet-family and DenseNet constructor of torchvision and timm's ResNet family:
+- fusedres.fuse swaps exactly the blocks it can prove equivalent: the swapped count against the
+  architecture's own block count, and for each block left alone the reason the report gives;
+- state_dict keys are identical and load both ways with strict=True;
+- numerics: one train step (output, input gradient, every parameter gradient, every running
+  statistic) and eval, NCHW and channels_last, float32 judged against a float64 run of the
+  original model: at most 2x stock float32's own error plus a small floor, per tensor. Stock
+  float32 itself is 0.2-0.5 relative off float64 on some gradients of deep nets at small
+  batches (BatchNorm's backward cancels), so a fixed threshold would fail stock too.
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import fusedres
+from helpers import HAS_CUDA, backend, randomize_bn
+
+import timm  # conftest collects this file only where both import (and fails where they must)
+import torchvision
+from timm.models import densenet as timm_densenet
+from timm.models import resnet as timm_resnet
+from torchvision.models import densenet as tv_densenet
+from torchvision.models import resnet as tv_resnet
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BLOCK_TYPES = (tv_resnet.BasicBlock, tv_resnet.Bottleneck, tv_densenet._DenseBlock, tv_densenet._Transition,
+               timm_resnet.BasicBlock, timm_resnet.Bottleneck, timm_densenet.DenseBlock, timm_densenet.DenseTransition)
+
+
+def _drop_path_on(block) -> bool:
+    return getattr(block, "drop_path", None) is not None
+
+
+# name -> (constructor, which blocks are left and the words their reason must contain, or None: all swapped)
+TORCHVISION = {name: (getattr(torchvision.models, name), None) for name in (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", "densenet121", "densenet161", "densenet169",
+    "densenet201")}
+TIMM = {
+    "timm_resnet18": ("resnet18", {}, None),
+    "timm_resnet26": ("resnet26", {}, None),
+    "timm_resnet50": ("resnet50", {}, None),
+    "timm_resnet26d": ("resnet26d", {}, None),  # deep stem, avg-pool -> conv -> bn shortcut
+    "timm_resnet50d": ("resnet50d", {}, None),
+    "timm_resnext50_32x4d": ("resnext50_32x4d", {}, None),
+    "timm_wide_resnet50_2": ("wide_resnet50_2", {}, None),
+    "timm_seresnet50": ("seresnet50", {}, (lambda block: True, "squeeze-excitation")),
+    # drop path p = 0 in the first block (timm's linear schedule), so only that one is swapped
+    "timm_resnet50_drop_path": ("resnet50", {"drop_path_rate": 0.1}, (_drop_path_on, "drop path")),
+    "timm_densenet121": ("densenet121", {}, None),
+}
+ARCHS = {**{f"tv_{k}": v for k, v in TORCHVISION.items()},
+         **{k: ((lambda n, kw: lambda **a: timm.create_model(n, pretrained=False, **kw, **a))(n, kw), left)
+            for k, (n, kw, left) in TIMM.items()}}
+
+
+def _build(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ctor, _ = ARCHS[arch]
+    return randomize_bn(ctor(num_classes=10))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fuse_swaps_every_provable_block_and_keeps_the_checkpoint_format(arch):
+    model = _build(arch)
+    _, left_rule = ARCHS[arch]
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, BLOCK_TYPES)}
+    assert blocks, f"{arch}: no blocks found (the architecture's block classes changed?)"
+    fused = fusedres.fuse(model)
+    report = fusedres.fuse_report(fused)
+    expected_left = {n for n, b in blocks.items() if left_rule is not None and left_rule[0](b)}
+    assert {e.path for e in report.swapped} == set(blocks) - expected_left, str(report)
+    assert {e.path for e in report.left} == expected_left, str(report)
+    for e in report.left:
+        assert left_rule[1] in e.detail, f"{e.path}: reason {e.detail!r} does not say {left_rule[1]!r}"
+    assert not report.already_fused
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(fused.state_dict(), strict=True)
+    plain = fusedres.unfuse(fused)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
+
+
+def _l2_rel(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.detach().double().cpu()
+    return ((actual.detach().double().cpu() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
+
+
+def _train_then_eval(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype, fmt):
+    """{name: tensor} of one training forward + backward (output, input gradient, every parameter
+    gradient, every buffer (running statistics) afterwards), then an eval forward (which uses the
+    running statistics the step updated)."""
+    model = model.to(DEVICE, dtype, memory_format=fmt).train()
+    xi = x.to(DEVICE, dtype, copy=True).contiguous(memory_format=fmt).requires_grad_(True)
+    torch.manual_seed(1)  # the same drop-path draws in every run
+    y = model(xi)
+    y.backward(grad.to(DEVICE, dtype))
+    out = {"output": y, "input gradient": xi.grad}
+    out.update({f"{n}.grad": p.grad for n, p in model.named_parameters()})
+    out.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
+    out["num_batches_tracked"] = torch.tensor([float(b) for n, b in model.named_buffers()
+                                               if n.endswith("num_batches_tracked")])
+    model.eval()
+    with torch.no_grad():
+        out["eval output"] = model(x.to(DEVICE, dtype).contiguous(memory_format=fmt))
+    return out
+
+
+def fused_backend():
+    """On the CPU the C++ kernels must run (helpers.backend fails if they cannot); on a GPU, auto."""
+    return backend("cpu", "cpu") if DEVICE == "cpu" else contextlib.nullcontext()
+
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _inputs(arch: str, model: torch.nn.Module):
+    """(x, output gradient) of batch 2: 48x48 (ResNets' last stage at 2x2), DenseNets 64x64."""
+    size = 64 if "densenet" in arch else 48
+    x = torch.randn(2, 3, size, size, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        classes = model.eval()(x[:1].float()).shape[1]
+    return x, torch.randn(2, classes, dtype=torch.float64)
+
+
+@pytest.mark.filterwarnings("error:fusedres")  # a fused module falling back to its stock forward fails
+@pytest.mark.parametrize("arch,fmt_name", [(a, list(FORMATS)[i % 2]) for i, a in enumerate(sorted(ARCHS))])
+def test_fused_float64_computes_what_stock_computes(arch, fmt_name):
+    """Float64, where rounding cannot flip a ReLU mask: the fused model's train step and eval
+    equal stock's on every tensor to float64 rounding (amplified by the last BatchNorms, which see
+    8 values per channel). This is the check of what fuse swapped in; the memory format
+    alternates between architectures (the float32 test below runs both for every one)."""
+    model = _build(arch)
+    x, grad = _inputs(arch, model)
+    exact = _train_then_eval(copy.deepcopy(model), x, grad, torch.float64, torch.contiguous_format)
+    with fused_backend():
+        got = _train_then_eval(fusedres.fuse(model), x, grad, torch.float64, FORMATS[fmt_name])
+    assert got.keys() == exact.keys()
+    for name, e in exact.items():
+        err = _l2_rel(got[name], e)
+        assert err <= 1e-9, f"{arch} {fmt_name} {name}: L2-relative difference {err:.2e} from stock float64"
+
+
+# L2-relative floor: float32 rounding of a whole-network result (2^-24 per op, summed over depth)
+FLOOR = 2e-5
+
+
+@pytest.mark.filterwarnings("error:fusedres")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fused_float32_is_as_accurate_as_stock_against_float64(arch):
+    """Float32 against a float64 run of the original: per tensor, at most 2x stock float32's own
+    error (the larger of its NCHW and channels_last runs) plus a floor, in both memory formats.
+
+    BatchNorm biases are shifted by +3 first, so that almost no ReLU input lies within float32
+    rounding of zero: one flipped ReLU mask moves every earlier gradient by ~1e-3 relative, which
+    happens to stock and fused alike, at random (measured with the usual N(0, 0.5) biases: stock
+    float32 in one memory format was up to 400x further from float64 than in the other on some
+    gradients; with the shift, fused stays within 1.5x of stock on every tensor). ReLU masking
+    itself is checked exactly by the float64 test above."""
+    model = _build(arch)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.bias.data.add_(3.0)
+    x, grad = _inputs(arch, model)
+    exact = _train_then_eval(copy.deepcopy(model), x, grad, torch.float64, torch.contiguous_format)
+    stock = [_train_then_eval(copy.deepcopy(model), x, grad, torch.float32, fmt) for fmt in FORMATS.values()]
+    worst = []
+    for fmt_name, fmt in FORMATS.items():
+        with fused_backend():
+            got = _train_then_eval(fusedres.fuse(model), x, grad, torch.float32, fmt)
+        assert torch.equal(got["num_batches_tracked"], exact["num_batches_tracked"])
+        for name, e in exact.items():
+            err, stock_err = _l2_rel(got[name], e), max(_l2_rel(s[name], e) for s in stock)
+            worst.append((err / max(stock_err, FLOOR), f"{fmt_name} {name}", err, stock_err))
+            assert err <= 2 * stock_err + FLOOR, (f"{arch} {fmt_name} {name}: L2-relative error {err:.2e}, "
+                                                  f"stock float32 {stock_err:.2e}")
+    ratio, name, err, stock_err = max(worst)
+    print(f"{arch}: worst error ratio to stock {ratio:.2f} ({name}: {err:.2e} vs {stock_err:.2e})")
