@@ -192,12 +192,17 @@ def main(argv=None):
         results["e2e"] = e2e
         print(f"\n== end to end: {e2e['arch']} two-class classifier, {e2e['data']}, {e2e['steps']} steps, batch "
               f"{e2e['batch']}, {e2e['size']}x{e2e['size']}, {e2e['dtype']}, same initial weights and batches")
-        print(table([dict(impl=k, images_per_s=e2e[k]["images_per_s"], final_smoothed_loss=e2e["final_smoothed_loss"][k],
-                          held_out_accuracy=e2e[k]["held_out_accuracy"]) for k in ("stock", "fusedres")],
-                    ["impl", "images_per_s", "final_smoothed_loss", "held_out_accuracy"]))
-        print(f"largest gap of the smoothed loss curves: {e2e['smoothed_loss_max_abs_diff']:.3g}; predictions: "
-              f"{e2e['predictions_csv']}; loss plot: {e2e['loss_plot'] or 'none (matplotlib not installed)'}",
-              flush=True)
+        runs = [k for k in ("stock", "fusedres", "stock_float64") if k in e2e]
+        gaps = e2e.get("max_abs_loss_gap_to_float64", {})
+        print(table([dict(impl=k, images_per_s=e2e[k]["images_per_s"], final_loss=e2e[k]["losses"][-1],
+                          max_abs_loss_gap_to_float64=gaps.get(k), held_out_accuracy=e2e[k]["held_out_accuracy"])
+                     for k in runs], ["impl", "images_per_s", "final_loss", "max_abs_loss_gap_to_float64",
+                                      "held_out_accuracy"]))
+        if "fused_gap_vs_stock_gap" in e2e:
+            print(f"fused run's largest distance from the float64 run / stock's: {e2e['fused_gap_vs_stock_gap']:.2f} "
+                  f"(about 1: the fused model tracks float64 as closely as stock does)")
+        print(f"data: {e2e['loader']}; predictions: {e2e['predictions_csv']}; loss plot: "
+              f"{e2e['loss_plot'] or 'none (matplotlib not installed)'}", flush=True)
 
     path = os.path.join(out, f"report_{device.type}_{stamp}.json")
     write_json(path, results)

@@ -30,8 +30,11 @@ def test_tiny_end_to_end_run_writes_predictions(tmp_path):
                                                "--images", "20", "--out", str(tmp_path)])
     result = e2e_train.run(args, torch.device("cpu"))
     assert result["fused_blocks"] == 8
-    assert len(result["stock"]["losses"]) == len(result["fusedres"]["losses"]) == 3
-    assert abs(result["stock"]["losses"][0] - result["fusedres"]["losses"][0]) < 1e-4, "same weights, same batch"
+    assert len(result["stock"]["losses"]) == len(result["fusedres"]["losses"]) == len(
+        result["stock_float64"]["losses"]) == 3
+    first = [result[k]["losses"][0] for k in ("stock", "fusedres", "stock_float64")]
+    assert max(first) - min(first) < 1e-4, f"same weights, same batch: {first}"
+    assert set(result["max_abs_loss_gap_to_float64"]) == {"stock", "fusedres"}
     lines = open(result["predictions_csv"]).read().splitlines()
     assert lines[0] == "id,p_dog" and len(lines) == 1 + result["held_out"]
 

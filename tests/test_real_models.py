@@ -181,3 +181,24 @@ def test_fused_float32_is_as_accurate_as_stock_against_float64(arch):
                                                   f"stock float32 {stock_err:.2e}")
     ratio, name, err, stock_err = max(worst)
     print(f"{arch}: worst error ratio to stock {ratio:.2f} ({name}: {err:.2e} vs {stock_err:.2e})")
+
+
+def test_end_to_end_example_trains_through_torchvisions_image_folder_and_data_loader(tmp_path):
+    """benchmarks/e2e_train.py as a user with torchvision runs it: the generated images written as
+    PNG files, read back by ImageFolder with torchvision's transforms, batched by a DataLoader with
+    worker processes; every run sees the same batches (equal first losses)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import e2e_train
+
+    args = e2e_train.parser(False).parse_args(["--arch", "resnet18", "--steps", "3", "--batch", "4", "--size", "32",
+                                               "--images", "20", "--workers", "2", "--out", str(tmp_path)])
+    result = e2e_train.run(args, torch.device(DEVICE))
+    assert result["loader"] == "torchvision ImageFolder, DataLoader(2 workers)" and result["source"] == "torchvision"
+    assert {p.name for p in (tmp_path / "synthetic_images").iterdir() if p.is_dir()} == {"cat", "dog"}
+    first = [result[k]["losses"][0] for k in ("stock", "fusedres", "stock_float64")]
+    assert max(first) - min(first) < 1e-4, f"same weights, same batch: {first}"
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "id,p_dog" and len(lines) == 1 + result["held_out"]
