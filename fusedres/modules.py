@@ -389,9 +389,9 @@ class FusedResidual(_FusedBlockBase):
         act(bn_n(conv_n(relu(... relu(bn_1(conv_1(x))) ...))) + shortcut(x))
 
     with shortcut the identity, conv + bn or a conv alone (after pooling layers, which run as
-    they are), and act a ReLU or nothing, however its code names or writes them. It holds the original block's children under their own names
-    (so state_dict keys, parameters and buffers are the original's) and the original block
-    itself, unregistered, for fusedres.unfuse.
+    they are), and act a ReLU or nothing, however its code names or writes them. It holds the
+    original block's children under their own names (so state_dict keys, parameters and buffers
+    are the original's) and the original block itself, unregistered, for fusedres.unfuse.
 
     Args:
         block: the original block.

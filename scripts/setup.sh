@@ -60,12 +60,12 @@ fi
 grep -E "fusedres build:" "$LOG" | sort -u | sed 's/^ *//' >&2 || true
 # The installed package must be this build: loaded, and with CUDA kernels where they were to be built.
 PYTHONSAFEPATH=1 "$PY" - <<'EOF' >&2
-import os, sys
+import os, shutil, sys
 import torch, fusedres
-from torch.utils.cpp_extension import CUDA_HOME
 if not fusedres.extension_loaded():
     sys.exit(f"setup: {fusedres._extension.LOAD_ERROR}")
-wanted = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
+toolkit = shutil.which("nvcc") or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")  # as setup.py decides
+wanted = torch.version.cuda is not None and toolkit and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
 if wanted and not fusedres._extension.built_with_cuda():
     sys.exit("setup: torch has CUDA and nvcc is present, but fusedres._C was built without its CUDA kernels")
 print(f"setup: fusedres._C loaded (torch {torch.__version__}, CUDA kernels: "
