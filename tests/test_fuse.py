@@ -131,19 +131,13 @@ class PoolShortcutBlock(nn.Module):
         return self.act2(out + self.downsample(x))
 
 
-class SigmoidInline(nn.Module):
+class SigmoidInline(TutorialBlock):
     """A module constructed inside forward that is not a ReLU: traced through, then left."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
 
     def forward(self, x):
         out = nn.Sigmoid()(self.bn1(self.conv1(x)))
-        return nn.ReLU()(self.bn2(self.conv2(out)) + x)
+        out = nn.ReLU()(self.bn2(self.conv2(out)))
+        return nn.ReLU()(self.bn3(self.conv3(out)) + x)
 
 
 class DropPath(nn.Module):
