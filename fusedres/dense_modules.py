@@ -23,8 +23,24 @@ import torch.nn as nn
 
 from .autograd.dense import DenseLayerArgs, bn_relu_conv_pool, dense_block
 from .models.densenet import DenseBlock, DenseLayer, Transition, rename_legacy_keys_hook
-from .modules import (_warn_once, bn_args, check_block_input, conv_args, norm_with_relu, relu_after_norm_reason,
-                      runs_reference, unfusable_reason)
+from .modules import (_warn_once, bn_args, check_block_input, conv_args, norm_relu_conv_reason, norm_with_relu,
+                      runs_reference)
+
+
+def _shared_children(source: nn.Module, names):
+    """([(name, module)], missing names) of `source`'s children under `names`, to be shared by a
+    fused module. A missing `relu*` after a norm with its ReLU inside (timm's BatchNormAct2d, see
+    norm_with_relu) becomes an nn.Identity: no state, so the state_dict keys stay the source's."""
+    found, missing = [], []
+    for name in names:
+        module = getattr(source, name, None)
+        if module is None and name.startswith("relu") and norm_with_relu(getattr(source, "norm" + name[4:], None)):
+            module = nn.Identity()
+        if module is None:
+            missing.append(name)
+        else:
+            found.append((name, module))
+    return found, missing
 
 
 class FusedDenseLayer(DenseLayer):
@@ -40,7 +56,7 @@ class FusedDenseLayer(DenseLayer):
 
     def _fallback_reason(self) -> Optional[str]:
         for (bn, conv), relu in zip(self._units(), (self.relu1, getattr(self, "relu2", None))):
-            why = unfusable_reason(conv, bn, sync_ok=False, relu_inside_ok=True) or relu_after_norm_reason(relu, bn)
+            why = norm_relu_conv_reason(bn, relu, conv)
             if why is not None:
                 return why
         return None
@@ -73,15 +89,15 @@ class FusedDenseLayer(DenseLayer):
         bottleneck = isinstance(getattr(layer, "conv2", None), nn.Module)
         if bottleneck:
             names += ["norm2", "relu2", "conv2"]
-        implied = {f"relu{n[-1]}" for n in names if n.startswith("norm") and norm_with_relu(getattr(layer, n, None))}
-        missing = [n for n in names + ["drop_rate"] if not hasattr(layer, n) and n not in implied]
+        children, missing = _shared_children(layer, names)
+        missing += [] if hasattr(layer, "drop_rate") else ["drop_rate"]
         if missing:
             raise TypeError(f"{cls.__name__}.from_module: {type(layer).__name__} lacks {', '.join(missing)}; expected "
                             f"a torchvision-style _DenseLayer")
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        for n in names:
-            setattr(fused, n, getattr(layer, n) if hasattr(layer, n) else nn.Identity())
+        for n, module in children:
+            setattr(fused, n, module)
         fused.drop_rate = float(layer.drop_rate)
         fused.memory_efficient = bool(getattr(layer, "memory_efficient", getattr(layer, "grad_checkpointing", False)))
         fused.bottleneck = bottleneck
@@ -138,8 +154,7 @@ class FusedTransition(Transition):
         names = list(self._modules)
         if names != ["norm", "relu", "conv", "pool"]:
             return f"submodules {names}, expected norm, relu, conv, pool"
-        why = unfusable_reason(self.conv, self.norm, sync_ok=False, relu_inside_ok=True) or relu_after_norm_reason(
-            self.relu, self.norm)
+        why = norm_relu_conv_reason(self.norm, self.relu, self.conv)
         if why is not None:
             return why
         pool = self.pool
@@ -163,13 +178,12 @@ class FusedTransition(Transition):
     def from_module(cls, transition: nn.Module) -> "FusedTransition":
         """A FusedTransition sharing `transition`'s submodules (torchvision's _Transition; timm's
         DenseTransition, whose norm has its ReLU inside, gets an nn.Identity as `relu`)."""
-        implied = {"relu"} if norm_with_relu(getattr(transition, "norm", None)) else set()
-        missing = [n for n in ("norm", "relu", "conv", "pool") if not hasattr(transition, n) and n not in implied]
+        children, missing = _shared_children(transition, ("norm", "relu", "conv", "pool"))
         if missing:
             raise TypeError(f"{cls.__name__}.from_module: {type(transition).__name__} lacks {', '.join(missing)}")
         fused = cls.__new__(cls)
         nn.Sequential.__init__(fused)
-        for n in ("norm", "relu", "conv", "pool"):
-            fused.add_module(n, getattr(transition, n) if hasattr(transition, n) else nn.Identity())
+        for n, module in children:
+            fused.add_module(n, module)
         fused.training = transition.training  # its own flag only: a frozen (eval) BN inside stays frozen
         return fused

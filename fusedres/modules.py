@@ -151,12 +151,12 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_
     return None
 
 
-def relu_after_norm_reason(relu: Optional[nn.Module], norm: nn.Module) -> Optional[str]:
-    """None if `relu` applied after `norm` is the ReLU a fused BN -> ReLU -> conv applies: an
-    nn.ReLU, or an nn.Identity (or nothing) after a norm with its ReLU inside; else why not."""
-    if type(relu) is nn.ReLU or (norm_with_relu(norm) and (relu is None or type(relu) is nn.Identity)):
-        return None
-    return f"{type(relu).__name__} where a ReLU was expected"
+def norm_relu_conv_reason(norm: nn.Module, relu: Optional[nn.Module], conv: nn.Module) -> Optional[str]:
+    """None if norm -> relu -> conv (a dense layer's unit, a transition) can run fused, else why
+    not: `relu` an nn.ReLU, or an nn.Identity (or nothing) after a norm with its ReLU inside."""
+    why = unfusable_reason(conv, norm, sync_ok=False, relu_inside_ok=True)
+    relu_ok = type(relu) is nn.ReLU or (norm_with_relu(norm) and type(relu) in (type(None), nn.Identity))
+    return why if why is not None or relu_ok else f"{type(relu).__name__} where a ReLU was expected"
 
 
 def check_block_input(x, conv: nn.Conv2d, owner: str, reader: str = "the block", source: str = "conv1") -> None:
