@@ -104,25 +104,27 @@ inline at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// nn.BatchNorm2d's running-statistics update, shared by every device:
-//   running_mean = (1 - f) * running_mean + f * mean
-//   running_var  = (1 - f) * running_var  + f * var * n / (n - 1)   (unbiased)
-// `momentum` is the exponential-average factor f the module computed (its momentum, or
-// 1 / num_batches_tracked when momentum is None). Done with ATen ops on [C] vectors.
-inline void update_running_stats(const c10::optional<at::Tensor>& running_mean,
-                                 const c10::optional<at::Tensor>& running_var,
-                                 const at::Tensor& mean, const at::Tensor& biased_var, int64_t count,
-                                 double momentum) {
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "fusedres: running_mean and running_var must be given together");
-  if (!running_mean.has_value()) return;
-  TORCH_CHECK(count > 1, "fusedres: the running variance needs more than 1 value per channel");
-  at::NoGradGuard no_grad;
-  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-  auto& rm = *running_mean;
-  auto& rv = *running_var;
-  rm.copy_(rm.to(mean.scalar_type()) * (1.0 - momentum) + mean * momentum);
-  rv.copy_(rv.to(mean.scalar_type()) * (1.0 - momentum) + biased_var * (momentum * unbias));
+// The per-channel sums a BatchNorm backward reduction produced: [C], or [T, C] partial rows (a
+// conv kernel's per-tile sums) that bn_backward_finalize adds up; float32 / float64 like invstd.
+struct BackwardSums {
+  int64_t rows;
+  int64_t channels;
+};
+
+inline BackwardSums check_backward_sums(const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                                        const at::Tensor& invstd, const at::Tensor& scale) {
+  TORCH_CHECK(invstd.dim() == 1 && scale.sizes() == invstd.sizes(), "fusedres: invstd and scale must be [C], got ",
+              invstd.sizes(), " and ", scale.sizes());
+  const int64_t C = invstd.size(0);
+  TORCH_CHECK((sum_dz.dim() == 1 || sum_dz.dim() == 2) && sum_dz.size(-1) == C && sum_dz.sizes() == sum_dz_xmu.sizes(),
+              "fusedres: sum_dz and sum_dz_xmu must be [C] or [T, C] with C = ", C, ", got ", sum_dz.sizes(),
+              " and ", sum_dz_xmu.sizes());
+  for (const auto* t : {&sum_dz, &sum_dz_xmu, &invstd, &scale}) {
+    TORCH_CHECK(t->scalar_type() == invstd.scalar_type() && t->is_contiguous() && t->device() == invstd.device(),
+                "fusedres: bn_backward_finalize takes contiguous ", invstd.scalar_type(), " tensors on ",
+                invstd.device());
+  }
+  return {sum_dz.dim() == 2 ? sum_dz.size(0) : 1, C};
 }
 
 inline void check_running(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,

@@ -30,6 +30,13 @@ TORCH_LIBRARY(fusedres_kernels, m) {
   m.def(
       "bn_act_backward_elementwise(Tensor grad, Tensor input, Tensor mean, Tensor scale, "
       "Tensor shift, Tensor coef_xmu, Tensor coef_c, bool relu) -> Tensor");
+  // A BatchNorm backward's per-channel bookkeeping, one small kernel: from the reduction's sums
+  // ([C], or [T, C] partial rows added up here), grad_gamma = sum_dz_xmu * invstd,
+  // grad_beta = sum_dz, and the input gradient's coefficients coef_xmu = -scale * invstd^2 *
+  // sum_dz_xmu / count, coef_c = -scale * sum_dz / count (0 without batch statistics).
+  m.def(
+      "bn_backward_finalize(Tensor sum_dz, Tensor sum_dz_xmu, Tensor invstd, Tensor scale, float count, "
+      "bool batch_stats) -> (Tensor grad_gamma, Tensor grad_beta, Tensor coef_xmu, Tensor coef_c)");
 }
 
 // `import fusedres._C` loads this library, which runs the registrations above.

@@ -1,11 +1,15 @@
 """fusedres: fused BatchNorm / ReLU / residual kernels and drop-in ResNet blocks for PyTorch.
 
-Layers, each using only the one below it:
-  kernels (fusedres/kernels: Triton; csrc: C++ CPU and CUDA)
-  -> ops (fusedres.ops: one registry dispatching by device and backend)
+Layers, each importing only those below it (tests/test_layering.py holds this):
+  common (layout, dtypes, allocation, warn-once, tracing, the one Triton launch helper)
+  -> kernels (fusedres/kernels: Triton; csrc: C++ CPU and CUDA)
+  -> ops (fusedres.ops: one registry dispatching by device and backend; ops.direct, the short path)
   -> autograd Functions (fusedres.autograd)
-  -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual; FusedDenseLayer, FusedDenseBlock, FusedTransition)
+  -> modules: batchnorm (SyncBatchNorm2d, each forward's BN arguments) -> block_plumbing (what every
+     fused block shares) -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual) and
+     dense_modules (FusedDenseLayer, FusedDenseBlock, FusedTransition)
   -> fuse(model): blocks found by what they compute (torch.fx), swapped in
+The reference models (fusedres.models) import nothing of fusedres.
 """
 import torch as _torch
 
@@ -17,7 +21,8 @@ from . import _extension  # noqa: E402
 from .autograd import conv_bias_act_inference, conv_bn_act  # noqa: F401,E402
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition  # noqa: F401,E402
 from .fuse import FuseReport, fuse, fuse_report, unfuse  # noqa: F401,E402
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401,E402
+from .batchnorm import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401,E402
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual  # noqa: F401,E402
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -23,8 +23,9 @@ import torch.nn as nn
 
 from .autograd.dense import DenseLayerArgs, bn_relu_conv_pool, dense_block
 from .models.densenet import DenseBlock, DenseLayer, Transition, rename_legacy_keys_hook
-from .modules import (_warn_once, bn_args, check_block_input, conv_args, norm_relu_conv_reason, norm_with_relu,
-                      runs_reference)
+from .batchnorm import bn_args
+from .block_plumbing import check_block_input, conv_args, norm_relu_conv_reason, norm_with_relu, runs_reference
+from .common import warn_once
 
 
 def _shared_children(source: nn.Module, names):
@@ -74,7 +75,7 @@ class FusedDenseLayer(DenseLayer):
             raise ValueError(f"{name}: input must be a tensor or a non-empty list of tensors")
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
         check_block_input(x, self.conv1, name, "norm1", source="")
-        if runs_reference(x, name, self._fallback_reason):
+        if runs_reference(x, self, name, self._fallback_reason):
             return self._reference_forward(x)
         # a one-layer block over the concatenation; its new channels are the layer's output
         return dense_block(x, [self._layer_args()], dropout=[self.training])[:, x.shape[1]:]
@@ -130,7 +131,7 @@ class FusedDenseBlock(DenseBlock):
         if not layers:
             return init_features
         check_block_input(init_features, layers[0].conv1, name, "denselayer1.norm1", source="")
-        if runs_reference(init_features, name, self._fallback_reason):
+        if runs_reference(init_features, self, name, self._fallback_reason):
             return self._reference_forward(init_features)
         return dense_block(init_features, [layer._layer_args() for layer in layers],
                            dropout=[layer.training for layer in layers])
@@ -167,7 +168,7 @@ class FusedTransition(Transition):
         name = type(self).__name__
         why = self._fallback_reason()
         if why is not None:
-            _warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
+            warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
             return super().forward(x)
         check_block_input(x, self.conv, name, "norm", source="")
         if x.numel() == 0:  # an empty batch: exactly what the reference does with one

@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from .modules import (FusedBasicBlock, FusedBottleneck, FusedResidual, check_sync_args, convert_sync_batchnorm,
-                      norm_with_relu, unfusable_reason)
+from .batchnorm import check_sync_args, convert_sync_batchnorm
+from .block_plumbing import norm_with_relu, unfusable_reason
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual
 
 _FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)

@@ -161,9 +161,9 @@ def test_conv_op_names_mismatched_weight():
 
 def test_sync_batchnorm_rejects_an_empty_batch_while_synchronizing(monkeypatch):
     """An empty batch on one process while synchronizing: a clear error, not a hang later."""
-    from fusedres import modules
+    from fusedres import batchnorm
 
-    monkeypatch.setattr(modules, "sync_group", lambda group: fusedres.ops.SyncGroup(group))
+    monkeypatch.setattr(batchnorm, "sync_group", lambda group: fusedres.ops.SyncGroup(group))
     bn = fusedres.SyncBatchNorm2d(4)
     with pytest.raises(ValueError, match="SyncBatchNorm2d: an empty batch"):
         bn(torch.randn(0, 4, 3, 3))

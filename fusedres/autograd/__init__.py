@@ -6,6 +6,7 @@
             and epilogues), where those kernels run
   dense.py  DenseNet dense blocks over one feature buffer, and the transition
 """
-from .chain import BNArgs, BNReLUConv, ConvArgs, chain_unsupported_reason, conv_bn_chain  # noqa: F401
-from .units import BNAct, ConvBNAct, conv_bias_act_inference, conv_bn_act, sync_batch_norm, tracing  # noqa: F401
+from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNAct, ConvSpec, Unit, conv_bias_act_inference,  # noqa: F401
+                    conv_bias_act_inference_unchecked, conv_bn_act, conv_bn_act_unchecked, sync_batch_norm)
+from .chain import BNReLUConv, chain_unsupported_reason, conv_bn_chain  # noqa: F401
 from .dense import DenseLayerArgs, bn_relu_conv_pool, channel_stats, dense_block  # noqa: F401

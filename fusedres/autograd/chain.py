@@ -14,89 +14,111 @@ and y, and per conv:
   wgrad  relu(BN(z_{k-1})) recomputed in its prologue from z_{k-1}
 """
 import contextlib
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import ops
-from ..ops.layout import stats_dtype
-from .units import (BNAct, autocast_dtype, batch_count, bn_backward_coefficients, bn_scale_shift, running_stats,
-                    stats_from_moments)
-
-
-class ConvArgs(NamedTuple):
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
-    groups: int
-
-
-class BNArgs(NamedTuple):
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    eps: float
-    momentum: float
-    batch_stats: bool
-    sync: Optional[ops.SyncGroup] = None  # batch statistics over every process of a group (training only)
+from ..common import stats_dtype, tracing
+from ..ops import direct
+from ..ops.direct import BatchNormStats, ChannelMoments, StatsPartials
+from .units import (BNArgs, ConvArgs, ConvSpec, Unit, autocast_dtype, backward_bookkeeping, batch_count,  # noqa: F401
+                    bn_act, bn_scale_shift, running_stats, stats_from_moments)
 
 
 class BNReLUConv(torch.autograd.Function):
-    """z = conv2d(p(x), weight, bias), p(x) = relu(BN(x)) with BN's (mean, invstd, gamma, beta)
-    applied in the conv's prologue when in_norm, else p(x) = x. Also returns z's batch mean and
-    biased variance from the conv's epilogue (empty tensors unless want_stats; not
-    differentiable). With in_batch_stats, mean and invstd are x's batch statistics and backward
-    includes the path through them; with in_sync (ops.SyncGroup) they are the statistics of
-    every process's batch, in_count values per channel in all."""
+    """z = conv2d(p(x), weight, bias), p(x) = relu((x - mean) * scale + shift) in the conv's
+    prologue when in_norm (the input's BatchNorm: its statistics, scale = invstd * gamma,
+    shift = beta), else p(x) = x. Also returns z's statistics from the conv's epilogue (not
+    differentiable; empty tensors unless want_stats): in eager mode the per-tile partials
+    (rows, sum, m2), while tracing the merged (mean, var) and an empty tensor. With
+    in_batch_stats, mean and invstd are x's batch statistics and backward includes the path
+    through them; with in_sync (ops.SyncGroup) they are the statistics of every process's batch,
+    in_count values per channel in all."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, mean, invstd, conv_args, in_norm, in_batch_stats, want_stats,
-                in_sync=None, in_count=None):
-        pro = {}
-        scale = shift = None
-        if in_norm:
-            scale, shift = bn_scale_shift(invstd, gamma, beta)
-            pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
-        z, moments = ops.conv2d_forward(x, weight, bias, *conv_args, stats=want_stats, **pro)
-        if moments is None:
-            moments = tuple(z.new_empty(0, dtype=stats_dtype(z)) for _ in range(2))
-        ctx.conv_args = conv_args
+    def forward(ctx, x, weight, bias, gamma, beta, mean, invstd, scale, shift, conv: ConvSpec, in_norm, in_batch_stats,
+                want_stats, in_sync=None, in_count=None):
+        pro = (mean, scale, shift) if in_norm else (None, None, None)
+        z, stats = direct.conv2d_forward_unchecked(x, weight, bias, *conv, *pro, bool(in_norm), None, False,
+                                                   bool(want_stats), None)
+        empty = z.new_empty(0, dtype=stats_dtype(z))
+        if stats is None:
+            outs = (empty, empty.clone(), empty.clone())
+        elif isinstance(stats, StatsPartials):
+            outs = tuple(stats)
+        else:
+            outs = (stats.mean, stats.var, empty)
+        ctx.conv = conv
         ctx.in_norm = in_norm
         ctx.in_batch_stats = in_batch_stats
         ctx.in_sync = in_sync if in_batch_stats else None
         ctx.in_count = in_count
         ctx.dtypes = (None if bias is None else bias.dtype, None if gamma is None else gamma.dtype,
                       None if beta is None else beta.dtype)
-        ctx.save_for_backward(x, weight, mean, scale, shift, invstd)
-        ctx.mark_non_differentiable(*moments)
-        return (z, *moments)
+        if in_norm:
+            ctx.save_for_backward(x, weight, mean, scale, shift, invstd)
+        else:
+            ctx.save_for_backward(x, weight)
+        ctx.mark_non_differentiable(*outs)
+        return (z, *outs)
 
     @staticmethod
-    def backward(ctx, grad_z, *_unused_partial_grads):
-        x, weight, mean, scale, shift, invstd = ctx.saved_tensors
+    def backward(ctx, grad_z, *_unused_stats_grads):
+        x, weight, *bn = ctx.saved_tensors
         need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
-        conv_args = ctx.conv_args
-        pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True) if ctx.in_norm else {}
+        conv = ctx.conv
+        pro = (bn[0], bn[1], bn[2], True) if ctx.in_norm else (None, None, None, False)
         grad_x = grad_w = grad_b = grad_gamma = grad_beta = None
         if ctx.in_norm and (need_x or need_gamma or need_beta):
-            du, sum_du, sum_du_xmu = ops.conv2d_input_grad(grad_z, weight, x, *conv_args, **pro)
-            grad_gamma = (sum_du_xmu * invstd).to(ctx.dtypes[1]) if need_gamma else None
-            grad_beta = sum_du.to(ctx.dtypes[2]) if need_beta else None
+            mean, scale, shift, invstd = bn
+            du, sum_du, sum_du_xmu = direct.conv2d_input_grad_unchecked(grad_z, weight, x, *conv, *pro)
+            count = ctx.in_count if ctx.in_count is not None else x.numel() // x.shape[1]
+            grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(
+                sum_du, sum_du_xmu, invstd, scale, count, ctx.in_batch_stats and need_x, ctx.in_sync)
+            grad_gamma = grad_gamma.to(ctx.dtypes[1]) if need_gamma else None
+            grad_beta = grad_beta.to(ctx.dtypes[2]) if need_beta else None
             if need_x:
-                count = ctx.in_count if ctx.in_count is not None else x.numel() // x.shape[1]
-                coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_du, sum_du_xmu, count,
-                                                            ctx.in_batch_stats, ctx.in_sync)
-                grad_x = ops.bn_act_backward_elementwise(du, x, mean, scale, shift, coef_xmu, coef_c, relu=False)
+                grad_x = direct.bn_act_backward_elementwise(du, x, mean, scale, shift, coef_xmu, coef_c, relu=False)
         elif need_x:
-            grad_x = ops.conv2d_input_grad(grad_z, weight, x, *conv_args)[0]
+            grad_x = direct.conv2d_input_grad_unchecked(grad_z, weight, x, *conv, None, None, None, False)[0]
         if need_w:
-            grad_w = ops.conv2d_weight_grad(grad_z, x, weight, *conv_args, **pro)
+            grad_w = direct.conv2d_weight_grad_unchecked(grad_z, x, weight, *conv, *pro)
         if need_b:
             grad_b = grad_z.sum((0, 2, 3), dtype=stats_dtype(grad_z)).to(ctx.dtypes[0])
-        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None, None, None
+        return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None, None, None, None,
+                None)
+
+
+def bn_relu_conv(x, conv: ConvArgs, in_bn: Optional[BNArgs] = None, in_stats: Optional[BatchNormStats] = None, *,
+                 want_stats: bool, in_count=None):
+    """BNReLUConv.apply with keywords: conv(relu(in_bn(x))) (conv(x) without in_bn), and its
+    epilogue's statistics as BNReLUConv returns them."""
+    in_norm = in_bn is not None
+    stats = in_stats if in_norm else (None, None, None, None)
+    return BNReLUConv.apply(x, conv.weight, conv.bias, in_bn.weight if in_norm else None,
+                            in_bn.bias if in_norm else None, *stats, conv.spec, in_norm,
+                            in_norm and in_bn.batch_stats, want_stats, in_bn.sync if in_norm else None, in_count)
+
+
+def epilogue_bn(z, a, b, c, bn: BNArgs):
+    """(BatchNormStats, count) of BatchNorm `bn` over z from BNReLUConv's statistics outputs
+    (a, b, c): one bookkeeping kernel in eager mode (running statistics updated); with bn.sync
+    the moments are all-reduced first; without batch statistics, the running ones."""
+    count = z.numel() // z.shape[1]
+    if not bn.batch_stats:
+        mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
+        return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, bn.weight, bn.bias)), count
+    batch_count(z)
+    stats = ChannelMoments(a, b) if tracing() else StatsPartials(a, b, c)
+    if bn.sync is not None:
+        moments = direct.moments(stats)
+        mean, invstd, count = stats_from_moments(moments.mean, moments.var, count, bn.eps, bn.running_mean,
+                                                 bn.running_var, bn.momentum, bn.sync)
+        return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, bn.weight, bn.bias)), count
+    _, stats = direct.bn_forward_finalize(stats, count, bn.eps, bn.weight, bn.bias, bn.running_mean,
+                                          bn.running_var, bn.momentum)
+    return stats, count
 
 
 def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Optional[str]:
@@ -113,10 +135,10 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
                   relu: bool = True) -> torch.Tensor:
     """act(BN_n(conv_n(relu(BN_{n-1}(... relu(BN_1(conv_1(x))) ...)))) + residual) with autograd.
 
-    BN_k uses batch statistics (running statistics updated in place, as nn.BatchNorm2d) when
-    units[k].batch_stats, else its running statistics as constants; with units[k].sync, the
-    statistics of every process's batch (nn.SyncBatchNorm). Under autocast the convs run
-    in the autocast dtype, as F.conv2d would; BatchNorm math stays float32.
+    units: (ConvArgs, BNArgs) pairs (or Unit). BN_k uses batch statistics (running statistics
+    updated in place, as nn.BatchNorm2d) when its batch_stats, else its running statistics as
+    constants; with its sync, the statistics of every process's batch (nn.SyncBatchNorm). Under
+    autocast the convs run in the autocast dtype, as F.conv2d would; BatchNorm math stays float32.
     """
     if not units:
         raise ValueError("fusedres: conv_bn_chain needs at least one (conv, bn) unit")
@@ -125,23 +147,15 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
         x = x.to(dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         h = x
-        prev = mean = invstd = count = None
+        prev = stats = count = None
         for conv, bn in units:
-            weight, bias = conv.weight, conv.bias
             if dtype is not None:
-                weight = weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-            conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+                conv = conv._replace(weight=conv.weight.to(dtype),
+                                     bias=conv.bias.to(dtype) if conv.bias is not None else None)
             # the previous unit's BN + ReLU runs in this conv's prologue; the first conv has none
-            in_bn = (prev.weight, prev.bias, mean, invstd) if prev is not None else (None,) * 4
-            z, batch_mean, batch_var = BNReLUConv.apply(h, weight, bias, *in_bn, conv_args, prev is not None,
-                                                        prev is not None and prev.batch_stats, bn.batch_stats,
-                                                        None if prev is None else prev.sync, count)
-            if bn.batch_stats:
-                mean, invstd, count = stats_from_moments(batch_mean, batch_var, batch_count(z), bn.eps,
-                                                         bn.running_mean, bn.running_var, bn.momentum, bn.sync)
-            else:
-                mean, invstd = running_stats(bn.running_mean, bn.running_var, bn.eps, z)
-                count = None
+            z, a, b, c = bn_relu_conv(h, conv, prev, stats, want_stats=bn.batch_stats,
+                                      in_count=count if prev is not None and prev.sync is not None else None)
+            stats, count = epilogue_bn(z, a, b, c, bn)
             h, prev = z, bn
-        return BNAct.apply(h, prev.weight, prev.bias, mean, invstd, residual, prev.batch_stats, relu, prev.sync, count)
+        return bn_act(h, prev.weight, prev.bias, stats, residual, batch_stats=prev.batch_stats, relu=relu,
+                      sync=prev.sync, count=count)

@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.layout import dense, memory_format, new_scratch, per_channel, stats_dtype
-from .chain import BNArgs, ConvArgs, BNReLUConv
-from .units import (BNAct, _conv_backward, autocast_dtype, batch_count, batch_or_running_stats,
-                    bn_backward_coefficients, bn_scale_shift, running_stats, tracing)
+from ..common import dense, memory_format, new_scratch, per_channel, stats_dtype
+from ..ops.direct import BatchNormStats
+from .chain import BNArgs, ConvArgs, bn_relu_conv
+from .units import (autocast_dtype, backward_bookkeeping, batch_count, batchnorm_stats, bn_act, bn_scale_shift,
+                    conv_backward, running_stats, tracing)
 
 # A channel-statistics record left on a dense block's output for the transition after it:
 # (tensor version when written, mean [C], biased var [C], values per channel).
@@ -67,7 +68,7 @@ def _unit_stats(bn: BNArgs, mean_var: Optional[Tuple[torch.Tensor, torch.Tensor]
     or its running statistics."""
     if bn.batch_stats:
         mean, var = mean_var
-        ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, bn.momentum)
+        ops.running_update(bn.running_mean, bn.running_var, mean, var, count, bn.momentum)
         return mean, (var + bn.eps).rsqrt()
     return running_stats(bn.running_mean, bn.running_var, bn.eps, ref)
 
@@ -278,16 +279,17 @@ class DenseBlockFunction(torch.autograd.Function):
                     # the BN ops read dense tensors: one copy of the prefix serves the three of them
                     h_in = dense(h_in)
                     a = ops.bn_act_forward(h_in, mean, scale, shift, None, True)  # recomputed, never saved
-                    da, dw, db = _conv_backward(g, a, weight, bias is not None, *conv_args, (True, need_w, need_b))
+                    da, dw, db = conv_backward(g, a, weight, bias is not None, *conv_args, (True, need_w, need_b))
                     del a
                     grads[base + 2], grads[base + 3] = dw, db
                     sum_du, sum_du_xmu, _ = ops.bn_act_backward_reduce(da, h_in, mean, scale, shift, None, relu=True)
                     du, mask_in_elementwise = da, True
+                grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(sum_du, sum_du_xmu, invstd, scale, count,
+                                                                               bn.batch_stats)
                 if ctx.needs_input_grad[4 + base]:
-                    grads[base] = (sum_du_xmu * invstd).to(ctx.dtypes[base])
+                    grads[base] = grad_gamma.to(ctx.dtypes[base])
                 if ctx.needs_input_grad[4 + base + 1]:
-                    grads[base + 1] = sum_du.to(ctx.dtypes[base + 1])
-                coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_du, sum_du_xmu, count, bn.batch_stats)
+                    grads[base + 1] = grad_beta.to(ctx.dtypes[base + 1])
                 if u > 0:
                     g = ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, coef_xmu, coef_c,
                                                         relu=mask_in_elementwise)
@@ -400,15 +402,15 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: int = 2
         if recorded is not None:
             mean, var, count = recorded
             mean, invstd = _unit_stats(bn, (mean, var), count, x)
+            stats = BatchNormStats(mean, invstd, *bn_scale_shift(invstd, bn.weight, bn.bias))
         else:
             # detached: the gradient through the batch statistics is the Functions' own (batch_stats)
-            mean, invstd = batch_or_running_stats(x.detach(), bn.batch_stats, bn.eps, bn.running_mean, bn.running_var,
-                                                  bn.momentum)
-        conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            stats, _ = batchnorm_stats(x.detach(), bn.batch_stats, bn.eps, bn.running_mean, bn.running_var,
+                                       bn.momentum, bn.weight, bn.bias)
         if fused:
-            z = BNReLUConv.apply(x, weight, bias, bn.weight, bn.bias, mean, invstd, conv_args, True, bn.batch_stats,
-                                 False)[0]
+            z = bn_relu_conv(x, ConvArgs(weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), bn,
+                             stats, want_stats=False)[0]
         else:
-            a = BNAct.apply(x, bn.weight, bn.bias, mean, invstd, None, bn.batch_stats, True)
-            z = F.conv2d(a.to(conv_dtype), weight, bias, *conv_args)
+            a = bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, relu=True)
+            z = F.conv2d(a.to(conv_dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return F.avg_pool2d(z, pool, pool)

@@ -11,23 +11,18 @@ Passes over an activation-sized tensor (read or write), conv excluded:
   residual) + elementwise 3.
 """
 import contextlib
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.layout import stats_dtype
+from ..common import dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
+from ..ops import direct
+from ..ops.direct import BatchNormStats
 
 
-def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing: Python-side caches keyed on a tensor's
-    version or data pointer (which a traced graph cannot see) are then bypassed."""
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
-    return torch.compiler.is_compiling() or is_exporting()
-
-
-def _conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, groups, needs):
+def conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, groups, needs):
     """aten's conv backward (cuDNN / oneDNN): (grad_x, grad_weight, grad_bias), None where not needed."""
     if not any(needs):
         return None, None, None
@@ -46,14 +41,6 @@ def batch_count(z) -> int:
     return count
 
 
-def batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum):
-    """(mean, invstd) of BatchNorm over z: batch statistics (running ones updated), or the running ones."""
-    if batch_stats:
-        batch_count(z)
-        return ops.bn_stats(z, eps, running_mean, running_var, momentum)
-    return running_stats(running_mean, running_var, eps, z)
-
-
 def running_stats(running_mean, running_var, eps, z):
     """(mean, invstd) from the running statistics, in z's statistics dtype."""
     acc = stats_dtype(z)
@@ -61,23 +48,34 @@ def running_stats(running_mean, running_var, eps, z):
 
 
 def bn_scale_shift(invstd, bn_weight, bn_bias):
-    """BatchNorm as (z - mean) * scale + shift: scale = invstd * gamma, shift = beta."""
-    scale = invstd if bn_weight is None else invstd * bn_weight.detach().to(invstd.dtype)
-    shift = torch.zeros_like(invstd) if bn_bias is None else bn_bias.detach().to(invstd.dtype)
+    """BatchNorm as (z - mean) * scale + shift: scale = invstd * gamma, shift = beta (one small op
+    for the scale; beta itself where it is already a contiguous vector of the statistics dtype)."""
+    if bn_weight is None:
+        scale = invstd
+    else:
+        scale = torch.mul(invstd, bn_weight.detach() if bn_weight.dtype == invstd.dtype else bn_weight.detach().to(invstd.dtype))
+    if bn_bias is None:
+        shift = torch.zeros_like(invstd)
+    elif bn_bias.dtype == invstd.dtype and bn_bias.is_contiguous():
+        shift = bn_bias.detach()
+    else:
+        shift = bn_bias.detach().to(invstd.dtype).contiguous()
     return scale, shift
 
 
-def bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, count, batch_stats, sync=None):
-    """(coef_xmu, coef_c) of BatchNorm's input gradient scale * dz + (z - mean) * coef_xmu + coef_c;
-    zero with constant (running) statistics, where dz/dz_in is just the scale. With sync
-    (ops.SyncGroup) the two sums are all-reduced over its processes first and `count` is the whole
-    batch's; the caller's sums stay local (gamma's and beta's gradients: DDP averages them)."""
+def batchnorm_stats(z, batch_stats, eps, running_mean, running_var, momentum, bn_weight, bn_bias, sync=None):
+    """(BatchNormStats, count) of a BatchNorm over z: batch statistics (running ones updated; with
+    sync, those of every process's batch, count the whole batch's 0-d tensor), or the running ones."""
+    z = dense(z)
+    count = z.numel() // z.shape[1]
     if not batch_stats:
-        zero = torch.zeros_like(scale)
-        return zero, zero
-    if sync is not None:
-        sum_dz, sum_dz_xmu = ops.all_reduce_sums(sum_dz, sum_dz_xmu, sync)
-    return -scale * invstd * invstd * sum_dz_xmu / count, -scale * sum_dz / count
+        mean, invstd = running_stats(running_mean, running_var, eps, z)
+    elif sync is not None:
+        mean, invstd, count = synced_batch_stats(z, eps, running_mean, running_var, momentum, sync)
+    else:
+        batch_count(z)
+        mean, invstd = direct.bn_stats(z, eps, running_mean, running_var, momentum)
+    return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, bn_weight, bn_bias)), count
 
 
 def stats_from_moments(mean, var, count, eps, running_mean, running_var, momentum, sync=None):
@@ -98,13 +96,39 @@ def synced_batch_stats(z, eps, running_mean, running_var, momentum, sync):
     return stats_from_moments(mean, var, batch_count(z), eps, running_mean, running_var, momentum, sync)
 
 
-def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu, sync=None,
+def backward_bookkeeping(sum_dz, sum_dz_xmu, invstd, scale, count, batch_stats, sync=None):
+    """(grad_gamma, grad_beta, coef_xmu, coef_c) of a BatchNorm backward, float32 (float64), from
+    its reduction's sums ([C] or [T, C] rows): one small kernel. coef_xmu, coef_c are BatchNorm's
+    input gradient scale * dz + (z - mean) * coef_xmu + coef_c, zero with constant (running)
+    statistics. With sync (ops.SyncGroup) the sums are all-reduced over its processes for the
+    coefficients and `count` is the whole batch's; gamma's and beta's gradients stay local (DDP
+    averages them)."""
+    if sync is None or not batch_stats:
+        return direct.bn_backward_finalize(sum_dz, sum_dz_xmu, invstd, scale, count, batch_stats)
+    if sum_dz.dim() == 2:
+        sum_dz, sum_dz_xmu = sum_dz.sum(0), sum_dz_xmu.sum(0)
+    grad_gamma, grad_beta, _, _ = direct.bn_backward_finalize(sum_dz, sum_dz_xmu, invstd, scale, count, False)
+    sum_dz, sum_dz_xmu = ops.all_reduce_sums(sum_dz, sum_dz_xmu, sync)
+    _, _, coef_xmu, coef_c = direct.bn_backward_finalize(sum_dz, sum_dz_xmu, invstd, scale, count, True)
+    return grad_gamma, grad_beta, coef_xmu, coef_c
+
+
+class SavedBN(NamedTuple):
+    """What a normalize-activate unit's backward reads (save_for_backward order)."""
+    z: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    invstd: torch.Tensor
+    output: Optional[torch.Tensor]  # the unit's output, for its ReLU mask (residual + ReLU only)
+
+
+def bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats: BatchNormStats, residual, batch_stats, relu, sync=None,
                         count=None):
-    """(y, saved): y = act((z - mean) * scale + shift + residual); ctx gets the flags
-    bn_act_backward needs and `saved` is the tensors it needs (for save_for_backward). With `sync`
-    (ops.SyncGroup), mean and invstd are of the batch over every process, `count` values per channel."""
-    scale, shift = bn_scale_shift(invstd, bn_weight, bn_bias)
-    y = ops.bn_act_forward(z, mean, scale, shift, residual, relu)
+    """(y, SavedBN): y = act((z - mean) * scale + shift + residual); ctx gets the flags
+    bn_act_backward needs. With `sync` (ops.SyncGroup), the statistics are of the batch over every
+    process, `count` values per channel."""
+    y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, like(residual, z), relu)
     ctx.sync = sync if batch_stats else None
     ctx.count = count if count is not None else z.numel() // z.shape[1]
     ctx.batch_stats = batch_stats
@@ -113,32 +137,32 @@ def bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batc
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
     mask_source = y if (residual is not None and relu) else None
-    return y, (z, mean, scale, shift, invstd, mask_source)
+    return y, SavedBN(z, stats.mean, stats.scale, stats.shift, stats.invstd, mask_source)
 
 
-def bn_act_backward(ctx, grad_y, saved, need_z, need_gamma, need_beta, need_residual):
+def bn_act_backward(ctx, grad_y, saved: SavedBN, need_z, need_gamma, need_beta, need_residual):
     """(grad_z, grad_gamma, grad_beta, grad_residual) of bn_act_forward_save's y, None where not needed."""
     z, mean, scale, shift, invstd, output = saved
     relu = ctx.relu
+    grad_y = like(grad_y, z)
     if ctx.has_residual and relu:
         # dz is also the residual's gradient: the reduction pass writes it once.
-        sum_dz, sum_dz_xmu, grad_z_act = ops.bn_act_backward_reduce(
-            grad_y, z, mean, scale, shift, output, relu=True, write_grad_z=True)
+        sum_dz, sum_dz_xmu, grad_z_act = direct.bn_act_backward_reduce(grad_y, z, mean, scale, shift, output,
+                                                                       relu=True, write_grad_z=True)
         grad_for_bn, mask_in_elementwise = grad_z_act, False
         grad_residual = grad_z_act
     else:
-        sum_dz, sum_dz_xmu, _ = ops.bn_act_backward_reduce(grad_y, z, mean, scale, shift, None, relu=relu)
+        sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(grad_y, z, mean, scale, shift, None, relu=relu)
         grad_for_bn, mask_in_elementwise = grad_y, relu
         grad_residual = grad_y if ctx.has_residual else None
-
-    grad_gamma = (sum_dz_xmu * invstd).to(ctx.bn_dtypes[0]) if need_gamma else None
-    grad_beta = sum_dz.to(ctx.bn_dtypes[1]) if need_beta else None
+    grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(sum_dz, sum_dz_xmu, invstd, scale, ctx.count,
+                                                                   ctx.batch_stats and need_z, ctx.sync)
+    grad_gamma = grad_gamma.to(ctx.bn_dtypes[0]) if need_gamma else None
+    grad_beta = grad_beta.to(ctx.bn_dtypes[1]) if need_beta else None
     grad_z = None
     if need_z:
-        coef_xmu, coef_c = bn_backward_coefficients(scale, invstd, sum_dz, sum_dz_xmu, ctx.count, ctx.batch_stats,
-                                                    ctx.sync)
-        grad_z = ops.bn_act_backward_elementwise(grad_for_bn, z, mean, scale, shift, coef_xmu, coef_c,
-                                                 relu=mask_in_elementwise)
+        grad_z = direct.bn_act_backward_elementwise(grad_for_bn, z, mean, scale, shift, coef_xmu, coef_c,
+                                                    relu=mask_in_elementwise)
     if grad_residual is not None and need_residual:
         grad_residual = grad_residual.to(ctx.residual_dtype)
     else:
@@ -146,26 +170,71 @@ def bn_act_backward(ctx, grad_y, saved, need_z, need_gamma, need_beta, need_resi
     return grad_z, grad_gamma, grad_beta, grad_residual
 
 
-class ConvBNAct(torch.autograd.Function):
-    """y = act(BN(conv2d(x, weight, bias)) + residual), act ReLU or identity.
+class ConvSpec(NamedTuple):
+    """A conv's arguments besides its tensors (pairs, as ops.check_conv returns them)."""
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
 
-    batch_stats=True: training-mode BatchNorm (batch statistics, running statistics updated in
-    place with the factor `momentum`); False: the running statistics as constants (eval mode with
-    gradients, e.g. fine-tuning with frozen BN).
+
+class BNSpec(NamedTuple):
+    """A BatchNorm's arguments besides its tensors, and the activation after it."""
+    eps: float
+    momentum: float
+    batch_stats: bool
+    relu: bool
+    sync: Optional[ops.SyncGroup] = None
+
+
+class ConvArgs(NamedTuple):
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def spec(self) -> ConvSpec:
+        return ConvSpec(self.stride, self.padding, self.dilation, self.groups)
+
+
+class BNArgs(NamedTuple):
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    eps: float
+    momentum: float
+    batch_stats: bool
+    sync: Optional[ops.SyncGroup] = None  # batch statistics over every process of a group (training only)
+
+
+class Unit(NamedTuple):
+    """One conv -> BatchNorm unit of a chain (a dense layer's unit runs BN -> ReLU -> conv; its
+    fields are named alike, so no code depends on an order)."""
+    conv: ConvArgs
+    bn: BNArgs
+
+
+class ConvBNAct(torch.autograd.Function):
+    """y = act(BN(conv2d(x, weight, bias)) + residual), act ReLU or identity (see conv_bn_act).
+
+    bn.batch_stats=True: training-mode BatchNorm (batch statistics, running statistics updated in
+    place with the factor bn.momentum); False: the running statistics as constants (eval mode
+    with gradients, e.g. fine-tuning with frozen BN).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                stride, padding, dilation, groups, eps, momentum, batch_stats, relu, sync):
-        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        count = None
-        if batch_stats and sync is not None:
-            mean, invstd, count = synced_batch_stats(z, eps, running_mean, running_var, momentum, sync)
-        else:
-            mean, invstd = batch_or_running_stats(z, batch_stats, eps, running_mean, running_var, momentum)
-        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu,
-                                          sync, count)
-        ctx.conv_args = (stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv: ConvSpec,
+                bn: BNSpec):
+        z = dense(F.conv2d(x, weight, bias, *conv))
+        stats, count = batchnorm_stats(z, bn.batch_stats, bn.eps, running_mean, running_var, bn.momentum, bn_weight,
+                                       bn_bias, bn.sync)
+        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats, residual, bn.batch_stats, bn.relu,
+                                          bn.sync, count)
+        ctx.conv = conv
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *bn_saved)
         return y
@@ -175,35 +244,42 @@ class ConvBNAct(torch.autograd.Function):
         x, weight, *bn_saved = ctx.saved_tensors
         need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
         need_z = need_x or need_w or need_b
-        grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(ctx, grad_y, bn_saved, need_z, need_gamma,
-                                                                      need_beta, ctx.needs_input_grad[7])
+        grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(ctx, grad_y, SavedBN(*bn_saved), need_z,
+                                                                      need_gamma, need_beta, ctx.needs_input_grad[7])
         grad_x = grad_w = grad_b = None
         if need_z:
-            grad_x, grad_w, grad_b = _conv_backward(grad_z, x, weight, ctx.has_bias, *ctx.conv_args,
-                                                    (need_x, need_w, need_b))
-        return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, grad_residual,
-                None, None, None, None, None, None, None, None, None)
+            grad_x, grad_w, grad_b = conv_backward(grad_z, x, weight, ctx.has_bias, *ctx.conv, (need_x, need_w, need_b))
+        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, grad_residual, None, None
 
 
 class BNAct(torch.autograd.Function):
-    """y = act(BN(z) + residual) of a raw conv output z whose statistics (mean, invstd) were taken
-    elsewhere (a conv epilogue; running statistics when not batch_stats). Backward includes the
-    path through the batch statistics, which are functions of z. With sync (ops.SyncGroup) they
-    are the statistics of every process's batch, `count` values per channel in all."""
+    """y = act(BN(z) + residual) of a raw conv output z whose statistics were taken elsewhere (a
+    conv epilogue; running statistics when not batch_stats): BN(z) = (z - mean) * scale + shift,
+    scale = invstd * gamma, shift = beta. Backward includes the path through the batch statistics,
+    which are functions of z. With sync (ops.SyncGroup) they are the statistics of every process's
+    batch, `count` values per channel in all."""
 
     @staticmethod
-    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu, sync=None, count=None):
-        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, mean, invstd, residual, batch_stats, relu,
+    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, scale, shift, residual, batch_stats, relu, sync=None,
+                count=None):
+        stats = BatchNormStats(mean, invstd, scale, shift)
+        y, bn_saved = bn_act_forward_save(ctx, dense(z), bn_weight, bn_bias, stats, residual, batch_stats, relu,
                                           sync, count)
         ctx.save_for_backward(*bn_saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
+        needs = ctx.needs_input_grad
         grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(
-            ctx, grad_y, ctx.saved_tensors, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.needs_input_grad[2], ctx.needs_input_grad[5])
-        return grad_z, grad_gamma, grad_beta, None, None, grad_residual, None, None, None, None
+            ctx, grad_y, SavedBN(*ctx.saved_tensors), needs[0], needs[1], needs[2], needs[7])
+        return grad_z, grad_gamma, grad_beta, None, None, None, None, grad_residual, None, None, None, None
+
+
+def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, relu: bool,
+           sync=None, count=None):
+    """BNAct.apply with keywords: act(BN(z) + residual), BN's statistics `stats`."""
+    return BNAct.apply(z, bn_weight, bn_bias, *stats, residual, batch_stats, relu, sync, count)
 
 
 def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -212,8 +288,8 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     """Training-mode BatchNorm of x with the batch statistics of every process of `sync` (one
     all-reduce forward, one backward), running statistics updated with them: nn.SyncBatchNorm's
     forward, on any device. The math is float32 (float64 for float64 x); y has x's dtype."""
-    mean, invstd, count = synced_batch_stats(x.detach(), eps, running_mean, running_var, momentum, sync)
-    return BNAct.apply(x, weight, bias, mean, invstd, None, True, False, sync, count)
+    stats, count = batchnorm_stats(x.detach(), True, eps, running_mean, running_var, momentum, weight, bias, sync)
+    return bn_act(x, weight, bias, stats, batch_stats=True, relu=False, sync=sync, count=count)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -241,14 +317,27 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Under autocast the conv runs in the autocast dtype, as F.conv2d would; BN math stays float32.
     """
     dtype = autocast_dtype(x.device.type)
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    ops.check_conv(x, weight, bias, stride, padding, dilation, groups)
-    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        return ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                               tuple(stride), tuple(padding), tuple(dilation), groups, eps, momentum, batch_stats,
-                               relu, sync)
+    stride, padding, dilation = ops.check_conv(x, weight if dtype is None else weight.to(x.dtype), bias, stride,
+                                               padding, dilation, groups)
+    return conv_bn_act_unchecked(x, ConvArgs(weight, bias, stride, padding, dilation, groups),
+                                 BNArgs(bn_weight, bn_bias, running_mean, running_var, eps, momentum, batch_stats, sync),
+                                 residual, relu)
+
+
+def conv_bn_act_unchecked(x: torch.Tensor, conv: ConvArgs, bn: BNArgs, residual: Optional[torch.Tensor] = None,
+                          relu: bool = True) -> torch.Tensor:
+    """conv_bn_act for the fused modules, whose conv and norm arguments are their submodules' own
+    (checked when the modules were built; the input by check_block_input): no checks per call."""
+    spec = BNSpec(bn.eps, bn.momentum, bn.batch_stats, relu, bn.sync)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return ConvBNAct.apply(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                               conv.spec, spec)
+    x, weight = x.to(dtype), conv.weight.to(dtype)
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return ConvBNAct.apply(x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                               conv.spec, spec)
 
 
 def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -262,12 +351,24 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     and ReLU are one bn_act_forward pass after it.
     """
     dtype = autocast_dtype(x.device.type)
+    stride, padding, dilation = ops.check_conv(x, weight if dtype is None else weight.to(x.dtype), None, stride,
+                                               padding, dilation, groups)
+    if residual is not None:
+        ops.validate.activation(residual, "residual")
+    return conv_bias_act_inference_unchecked(x, weight, bias.to(stats_dtype(x)).contiguous(), residual,
+                                             ConvSpec(stride, padding, dilation, groups), relu)
+
+
+def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                      residual: Optional[torch.Tensor], conv: ConvSpec, relu: bool) -> torch.Tensor:
+    """conv_bias_act_inference for the fused modules (bias from ops.fold_bn: contiguous, the
+    statistics dtype): no checks per call."""
+    dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
-    ops.check_conv(x, weight, None, stride, padding, dilation, groups)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if ops.kernel_unsupported_reason(x, weight) is None:
-            return ops.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, residual=residual,
-                                      relu=relu)[0]
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return ops.bn_act_forward(z, None, None, bias, residual, relu)
+            return direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
+                                                   False, None)[0]
+        z = dense(F.conv2d(x, weight, None, *conv))
+        return direct.bn_act_forward(z, None, None, bias, like(residual, z), relu)

@@ -8,9 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import channel_view, new_output_like, new_scratch, stats_dtype
-from .bn_stats_triton import _tl_acc
-from .tiles import reduce_launch_shape, tile_count, tile_offsets
+from ..common import channel_view, launch, new_output_like, new_scratch, stats_dtype
+from .tiles import reduce_launch_shape, tile_count, tile_offsets, tl_acc
 
 ELEMENTWISE_BLOCK = 1024
 INT32_MAX = 2**31 - 1
@@ -105,17 +104,18 @@ def bn_act_forward_triton(x, mean, scale, shift, residual, relu):
     y = new_output_like(x)
     if x.numel() == 0:
         return y
-    _bn_act_forward_kernel[_elementwise_grid(x.numel())](
+    launch(_bn_act_forward_kernel, _elementwise_grid(x.numel()), x.device,
         x, residual if residual is not None else x, y,
         mean if mean is not None else shift, scale if scale is not None else shift, shift,
         x.numel(), channels, inner,
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=_tl_acc(x.dtype))
+        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=tl_acc(x.dtype))
     return y
 
 
-def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, relu, write_grad_z):
-    """(sum dz, sum dz*(x - mean), dz or empty) with dz = grad_output * relu mask."""
+def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, relu, write_grad_z, reduce_sums=True):
+    """(sum dz, sum dz*(x - mean), dz or empty) with dz = grad_output * relu mask. reduce_sums=False:
+    the sums as [splits, C] rows, left for BatchNorm's backward bookkeeping kernel to add up."""
     outer, channels, inner = channel_view(x)
     acc = stats_dtype(x)
     grad_z = new_output_like(grad_output) if write_grad_z else grad_output.new_empty(0)
@@ -124,11 +124,13 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
         return zeros, zeros.clone(), grad_z
     block_c, block_r, outer_per_split, splits = reduce_launch_shape(outer, channels, inner, x.device)
     part = new_scratch((2, splits, channels), acc, x.device)
-    _bn_act_backward_reduce_kernel[(triton.cdiv(channels, block_c), splits)](
+    launch(_bn_act_backward_reduce_kernel, (triton.cdiv(channels, block_c), splits), x.device,
         grad_output, x, output if output is not None else x, grad_z if write_grad_z else x,
         mean, scale, shift, part, outer, channels, inner, outer_per_split, splits,
         HAS_OUTPUT=output is not None, RELU=relu, WRITE_GRAD_Z=write_grad_z,
-        BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=_tl_acc(x.dtype))
+        BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=tl_acc(x.dtype))
+    if not reduce_sums:
+        return part[0], part[1], grad_z
     sums = part.sum(1)  # fixed-order: deterministic, unlike atomics
     return sums[0], sums[1], grad_z
 
@@ -139,7 +141,7 @@ def bn_act_backward_elementwise_triton(grad, x, mean, scale, shift, coef_xmu, co
     grad_input = new_output_like(x)
     if x.numel() == 0:
         return grad_input
-    _bn_act_backward_elementwise_kernel[_elementwise_grid(x.numel())](
+    launch(_bn_act_backward_elementwise_kernel, _elementwise_grid(x.numel()), x.device,
         grad, x, grad_input, mean, scale, shift, coef_xmu, coef_c, x.numel(), channels, inner, RELU=relu,
-        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=_tl_acc(x.dtype))
+        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=tl_acc(x.dtype))
     return grad_input

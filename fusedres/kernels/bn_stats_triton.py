@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import channel_view, new_channel_output, new_scratch, stats_dtype
-from .tiles import reduce_launch_shape, tile_count, tile_offsets
+from ..common import channel_view, launch, new_channel_output, new_scratch, stats_dtype
+from .tiles import reduce_launch_shape, tile_count, tile_offsets, tl_acc
 
 
 @triton.jit
@@ -74,26 +74,22 @@ def _bn_stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, run
         tl.store(running_var_ptr + cols, rv.to(running_var_ptr.dtype.element_ty), mask=cmask)
 
 
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def bn_stats_triton(x, eps, running_mean, running_var, momentum):
     """(mean, invstd) float32 [C] of dense x [N, C, H, W]; updates running stats in place if given."""
     outer, channels, inner = channel_view(x)
     block_c, block_r, outer_per_split, splits = reduce_launch_shape(outer, channels, inner, x.device)
     acc = stats_dtype(x)
     part = new_scratch((2, splits, channels), acc, x.device)
-    _bn_stats_partial_kernel[(triton.cdiv(channels, block_c), splits)](
+    launch(_bn_stats_partial_kernel, (triton.cdiv(channels, block_c), splits), x.device,
         x, part[0], part[1], outer, channels, inner, outer_per_split,
-        BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=_tl_acc(x.dtype))
+        BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=tl_acc(x.dtype))
     mean = new_channel_output(channels, acc, x.device)
     invstd = new_channel_output(channels, acc, x.device)
     update = running_mean is not None
     count = outer * inner
     merge_block = min(256, triton.next_power_of_2(channels))
-    _bn_stats_merge_kernel[(triton.cdiv(channels, merge_block),)](
+    launch(_bn_stats_merge_kernel, (triton.cdiv(channels, merge_block),), x.device,
         part[0], part[1], mean, invstd, running_mean if update else mean, running_var if update else mean,
         channels, splits, outer, inner, outer_per_split, eps, momentum, count / max(count - 1, 1),
-        UPDATE_RUNNING=update, BLOCK_C=merge_block, ACC=_tl_acc(x.dtype))
+        UPDATE_RUNNING=update, BLOCK_C=merge_block, ACC=tl_acc(x.dtype))
     return mean, invstd

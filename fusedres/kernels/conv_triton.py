@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layout import new_scratch, stats_dtype
+from ..common import launch as launch_kernel, new_scratch, stats_dtype, triton_interpreted
 
 
 @triton.jit
@@ -157,8 +157,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
         t_sum = tl.sum(v, axis=0)
         d = tl.where(omask, v - (t_sum / rows)[None, :], 0.0)
-        tl.store(psum_ptr + pid_m * C_out + rn, t_sum, mask=nmask)
-        tl.store(pm2_ptr + pid_m * C_out + rn, tl.sum(d * d, axis=0), mask=nmask)
+        # partial rows of C_out + 1 values: the channels' sums, then the tile's row count
+        tl.store(psum_ptr + pid_m * (C_out + 1) + rn, t_sum, mask=nmask)
+        tl.store(pm2_ptr + pid_m * (C_out + 1) + rn, tl.sum(d * d, axis=0), mask=nmask)
+        if pid_n == 0:
+            tl.store(psum_ptr + pid_m * (C_out + 1) + C_out, rows)
     if HAS_RES:
         r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + rn[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=omask, other=0.0).to(ACC)
@@ -364,10 +367,6 @@ def geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeometr
     return ConvGeometry(N, C_in, H, W, C_out, P, Q, KH, KW, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _nchw_strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())  # (n, c, h, w) whatever the memory format
 
@@ -377,7 +376,7 @@ def _dot_flags(dtype: torch.dtype, device: torch.device):
     cuDNN would use it (torch.backends.cudnn.allow_tf32, on by default for convs), else exact
     ("ieee"); None (Triton's default, unused) for the other dtypes."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    upcast = _interpreted() and dtype == torch.bfloat16
+    upcast = triton_interpreted() and dtype == torch.bfloat16
     precision = None
     if dtype == torch.float32:
         precision = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
@@ -481,7 +480,7 @@ def _default_config(rows: int, cols: int, table, per_group: int = 0, group_rows:
     are channels too, as in wgrad) take about 4 groups per tile: every group more in a tile
     multiplies the block-diagonal tile's wasted products (32 groups of 4 in a 128-wide tile would
     compute 32x the useful work)."""
-    if _interpreted():
+    if triton_interpreted():
         return _INTERPRETER_CONFIG
     if per_group:
         cols = min(cols, 4 * triton.next_power_of_2(per_group))
@@ -498,7 +497,7 @@ def autotune_enabled(device: torch.device) -> bool:
     never under torch.use_deterministic_algorithms(True): the tile configuration changes the
     order of the float sums, and timing picks it per process, so two processes could differ in
     the last bits; the fixed default configuration makes every run bitwise the same."""
-    if device.type != "cuda" or _interpreted() or torch.are_deterministic_algorithms_enabled():
+    if device.type != "cuda" or triton_interpreted() or torch.are_deterministic_algorithms_enabled():
         return False
     return os.environ.get("FUSEDRES_AUTOTUNE", "1") == "1"
 
@@ -540,8 +539,10 @@ def tuned_configs() -> Dict[tuple, tuple]:
 def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False,
                  residual=None, relu=False, stats=False, out_format=torch.contiguous_format, out=None):
     """y [N, C_out, P, Q] in x's dtype and `out_format` (or written into `out`, any strides: a
-    channel slice of a larger buffer), and (tile_rows [T], sum [T, C_out], m2 [T, C_out]) float
-    partial statistics of y (before residual and ReLU) when `stats`."""
+    channel slice of a larger buffer), and, when `stats`, the float partial statistics of y (before
+    residual and ReLU) as (rows [T], sum [T, C_out], m2 [T, C_out]): tile t summarizes rows[t]
+    values per channel (views of [T, C_out + 1] buffers whose last column the kernel fills with
+    the tile's row count: no host-side tensor op)."""
     N, P, Q, C_out = geo.N, geo.P, geo.Q, geo.C_out
     y = out if out is not None else new_scratch((N, C_out, P, Q), x.dtype, x.device, memory_format=out_format)
     M = N * P * Q
@@ -557,7 +558,7 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
         bk = _k_block(_span(bn, C_out, geo.cout_g, geo.cin_g, grouped), x.dtype)
         w, w_span = grouped_weight_tiles(weight, geo, bn, bk, dgrad=False) if grouped else (dense_w, 0)
         grid = (triton.cdiv(M, bm) * triton.cdiv(C_out, bn),)
-        _conv_fwd_kernel[grid](
+        launch_kernel(_conv_fwd_kernel, grid, x.device,
             x, w, y, bias if bias is not None else dummy, res,
             in_mean if in_mean is not None else dummy, in_scale if in_scale is not None else dummy,
             in_shift if in_shift is not None else dummy, psum, pm2,
@@ -573,8 +574,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
 
     def partial_buffers(cfg):
         rows = triton.cdiv(M, cfg[0]) if stats else 1
-        return (new_scratch((rows, C_out), stats_dtype(x), x.device),
-                new_scratch((rows, C_out), stats_dtype(x), x.device))
+        return (new_scratch((rows, C_out + 1), stats_dtype(x), x.device),
+                new_scratch((rows, C_out + 1), stats_dtype(x), x.device))
 
     key = ("fwd", geo, x.dtype, tuple(x.stride()), tuple(y.stride()), in_scale is not None, residual is not None,
            stats)
@@ -584,18 +585,16 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
     launch(cfg, psum, pm2)
     if not stats:
         return y, None
-    bm = cfg[0]
-    rows = torch.full((psum.shape[0],), float(bm), dtype=psum.dtype, device=x.device)
-    rows[-1] = M - bm * (psum.shape[0] - 1)
-    return y, (rows, psum, pm2)
+    return y, (psum[:, C_out], psum[:, :C_out], pm2[:, :C_out])
 
 
 def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, in_scale=None, in_shift=None,
-                    in_relu=False, out_format=torch.contiguous_format, out=None, out_scale=None):
+                    in_relu=False, out_format=torch.contiguous_format, out=None, out_scale=None, reduce_sums=True):
     """dA [N, C_in, H, W] = the gradient of the conv's input. With the forward prologue's BN given
     (x, in_mean, in_scale, in_shift): dU = dA * relu'(U) instead, with float per-channel sums
     sum(dU) and sum(dU * (x - mean)). With `out` (any strides) and `out_scale` [C_in]:
-    out += out_scale * dU in place, and out is returned."""
+    out += out_scale * dU in place, and out is returned. reduce_sums=False: the sums as [T, C_in]
+    per-tile rows, left for BatchNorm's backward bookkeeping kernel to add up (one launch fewer)."""
     N, C_in, H, W = geo.N, geo.C_in, geo.H, geo.W
     accumulate = out is not None
     dx = out if accumulate else new_scratch((N, C_in, H, W), grad_y.dtype, grad_y.device, memory_format=out_format)
@@ -615,7 +614,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
         bk = _k_block(_span(bn, C_in, geo.cin_g, geo.cout_g, grouped), grad_y.dtype)
         w, w_span = grouped_weight_tiles(weight, geo, bn, bk, dgrad=True) if grouped else (dense_w, 0)
         num_m = triton.cdiv(rows_per_phase, bm)
-        _conv_dgrad_kernel[(num_m * triton.cdiv(C_in, bn), phases)](
+        launch_kernel(_conv_dgrad_kernel, (num_m * triton.cdiv(C_in, bn), phases), grad_y.device,
             grad_y, w, target, xs, in_mean if epilogue else target, in_scale if epilogue else target,
             in_shift if epilogue else target, part, out_scale if accumulate else target,
             *geo.flat, w_span, *_nchw_strides(grad_y), *_nchw_strides(weight if grouped else w),
@@ -645,6 +644,8 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
     launch(cfg, part, dx)
     if not epilogue:
         return dx, None, None
+    if not reduce_sums:
+        return dx, part[0], part[1]
     sums = part.sum(1)
     return dx, sums[0], sums[1]
 
@@ -664,7 +665,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
         bo, bc, _, _ = cfg
         num_c = triton.cdiv(_span(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped), bc)
         tiles = triton.cdiv(geo.C_out, bo) * num_c * taps
-        bm = 16 if _interpreted() else (64 if x.dtype in (torch.float32, torch.float64) else 128)
+        bm = 16 if triton_interpreted() else (64 if x.dtype in (torch.float32, torch.float64) else 128)
         # split the pixel reduction until the device has ~4 programs per SM, keeping >= 8 steps each
         splits = max(1, min(triton.cdiv(target_programs, tiles), M // (8 * bm)))
         m_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
@@ -674,7 +675,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
     def launch(cfg, ws):
         bo, bc, warps, stages = cfg
         num_c, tiles, bm, splits, m_per_split = plan(cfg)
-        _conv_wgrad_kernel[(tiles, taps, splits)](
+        launch_kernel(_conv_wgrad_kernel, (tiles, taps, splits), x.device,
             grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped),

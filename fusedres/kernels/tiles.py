@@ -1,6 +1,6 @@
 """Tile addressing shared by the Triton per-channel reduction kernels.
 
-The activation is a dense [outer, C, inner] array (see fusedres/ops/layout.py). A program owns
+The activation is a dense [outer, C, inner] array (see fusedres/common.py). A program owns
 BLOCK_C channels and a split of the outer rows [o_begin, o_end) and walks it in tiles of
 [BLOCK_R, BLOCK_C] values:
   channels_last (inner == 1): BLOCK_R consecutive rows, contiguous along C;
@@ -36,6 +36,13 @@ def tile_offsets(t, o_begin, o_end, C, inner, cols, cmask, BLOCK_R: tl.constexpr
         rmask = k < inner
         offs = (o.to(tl.int64) * C + cols[None, :]) * inner + k[:, None]
     return offs, rmask[:, None] & cmask[None, :], rmask
+
+
+def tl_acc(dtype):
+    """The accumulation type of a kernel over `dtype` values: float64 for float64, else float32."""
+    import torch
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def reduce_launch_shape(outer: int, channels: int, inner: int, device) -> tuple:

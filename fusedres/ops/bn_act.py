@@ -7,13 +7,14 @@ y = act(conv + bias[c] + residual). Backward, with dz = grad * relu_mask:
 Reference here; kernels in fusedres/kernels/bn_act_triton.py, csrc/cpu/bn_act_cpu.cpp and
 csrc/cuda/bn_act_cuda.cu.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 
-from . import _validate
-from .layout import dense, like, per_channel, stats_dtype
-from .registry import dispatch, register, register_fake
+from . import validate
+from ..common import dense, like, per_channel, stats_dtype
+from .registry import call, dispatch, register, register_fake, register_loader
 
 
 def _relu_mask(x, mean, scale, shift, output):
@@ -70,28 +71,24 @@ register("bn_act_backward_elementwise", "reference")(bn_act_backward_elementwise
 
 for _backend in ("cpu", "cuda"):
     for _op in ("bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise"):
-        register(_op, _backend)(lambda *a, _op=_op: getattr(torch.ops.fusedres_kernels, _op)(*a))
+        register_loader(_op, _backend, lambda _op=_op: getattr(torch.ops.fusedres_kernels, _op))
 
 
-@register("bn_act_forward", "triton")
-def _forward_triton(*args):
-    from ..kernels.bn_act_triton import bn_act_forward_triton
+def _load_triton(op: str):
+    from ..kernels import bn_act_triton
 
-    return bn_act_forward_triton(*args)
-
-
-@register("bn_act_backward_reduce", "triton")
-def _backward_reduce_triton(*args):
-    from ..kernels.bn_act_triton import bn_act_backward_reduce_triton
-
-    return bn_act_backward_reduce_triton(*args)
+    if op == "bn_act_backward_reduce":  # the sums stay [splits, C] rows: the bookkeeping kernel adds them up
+        return functools.partial(bn_act_triton.bn_act_backward_reduce_triton, reduce_sums=False)
+    return getattr(bn_act_triton, op + "_triton")
 
 
-@register("bn_act_backward_elementwise", "triton")
-def _backward_elementwise_triton(*args):
-    from ..kernels.bn_act_triton import bn_act_backward_elementwise_triton
+for _op in ("bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise"):
+    register_loader(_op, "triton", lambda _op=_op: _load_triton(_op))
 
-    return bn_act_backward_elementwise_triton(*args)
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """A backend's per-channel sums as [C]: [T, C] per-split rows added up."""
+    return t.sum(0) if t.dim() == 2 else t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +107,9 @@ def _forward_op(x: Tensor, mean: Optional[Tensor], scale: Optional[Tensor], shif
 @torch.library.custom_op("fusedres::bn_act_backward_reduce", mutates_args=())
 def _backward_reduce_op(grad_output: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
                         output: Optional[Tensor], relu: bool, write_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return dispatch("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift, output, relu,
-                    write_grad_z)
+    sum_dz, sum_dz_xmu, grad_z = dispatch("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
+                                          output, relu, write_grad_z)
+    return _channel_sums(sum_dz), _channel_sums(sum_dz_xmu), grad_z
 
 
 @torch.library.custom_op("fusedres::bn_act_backward_elementwise", mutates_args=())
@@ -146,7 +144,7 @@ def _params(x, **vectors):
     acc = stats_dtype(x)
     out = []
     for name, v in vectors.items():
-        _validate.channel_vector(x, v, name)
+        validate.channel_vector(x, v, name)
         out.append(None if v is None else v.detach().to(acc).contiguous())
     return out
 
@@ -162,13 +160,13 @@ def bn_act_forward(x: torch.Tensor, mean: Optional[torch.Tensor], scale: Optiona
         residual (Tensor[N, C, H, W], optional): added before the activation.
         relu: ReLU if True, identity if False.
     """
-    _validate.activation(x, "x")
+    validate.activation(x, "x")
     if shift is None:
         raise ValueError("fusedres: shift must be a tensor of per-channel values, got None")
-    _validate.same_shape(x, residual, "residual")
+    validate.same_shape(x, residual, "residual")
     x = dense(x)
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
-    return torch.ops.fusedres.bn_act_forward(x, mean, scale, shift, like(residual, x), bool(relu))
+    return call("bn_act_forward", x.device, x, mean, scale, shift, like(residual, x), bool(relu))
 
 
 def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
@@ -179,24 +177,25 @@ def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: tor
     The mask is output > 0 when the forward output is given (needed with a residual), else it is
     recomputed from x as (x - mean) * scale + shift > 0.
     """
-    _validate.activation(x, "x")
-    _validate.same_shape(x, grad_output, "grad_output")
-    _validate.same_shape(x, output, "output")
+    validate.activation(x, "x")
+    validate.same_shape(x, grad_output, "grad_output")
+    validate.same_shape(x, output, "output")
     x = dense(x)
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
     grad_output = like(grad_output.to(x.dtype), x)
-    return torch.ops.fusedres.bn_act_backward_reduce(grad_output, x, mean, scale, shift, like(output, x), bool(relu),
-                                                     bool(write_grad_z))
+    sum_dz, sum_dz_xmu, grad_z = call("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
+                                      like(output, x), bool(relu), bool(write_grad_z))
+    return _channel_sums(sum_dz), _channel_sums(sum_dz_xmu), grad_z
 
 
 def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
                                 shift: torch.Tensor, coef_xmu: torch.Tensor, coef_c: torch.Tensor,
                                 relu: bool = True) -> torch.Tensor:
     """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * [(x-mean)*scale+shift > 0] if relu."""
-    _validate.activation(x, "x")
-    _validate.same_shape(x, grad, "grad")
+    validate.activation(x, "x")
+    validate.same_shape(x, grad, "grad")
     x = dense(x)
     mean, scale, shift, coef_xmu, coef_c = _params(x, mean=mean, scale=scale, shift=shift,
                                                    coef_xmu=coef_xmu, coef_c=coef_c)
     grad = like(grad.to(x.dtype), x)
-    return torch.ops.fusedres.bn_act_backward_elementwise(grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))
+    return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))

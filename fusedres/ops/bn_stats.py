@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _validate
-from .layout import channel_view, dense, stats_dtype
-from .registry import dispatch, register, register_fake
+from . import validate
+from ..common import channel_view, dense, stats_dtype
+from .bn_finalize import running_update
+from .registry import call, dispatch, register, register_fake, register_loader
 
 
 def bn_stats_reference(x: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
@@ -31,10 +32,10 @@ def bn_stats_reference(x: torch.Tensor, eps: float, running_mean: Optional[torch
 register("bn_stats", "reference")(bn_stats_reference)
 
 
-@register("bn_stats", "cpu")
-@register("bn_stats", "cuda")
-def _bn_stats_extension(x, eps, running_mean, running_var, momentum):
-    return torch.ops.fusedres_kernels.bn_stats(x, eps, running_mean, running_var, momentum)
+for _backend in ("cpu", "cuda"):
+    register_loader("bn_stats", _backend, lambda: torch.ops.fusedres_kernels.bn_stats)
+register_loader("bn_stats", "triton",
+                lambda: __import__("fusedres.kernels.bn_stats_triton", fromlist=["_"]).bn_stats_triton)
 
 
 @torch.library.custom_op("fusedres::bn_stats", mutates_args=("running_mean", "running_var"))
@@ -51,13 +52,6 @@ def _bn_stats_fake(x, eps, running_mean, running_var, momentum):
 register_fake("bn_stats", _bn_stats_fake)
 
 
-@register("bn_stats", "triton")
-def _bn_stats_triton(x, eps, running_mean, running_var, momentum):
-    from ..kernels.bn_stats_triton import bn_stats_triton
-
-    return bn_stats_triton(x, eps, running_mean, running_var, momentum)
-
-
 def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
              running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
              ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +66,11 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
     Returns:
         mean, invstd (Tensor[C]): float32 (float64 for float64 x).
     """
-    _validate.activation(x, "x")
+    validate.activation(x, "x")
     if (running_mean is None) != (running_var is None):
         raise ValueError("fusedres: running_mean and running_var must be given together")
     for name, r in (("running_mean", running_mean), ("running_var", running_var)):
-        _validate.channel_vector(x, r, name)
+        validate.channel_vector(x, r, name)
         if r is not None and not r.is_contiguous():
             raise ValueError(f"fusedres: {name} must be contiguous")
     x = dense(x)
@@ -86,43 +80,7 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
     if running_mean is not None and count < 2:
         raise ValueError("fusedres: the running variance needs more than 1 value per channel, "
                          f"got input size {tuple(x.shape)}")
-    return torch.ops.fusedres.bn_stats(x, float(eps), running_mean, running_var, float(momentum))
-
-
-def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                         mean: torch.Tensor, var: torch.Tensor, count, momentum: float) -> None:
-    """nn.BatchNorm2d's running update from a batch's mean and biased variance over `count` values
-    per channel: running = (1 - momentum) * running + momentum * batch, the variance unbiased."""
-    if running_mean is None:
-        return
-    if not isinstance(count, torch.Tensor) and count < 2:  # (a tensor count: a synchronized batch's)
-        raise ValueError("fusedres: the running variance needs more than 1 value per channel")
-    acc = mean.dtype
-    with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        running_mean.copy_((running_mean.to(acc) * (1 - momentum) + mean * momentum).to(running_mean.dtype))
-        running_var.copy_((running_var.to(acc) * (1 - momentum) + unbiased * momentum).to(running_var.dtype))
-
-
-def merge_partials(rows: torch.Tensor, sums: torch.Tensor, m2s: torch.Tensor,
-                   count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """(mean, biased variance, count) per channel from per-tile partials (a conv epilogue's
-    StatsPartials). Tile i: rows[i] values per channel, sum sums[i], centered sum of squares
-    m2s[i]; merged exactly (Chan et al.): M2 = sum_i m2_i + rows_i * (mean_i - mean)^2, so a large
-    mean does not cancel as it would in sum(x^2) - n * mean^2. A few [T, C] tensor ops.
-    count (values per channel, = rows.sum()) lets a caller that knows it spare a device sync."""
-    if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
-        raise ValueError(f"fusedres: partials must be rows [T], sums [T, C], m2s [T, C]; got {tuple(rows.shape)}, "
-                         f"{tuple(sums.shape)}, {tuple(m2s.shape)}")
-    if count is None:
-        count = float(rows.sum())  # a device -> host sync on a GPU
-    count = float(count)
-    if count < 1:
-        raise ValueError("fusedres: merging partial statistics needs at least one value per channel")
-    mean = sums.sum(0) / count
-    tile_mean = sums / rows[:, None].clamp_min(1)
-    var = (m2s.sum(0) + (rows[:, None] * (tile_mean - mean) ** 2).sum(0)) / count
-    return mean, var, count
+    return call("bn_stats", x.device, x, float(eps), running_mean, running_var, float(momentum))
 
 
 def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count, eps: float = 1e-5,
@@ -131,7 +89,7 @@ def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count, eps: flo
     """(mean, invstd) of BatchNorm from a batch's per-channel mean and biased variance over `count`
     values per channel (a conv epilogue's ChannelMoments; count an int, or a 0-d tensor for a
     batch synchronized across processes), with the running update of bn_stats."""
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    running_update(running_mean, running_var, mean, var, count, momentum)
     return mean, (var + eps).rsqrt()
 
 

@@ -16,23 +16,14 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _validate
+from ..common import memory_format, per_channel, poison_outputs, stats_dtype, tracing
+from . import validate
 from .bn_act import bn_act_forward_reference
-from .bn_stats import merge_partials
-from .layout import memory_format, per_channel, poison_outputs, stats_dtype
-from .registry import available_backend, dispatch, get_backend, register
+from .bn_finalize import StatsPartials, merge_partials
+from .registry import available_backend, dispatch, get_backend, kernel, register, register_loader
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
 Tensor = torch.Tensor
-
-
-class StatsPartials(NamedTuple):
-    """Per-tile BatchNorm statistics, as a backend returns them: tile i holds rows[i] values per
-    channel with sum[i] and centered sum of squares m2[i] (merged with Chan's formula by
-    ops.merge_partials inside the op, so the op's outputs have fixed shapes)."""
-    rows: torch.Tensor  # [T]
-    sum: torch.Tensor  # [T, C]
-    m2: torch.Tensor  # [T, C]
 
 
 class ChannelMoments(NamedTuple):
@@ -106,39 +97,46 @@ register("conv2d_input_grad", "reference")(conv2d_input_grad_reference)
 register("conv2d_weight_grad", "reference")(conv2d_weight_grad_reference)
 
 
-def _geometry(x, weight, stride, padding, dilation, groups):
-    from ..kernels.conv_triton import geometry
+def _load_triton(op: str):
+    """The Triton launcher of `op` with the registry's argument order (imports triton on first use)."""
+    from ..kernels import conv_triton as ct
 
-    return geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
+    def geometry(x, weight, stride, padding, dilation, groups):
+        return ct.geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
+
+    def forward(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu, residual,
+                relu, stats, out=None):
+        y, partials = ct.conv_forward(x, weight, bias, geometry(x, weight, stride, padding, dilation, groups),
+                                      in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
+                                      residual=residual, relu=relu, stats=stats, out_format=memory_format(x), out=out)
+        return y, None if partials is None else StatsPartials(*partials)
+
+    def input_grad(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
+                   out=None, out_scale=None):
+        # the BatchNorm sums stay [T, C] per-tile rows: the bookkeeping kernel adds them up
+        return ct.conv_input_grad(grad_y, weight, geometry(x, weight, stride, padding, dilation, groups), x=x,
+                                  in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
+                                  out_format=memory_format(x), out=out, out_scale=out_scale, reduce_sums=False)
+
+    def weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu):
+        return ct.conv_weight_grad(grad_y, x, geometry(x, weight, stride, padding, dilation, groups),
+                                   in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu)
+
+    return {"conv2d_forward": forward, "conv2d_input_grad": input_grad, "conv2d_weight_grad": weight_grad}[op]
 
 
-@register("conv2d_forward", "triton")
-def _conv2d_forward_triton(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
-                           residual, relu, stats, out=None):
-    from ..kernels.conv_triton import conv_forward
-
-    return conv_forward(x, weight, bias, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
-                        in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, residual=residual, relu=relu,
-                        stats=stats, out_format=memory_format(x), out=out)
+for _op in CONV_OPS:
+    register_loader(_op, "triton", lambda _op=_op: _load_triton(_op))
 
 
-@register("conv2d_input_grad", "triton")
-def _conv2d_input_grad_triton(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                              in_relu, out=None, out_scale=None):
-    from ..kernels.conv_triton import conv_input_grad
-
-    return conv_input_grad(grad_y, weight, _geometry(x, weight, stride, padding, dilation, groups), x=x,
-                           in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
-                           out_format=memory_format(x), out=out, out_scale=out_scale)
+def _channel_sums(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A backend's per-channel sums as [C]: [T, C] per-tile rows added up."""
+    return t.sum(0) if t is not None and t.dim() == 2 else t
 
 
-@register("conv2d_weight_grad", "triton")
-def _conv2d_weight_grad_triton(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                               in_relu):
-    from ..kernels.conv_triton import conv_weight_grad
-
-    return conv_weight_grad(grad_y, x, _geometry(x, weight, stride, padding, dilation, groups), in_mean=in_mean,
-                            in_scale=in_scale, in_shift=in_shift, in_relu=in_relu)
+def weight_grad_like(dw: Tensor, weight: Tensor) -> Tensor:
+    """A backend's weight gradient (float32 / float64) in the weight's dtype and memory format."""
+    return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +157,11 @@ def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         out.fill_(float("nan"))
     y, partials = dispatch("conv2d_forward", x.device, x, weight, bias, tuple(stride), tuple(padding),
                            tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu, residual, relu, stats, out)
-    written = y
     if out is not None:
         y = _empty(x)
     if partials is None:
         return y, _empty(x, stats_dtype(x)), _empty(x, stats_dtype(x))
-    mean, var, _ = merge_partials(*partials, count=written.numel() // written.shape[1])
+    mean, var = merge_partials(partials)
     return y, mean, var
 
 
@@ -188,8 +185,8 @@ def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: Lis
                                       tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu,
                                       out, out_scale)
     acc = stats_dtype(grad_y)
-    return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else sum_du,
-            _empty(x, acc) if sum_du_xmu is None else sum_du_xmu)
+    return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else _channel_sums(sum_du),
+            _empty(x, acc) if sum_du_xmu is None else _channel_sums(sum_du_xmu))
 
 
 @_conv2d_input_grad_op.register_fake
@@ -208,7 +205,7 @@ def _conv2d_weight_grad_op(grad_y: Tensor, x: Tensor, weight: Tensor, stride: Li
                            in_shift: Optional[Tensor], in_relu: bool) -> Tensor:
     dw = dispatch("conv2d_weight_grad", x.device, grad_y, x, weight, tuple(stride), tuple(padding), tuple(dilation),
                   groups, in_mean, in_scale, in_shift, in_relu)
-    return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))
+    return weight_grad_like(dw, weight)
 
 
 @_conv2d_weight_grad_op.register_fake
@@ -231,7 +228,7 @@ def _pair(v, name) -> Tuple[int, int]:
 
 def check_conv(x, weight, bias, stride, padding, dilation, groups):
     """Clear errors for a conv's arguments (naming each); returns (stride, padding, dilation) as pairs."""
-    _validate.activation(x, "x")
+    validate.activation(x, "x")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"fusedres: weight must be a 4-D tensor [C_out, C_in/groups, kh, kw], got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -257,7 +254,7 @@ def _check_prologue(x, in_mean, in_scale, in_shift):
     if any(given) and not all(given):
         raise ValueError("fusedres: in_mean, in_scale and in_shift must be given together (the input's BatchNorm)")
     for name, v in (("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)):
-        _validate.channel_vector(x, v, name)
+        validate.channel_vector(x, v, name)
     if in_scale is not None:
         acc = stats_dtype(x)
         return tuple(v.to(acc).contiguous() for v in (in_mean, in_scale, in_shift))
@@ -325,16 +322,32 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     out_shape = _output_shape(x, weight, stride, padding, dilation)
     if residual is not None:
-        _validate.activation(residual, "residual")
+        validate.activation(residual, "residual")
         if tuple(residual.shape) != out_shape or residual.device != x.device:
             raise ValueError(f"fusedres: residual must have the output's shape {out_shape} on {x.device}, got "
                              f"{tuple(residual.shape)} on {residual.device}")
     if out is not None:
         _check_out(out, out_shape, x.dtype, x.device, "out")
-    y, mean, var = torch.ops.fusedres.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, in_mean,
-                                                     in_scale, in_shift, bool(in_relu), residual, bool(relu),
-                                                     bool(stats), out)
-    return (y if out is None else out), (ChannelMoments(mean, var) if stats else None)
+    y, moments = conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale,
+                                          in_shift, bool(in_relu), residual, bool(relu), bool(stats), out)
+    if isinstance(moments, StatsPartials):
+        moments = ChannelMoments(*merge_partials(moments))
+    return y, moments
+
+
+def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
+                             residual, relu, stats, out=None):
+    """conv2d_forward without checks (the autograd Functions' short path, see ops.direct): (y or
+    `out`, StatsPartials (eager) or ChannelMoments (traced) when stats, else None)."""
+    if tracing():
+        y, mean, var = torch.ops.fusedres.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, in_mean,
+                                                         in_scale, in_shift, in_relu, residual, relu, stats, out)
+        return (y if out is None else out), (ChannelMoments(mean, var) if stats else None)
+    if out is not None and poison_outputs():
+        out.fill_(float("nan"))
+    y, partials = kernel("conv2d_forward", x.device)(x, weight, bias, stride, padding, dilation, groups, in_mean,
+                                                     in_scale, in_shift, in_relu, residual, relu, stats, out)
+    return (y if out is None else out), partials
 
 
 def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: Sequence[int] = (1, 1),
@@ -351,19 +364,33 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     prefix of its gradient buffer this way."""
     stride, padding, dilation = check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
-    _validate.activation(grad_y, "grad_y")
+    validate.activation(grad_y, "grad_y")
     if out is not None:
         # a float32 gradient buffer for half types keeps the sum of many layers' terms unrounded
         wide = stats_dtype(grad_y)
         _check_out(out, x.shape, wide if out.dtype == wide else grad_y.dtype, x.device, "out")
-        _validate.channel_vector(x, out_scale, "out_scale")
+        validate.channel_vector(x, out_scale, "out_scale")
         out_scale = (torch.ones(x.shape[1], dtype=stats_dtype(grad_y), device=x.device) if out_scale is None
                      else out_scale.to(stats_dtype(grad_y)).contiguous())
     elif out_scale is not None:
         raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
-    dx, sum_du, sum_du_xmu = torch.ops.fusedres.conv2d_input_grad(grad_y, weight, x, stride, padding, dilation, groups,
-                                                                  in_mean, in_scale, in_shift, bool(in_relu), out,
-                                                                  out_scale)
+    dx, sum_du, sum_du_xmu = conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean,
+                                                         in_scale, in_shift, bool(in_relu), out, out_scale)
+    return dx, _channel_sums(sum_du), _channel_sums(sum_du_xmu)
+
+
+def conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                                in_relu, out=None, out_scale=None):
+    """conv2d_input_grad without checks (ops.direct): (dx or `out`, sums, sums), the sums [C] or
+    [T, C] per-tile rows (None without the prologue's BatchNorm)."""
+    if tracing():
+        dx, sum_du, sum_du_xmu = torch.ops.fusedres.conv2d_input_grad(grad_y, weight, x, stride, padding, dilation,
+                                                                      groups, in_mean, in_scale, in_shift, in_relu,
+                                                                      out, out_scale)
+    else:
+        dx, sum_du, sum_du_xmu = kernel("conv2d_input_grad", x.device)(grad_y, weight, x, stride, padding, dilation,
+                                                                       groups, in_mean, in_scale, in_shift, in_relu,
+                                                                       out, out_scale)
     if in_scale is None:
         sum_du = sum_du_xmu = None
     return (dx if out is None else out), sum_du, sum_du_xmu
@@ -376,6 +403,17 @@ def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     """The weight gradient, in weight's dtype and memory format (summed in float32 / float64)."""
     stride, padding, dilation = check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
-    _validate.activation(grad_y, "grad_y")
-    return torch.ops.fusedres.conv2d_weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
-                                                 in_scale, in_shift, bool(in_relu))
+    validate.activation(grad_y, "grad_y")
+    return conv2d_weight_grad_unchecked(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale,
+                                        in_shift, bool(in_relu))
+
+
+def conv2d_weight_grad_unchecked(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
+                                 in_relu):
+    """conv2d_weight_grad without checks (ops.direct), in the weight's dtype and memory format."""
+    if tracing():
+        return torch.ops.fusedres.conv2d_weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
+                                                     in_scale, in_shift, in_relu)
+    dw = kernel("conv2d_weight_grad", x.device)(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
+                                                in_scale, in_shift, in_relu)
+    return weight_grad_like(dw, weight)

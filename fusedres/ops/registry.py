@@ -5,9 +5,13 @@ Backends:
   cpu        C++ kernels of fusedres._C, CPU tensors
   cuda       CUDA kernels of fusedres._C, CUDA tensors
   triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
-Each op is one torch.library custom op, torch.ops.fusedres.<op>, whose body picks the backend at
-run time (`dispatch`) and which has a fake (meta) implementation: torch.compile and torch.export see
-one opaque op with known output shapes, never the launch code of a backend.
+Two ways in, one choice of backend:
+  eager      `call` / `kernel`: the implementation resolved once per (op, device type, choice) and
+             called directly (a Triton launcher, an extension op torch.ops.fusedres_kernels.<op>):
+             the autograd Functions' short path, no custom-op wrapper, no checks on every call
+  tracing    torch.library custom ops torch.ops.fusedres.<op>, whose body dispatches the same way
+             and which have fake (meta) implementations: torch.compile and torch.export see one
+             opaque op with known output shapes, never the launch code of a backend
 `set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks, per op, the first of cuda > triton
 that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but
 cannot run a call falls back to the reference path and warns once per (op, backend, reason).
@@ -17,22 +21,21 @@ import functools
 import importlib.util
 import os
 import threading
-import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .. import _extension, _versions
+from ..common import tracing, triton_interpreted, warn_once
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
 
 _impls: Dict[str, Dict[str, Callable]] = {}
+_loaders: Dict[Tuple[str, str], Callable[[], Callable]] = {}
+_kernels: Dict[tuple, Callable] = {}  # (op, device type, backend choice) -> implementation
 _state = threading.local()
 _default_backend = None
-_warned = set()
-_warn_lock = threading.Lock()
-_interpreter_lock = threading.Lock()
 
 
 def register(op: str, backend: str):
@@ -45,6 +48,22 @@ def register(op: str, backend: str):
         return fn
 
     return deco
+
+
+def register_loader(op: str, backend: str, loader: Callable[[], Callable]) -> None:
+    """`loader()` returns the implementation of `op` for `backend` (a Triton launcher, imported only
+    when first needed, so `import fusedres` never imports triton; an extension op)."""
+    register(op, backend)(loader)
+    _loaders[(op, backend)] = loader
+
+
+def _implementation(op: str, backend: str) -> Callable:
+    fn = _impls[op][backend]
+    if _loaders.get((op, backend)) is fn:
+        fn = fn()
+        _impls[op][backend] = fn
+        del _loaders[(op, backend)]
+    return fn
 
 
 def _check_choice(name: str, source: str) -> str:
@@ -65,7 +84,22 @@ def get_backend() -> str:
         return override
     if _default_backend is not None:
         return _default_backend
-    return _check_choice(os.environ.get("FUSEDRES_BACKEND", "auto"), "FUSEDRES_BACKEND")
+    return _env_backend()
+
+
+_env_data = getattr(os.environ, "_data", None)  # CPython's encoded copy: a plain dict lookup (~0.1 us)
+_env_cache = [object(), None]  # [raw FUSEDRES_BACKEND seen last, its checked choice]
+
+
+def _env_backend() -> str:
+    """FUSEDRES_BACKEND, checked; asked on every op call, so the check is redone only when the
+    variable changes (os.environ.get costs ~3 us, ~10% of a small op's host time)."""
+    raw = _env_data.get(b"FUSEDRES_BACKEND") if isinstance(_env_data, dict) else os.environ.get("FUSEDRES_BACKEND")
+    if raw is not _env_cache[0]:
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        _env_cache[1] = _check_choice(value or "auto", "FUSEDRES_BACKEND")
+        _env_cache[0] = raw
+    return _env_cache[1]
 
 
 @contextlib.contextmanager
@@ -78,10 +112,6 @@ def use_backend(name: str):
         yield
     finally:
         _state.override = previous
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)  # asked on every op call (resolve); the answer cannot change
@@ -153,14 +183,6 @@ def available_backend(op: str, device: torch.device) -> Optional[str]:
     return backend
 
 
-def warn_once(key, message: str) -> None:
-    with _warn_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
     """(backend, implementation) that runs `op` on `device` under the current choice."""
     impls = _impls[op]
@@ -173,7 +195,25 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
         warn_once((op, backend, why), f"fusedres: {op}: backend {backend!r} unavailable ({why}); "
                                       "using the reference PyTorch path")
         backend = "reference"
-    return backend, impls[backend]
+    return backend, _implementation(op, backend)
+
+
+def kernel(op: str, device: torch.device) -> Callable:
+    """The implementation of `op` for `device` under the current backend choice, resolved once per
+    (op, device type, choice): what the autograd Functions call in eager mode."""
+    key = (op, device.type, get_backend())
+    fn = _kernels.get(key)
+    if fn is None:
+        fn = _kernels[key] = resolve(op, device)[1]
+    return fn
+
+
+def call(op: str, device: torch.device, *args):
+    """Run `op`: its custom op torch.ops.fusedres.<op> while torch.compile / export trace (the graph
+    holds that op, with its fake), else the resolved implementation directly (the short path)."""
+    if tracing():
+        return getattr(torch.ops.fusedres, op)(*args)
+    return kernel(op, device)(*args)
 
 
 def register_fake(op: str, fake: Callable) -> None:
@@ -189,15 +229,11 @@ def _storage(t: torch.Tensor) -> int:
 
 
 def dispatch(op: str, device: torch.device, *args):
-    """Run `op` on the backend `resolve` picks. A custom op's outputs may alias neither its inputs
-    nor each other, so an output sharing memory with either (a reference path returning x
-    unchanged, two statistics vectors that are rows of one buffer) comes back as a copy."""
-    backend, impl = resolve(op, device)
-    if backend == "triton" and triton_interpreted():
-        with _interpreter_lock:  # the interpreter patches triton.language globally: one launch at a time
-            result = impl(*args)
-    else:
-        result = impl(*args)
+    """The body of custom op torch.ops.fusedres.<op>: run the implementation `kernel` picks. A
+    custom op's outputs may alias neither its inputs nor each other, so an output sharing memory
+    with either (a reference path returning x unchanged, two statistics vectors that are rows of
+    one buffer) comes back as a copy."""
+    result = kernel(op, device)(*args)
     seen = {_storage(a) for a in args if isinstance(a, torch.Tensor) and a.numel()}
 
     def unaliased(t):
@@ -215,4 +251,4 @@ def dispatch(op: str, device: torch.device, *args):
 
 def implementations(op: str) -> Dict[str, Callable]:
     """Every registered backend of `op` (tests check them against each other)."""
-    return dict(_impls[op])
+    return {backend: _implementation(op, backend) for backend in list(_impls[op])}

@@ -1,10 +1,17 @@
-"""Memory-layout helpers shared by every backend of the BatchNorm ops.
+"""The bottom layer: what every other layer may use, and nothing of fusedres above it.
+
+Memory layout, statistics dtype, output allocation (poisoned under the tests), warn-once, the
+Triton interpreter flag, whether torch.compile / torch.export is tracing, and `launch`, through
+which every Triton kernel is launched (device guard, the interpreter's lock, the profiler's
+marker the launch counters read). Imports torch only: `import fusedres` never needs triton.
 
 A 4-D activation in NCHW or channels_last is seen as a dense [outer, C, inner] array
 (NCHW: outer = N, inner = H*W; channels_last: outer = N*H*W, inner = 1), so storage index i
 belongs to channel (i // inner) % C. Same rule as csrc/bn_common.h.
 """
 import os
+import threading
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -104,3 +111,66 @@ def new_channel_output(channels: int, dtype: torch.dtype, device) -> torch.Tenso
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
     """Per-channel statistics are float32, or float64 for float64 activations."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Warn once, tracing, Triton launches.
+# ---------------------------------------------------------------------------------------------
+_warned = set()
+_warn_lock = threading.Lock()
+
+
+def warn_once(key, message: str, stacklevel: int = 3) -> None:
+    """One RuntimeWarning per key per process (two threads hitting one fallback warn once)."""
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: the ops then go through their
+    torch.library custom ops, and Python-side caches keyed on a tensor's version or data pointer
+    (which a traced graph cannot see) are bypassed."""
+    return torch.compiler.is_compiling() or _is_exporting()
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU, in numpy (how CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_interpreter_lock = threading.Lock()
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on `device`: the one place a Triton kernel is launched.
+
+    - Triton launches on the current CUDA device, so a tensor on cuda:1 needs that device made
+      current (a guard only where it differs: the guard costs ~2 us).
+    - The interpreter patches triton.language globally: one interpreted launch at a time.
+    - Under torch.profiler each launch is a `triton::<kernel>` range: the launch counters
+      (benchmarks/bench_overhead.py, tests/test_overhead.py) count one device launch per range and
+      ignore what runs inside it (the interpreter's own tensor ops).
+    """
+    if torch.autograd._profiler_enabled():
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+        with torch.autograd.profiler.record_function(f"triton::{name}"):
+            return _launch(kernel, grid, device, args, kwargs)
+    return _launch(kernel, grid, device, args, kwargs)
+
+
+def _launch(kernel, grid, device, args, kwargs) -> None:
+    if device.type == "cuda":
+        if device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+            return
+        kernel[grid](*args, **kwargs)
+        return
+    with _interpreter_lock:
+        kernel[grid](*args, **kwargs)

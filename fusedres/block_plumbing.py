@@ -1,0 +1,110 @@
+"""What every fused module's forward shares: which submodules can be fused (and why not), the
+input checks, the fallback to the reference forward (its reason found once per set of
+submodules, warned once), whether gradients are needed, and the conv's arguments.
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .autograd import ConvArgs
+from .batchnorm import SyncBatchNorm2d
+from .common import warn_once
+
+
+def runs_reference(x: torch.Tensor, module: nn.Module, owner: str, fallback_reason: Callable[[], Optional[str]]) -> bool:
+    """Whether a fused module's forward runs its reference (stock) forward instead: for an empty
+    batch (exactly what the reference does with one), or where a submodule cannot be fused
+    (fallback_reason() says why; warned once per owner and reason). The reason is found once per
+    set of `module`'s submodules (replacing one finds it again), not on every forward."""
+    if x.numel() == 0:
+        return True
+    key = tuple(module.modules())
+    cached = module.__dict__.get("_fusedres_fallback")
+    if cached is None or cached[0] != key:
+        cached = (key, fallback_reason())
+        module.__dict__["_fusedres_fallback"] = cached
+    why = cached[1]
+    if why is not None:
+        warn_once((owner, why), f"fusedres: {owner} runs the unfused reference forward: {why}")
+        return True
+    return False
+
+
+def _is_plain(module: nn.Module, cls) -> bool:
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def norm_with_relu(norm: nn.Module) -> bool:
+    """Whether `norm` is BatchNorm followed by a ReLU in one module, as timm writes its DenseNet:
+    timm.layers.BatchNormAct2d (its own forward: F.batch_norm with nn.BatchNorm2d's arguments, then
+    `drop`, then `act`) with `drop` an nn.Identity and `act` an nn.ReLU."""
+    cls = type(norm)
+    return (cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+            and isinstance(norm, nn.BatchNorm2d) and type(getattr(norm, "act", None)) is nn.ReLU
+            and type(getattr(norm, "drop", None)) is nn.Identity)
+
+
+def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False
+                     ) -> Optional[str]:
+    """None if conv -> bn can run as a fused unit, else why not. sync_ok: a synchronized norm
+    (SyncBatchNorm2d, nn.SyncBatchNorm) is fused with its statistics synchronized, rather than
+    left to its own forward. relu_inside_ok: where a ReLU follows the norm anyway (the dense
+    layers' BN -> ReLU -> conv), a norm with that ReLU inside (norm_with_relu) is fused too."""
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
+    if isinstance(conv.padding, str):
+        return f"conv padding={conv.padding!r} (only explicit padding is fused)"
+    if sync_ok and (_is_plain(bn, SyncBatchNorm2d) or _is_plain(bn, nn.SyncBatchNorm)):
+        return None
+    if relu_inside_ok and norm_with_relu(bn):
+        return None
+    if not _is_plain(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d" + (" or a synchronized one" if sync_ok else "")
+    return None
+
+
+def norm_relu_conv_reason(norm: nn.Module, relu: Optional[nn.Module], conv: nn.Module) -> Optional[str]:
+    """None if norm -> relu -> conv (a dense layer's unit, a transition) can run fused, else why
+    not: `relu` an nn.ReLU, or an nn.Identity (or nothing) after a norm with its ReLU inside."""
+    why = unfusable_reason(conv, norm, sync_ok=False, relu_inside_ok=True)
+    relu_ok = type(relu) is nn.ReLU or (norm_with_relu(norm) and type(relu) in (type(None), nn.Identity))
+    return why if why is not None or relu_ok else f"{type(relu).__name__} where a ReLU was expected"
+
+
+def check_block_input(x, conv: nn.Conv2d, owner: str, reader: str = "the block", source: str = "conv1") -> None:
+    """Clear errors for a fused module's input: a 4-D floating tensor with the channel count that
+    `reader` (the block, a dense layer's norm1, ...) expects, on the device of `conv`, the first
+    conv that reads it (named `source` in the message where it differs from the reader)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner}: expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+    if x.shape[1] != conv.in_channels:
+        where = f" ({source}.in_channels)" if source else ""
+        raise ValueError(f"{owner}: input has {x.shape[1]} channels but {reader} expects {conv.in_channels}{where}; "
+                         f"input shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+                        f"got {x.dtype}")
+    if x.device != conv.weight.device:
+        raise ValueError(f"{owner}: input is on {x.device} but the block's weights are on {conv.weight.device}")
+    if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{owner}: input is {x.dtype} but the block's weights are {conv.weight.dtype}; convert one "
+                        f"(block.to(dtype) or x.to(dtype)) or run under torch.autocast")
+
+
+def grad_needed(x, residual, *modules) -> bool:
+    """Whether autograd will want gradients of this forward: of x, the residual or a parameter."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or (residual is not None and residual.requires_grad):
+        return True
+    return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
+
+
+def conv_args(conv: nn.Conv2d) -> ConvArgs:
+    params = conv._parameters
+    return ConvArgs(params["weight"], params.get("bias"), conv.stride, conv.padding, conv.dilation, conv.groups)
