@@ -1,6 +1,6 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites stats,bn_act,conv,blocks,dense,models,e2e] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites overhead,stats,bn_act,conv,blocks,dense,models,e2e] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
                                [--compile-mode default|max-autotune]
 
@@ -17,6 +17,7 @@ import sys
 import torch
 
 import bench_blocks
+import bench_overhead
 import bench_bn_act
 import bench_bn_stats
 import bench_conv
@@ -85,7 +86,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="stats,bn_act,conv,blocks,dense,models,e2e")
+    parser.add_argument("--suites", default="overhead,stats,bn_act,conv,blocks,dense,models,e2e")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -129,6 +130,12 @@ def main(argv=None):
 
     results = dict(environment=env, batch=batch, ceilings=dict(copy_GBps=copy_gbps, matmul_TFLOPs=tflops),
                    correctness=checks, command=" ".join([sys.executable, os.path.abspath(__file__)] + (argv or sys.argv[1:])))
+    if "overhead" in suites:
+        rows = bench_overhead.run(device, args.quick)
+        results["overhead"] = rows
+        print("\n== overhead per block: host microseconds (tiny tensors, one thread) and device launches, "
+              "fused vs stock eager (chain on the CPU: launches only, under the interpreter)")
+        print(table(rows, bench_overhead.COLUMNS), flush=True)
     if "stats" in suites:
         rows = bench_bn_stats.run(device, dtypes, batch, copy_gbps, args.quick)
         results["bn_stats"] = rows

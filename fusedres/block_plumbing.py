@@ -7,28 +7,68 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .autograd import ConvArgs
+from .autograd import BatchNormStats, ConvArgs, bn_scale_shift, running_stats
 from .batchnorm import SyncBatchNorm2d
-from .common import warn_once
+from .common import tracing, warn_once
+
+
+def cached_fallback_reason(module: nn.Module, fallback_reason: Callable[[], Optional[str]]) -> Optional[str]:
+    """fallback_reason(), found once per set of `module`'s submodules (replacing one finds it
+    again), not on every forward. The key: the children and grandchildren (a block's convs and
+    norms, a downsample's; a dense block's layers and theirs), by identity."""
+    key = []
+    for child in module._modules.values():
+        key.append(child)
+        if child is not None:
+            key.extend(child._modules.values())
+    key = tuple(key)
+    cached = module.__dict__.get("_fusedres_fallback")
+    if cached is None or cached[0] != key:
+        cached = (key, fallback_reason())
+        module.__dict__["_fusedres_fallback"] = cached
+    return cached[1]
 
 
 def runs_reference(x: torch.Tensor, module: nn.Module, owner: str, fallback_reason: Callable[[], Optional[str]]) -> bool:
     """Whether a fused module's forward runs its reference (stock) forward instead: for an empty
     batch (exactly what the reference does with one), or where a submodule cannot be fused
-    (fallback_reason() says why; warned once per owner and reason). The reason is found once per
-    set of `module`'s submodules (replacing one finds it again), not on every forward."""
+    (fallback_reason() says why; warned once per owner and reason)."""
     if x.numel() == 0:
         return True
-    key = tuple(module.modules())
-    cached = module.__dict__.get("_fusedres_fallback")
-    if cached is None or cached[0] != key:
-        cached = (key, fallback_reason())
-        module.__dict__["_fusedres_fallback"] = cached
-    why = cached[1]
+    why = cached_fallback_reason(module, fallback_reason)
     if why is not None:
         warn_once((owner, why), f"fusedres: {owner} runs the unfused reference forward: {why}")
         return True
     return False
+
+
+def inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Eval without gradients and without autocast: the modules' no-autograd path."""
+    return (not any(m.training for m in modules) and not grad_needed(x, None, *modules)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def eval_bn_stats(owner: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> BatchNormStats:
+    """`bn` with its running statistics as (mean, invstd, scale, shift) in x's statistics dtype,
+    cached on `owner` until a tensor involved changes (in-place updates bump _version): no
+    per-channel ops per eval forward. Recomputed while tracing."""
+    tensors = (bn._buffers.get("running_mean"), bn._buffers.get("running_var"), bn._parameters.get("weight"),
+               bn._parameters.get("bias"))
+
+    def compute():
+        with torch.no_grad():
+            mean, invstd = running_stats(tensors[0], tensors[1], bn.eps, x)
+            return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, tensors[2], tensors[3]))
+
+    if tracing():
+        return compute()
+    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)  # a new dtype or
+    key += (bn.eps, x.dtype == torch.float64)  # device is new memory
+    cache = owner.__dict__.setdefault("_eval_bn_cache", {})
+    hit = cache.get(id(bn))
+    if hit is None or hit[0] != key:
+        hit = cache[id(bn)] = (key, compute())
+    return hit[1]
 
 
 def _is_plain(module: nn.Module, cls) -> bool:

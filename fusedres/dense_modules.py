@@ -11,7 +11,8 @@ legacy `norm.1`-style keys included. Only forward differs:
   FusedTransition  BN -> ReLU -> 1x1 conv -> 2x2 average pool, reusing the statistics the block
                    recorded for its output, BN + ReLU in the conv's prologue where the kernels run
   FusedDenseLayer  one layer on its own (torchvision's layer API: a tensor or a list of tensors in,
-                   the k new channels out); a block does not call it, it runs its layers together
+                   the k new channels out): BN -> ReLU -> conv units as the transition runs them
+                   (no pool); a block does not call it, it runs its layers together
 
 `memory_efficient` is accepted for the constructor's sake and changes nothing: the fused block
 never stores the concatenation it would have recomputed.
@@ -20,12 +21,14 @@ from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .autograd.dense import DenseLayerArgs, bn_relu_conv_pool, dense_block
-from .models.densenet import DenseBlock, DenseLayer, Transition, rename_legacy_keys_hook
+from .autograd import DenseLayerArgs, bn_relu_conv_inference, bn_relu_conv_pool, dense_block
 from .batchnorm import bn_args
-from .block_plumbing import check_block_input, conv_args, norm_relu_conv_reason, norm_with_relu, runs_reference
+from .block_plumbing import (cached_fallback_reason, check_block_input, conv_args, eval_bn_stats, inference,
+                             norm_relu_conv_reason, norm_with_relu, runs_reference)
 from .common import warn_once
+from .models.densenet import DenseBlock, DenseLayer, Transition, rename_legacy_keys_hook
 
 
 def _shared_children(source: nn.Module, names):
@@ -77,8 +80,20 @@ class FusedDenseLayer(DenseLayer):
         check_block_input(x, self.conv1, name, "norm1", source="")
         if runs_reference(x, self, name, self._fallback_reason):
             return self._reference_forward(x)
-        # a one-layer block over the concatenation; its new channels are the layer's output
-        return dense_block(x, [self._layer_args()], dropout=[self.training])[:, x.shape[1]:]
+        units = self._units()
+        if inference(x, *[m for unit in units for m in unit]):  # BN + ReLU + conv per unit, no autograd
+            h = x
+            for bn, conv in units:
+                h = bn_relu_conv_inference(h, eval_bn_stats(self, bn, h), conv_args(conv))
+            return h
+        # BN -> ReLU -> conv per unit (the transition's units, no pool): on its own a layer has no
+        # feature buffer to share, and a one-layer dense block would copy its input into one
+        h = x
+        for bn, conv in units:
+            h = bn_relu_conv_pool(h, bn_args(bn), conv_args(conv), pool=None)
+        if self.drop_rate > 0:
+            h = F.dropout(h, p=float(self.drop_rate), training=self.training)
+        return h
 
     @classmethod
     def from_module(cls, layer: nn.Module) -> "FusedDenseLayer":
@@ -166,14 +181,17 @@ class FusedTransition(Transition):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        why = self._fallback_reason()
+        why = cached_fallback_reason(self, self._fallback_reason)
         if why is not None:
             warn_once((name, why), f"fusedres: {name} runs the unfused reference forward: {why}")
             return super().forward(x)
-        check_block_input(x, self.conv, name, "norm", source="")
+        norm, conv = self._modules["norm"], self._modules["conv"]
+        check_block_input(x, conv, name, "norm", source="")
         if x.numel() == 0:  # an empty batch: exactly what the reference does with one
             return super().forward(x)
-        return bn_relu_conv_pool(x, bn_args(self.norm), conv_args(self.conv), pool=2)
+        if inference(x, norm, conv):  # BN + ReLU + conv, then the pool, no autograd
+            return F.avg_pool2d(bn_relu_conv_inference(x, eval_bn_stats(self, norm, x), conv_args(conv)), 2, 2)
+        return bn_relu_conv_pool(x, bn_args(norm), conv_args(conv), pool=2)
 
     @classmethod
     def from_module(cls, transition: nn.Module) -> "FusedTransition":

@@ -32,7 +32,7 @@ from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import check_block_input, conv_args, grad_needed, runs_reference, unfusable_reason
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
-from .ops import fold_bn
+from .ops import fold_bn, kernel_unsupported_reason
 
 
 class _FusedBlockBase(nn.Module):
@@ -42,13 +42,16 @@ class _FusedBlockBase(nn.Module):
     _final_relu = True  # ReLU after the residual add
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
-                 residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
-        """act(bn(conv(x)) + residual) as one core unit: aten's conv, then the BatchNorm ops."""
+                 residual: Optional[torch.Tensor] = None, relu: bool = True,
+                 conv_kernels: Optional[bool] = None) -> torch.Tensor:
+        """act(bn(conv(x)) + residual) as one core unit: aten's conv, then the BatchNorm ops.
+        conv_kernels: whether the fused conv kernels run the inference conv (found once per
+        block forward; None: ask here)."""
         b = bn_args(bn)
         c = conv_args(conv)
         if not b.batch_stats and not grad_needed(x, residual, conv, bn):
             weight, bias = self._folded(conv, bn)
-            return conv_bias_act_inference_unchecked(x, weight, bias, residual, c.spec, relu)
+            return conv_bias_act_inference_unchecked(x, weight, bias, residual, c.spec, relu, conv_kernels)
         return conv_bn_act_unchecked(x, c, b, residual, relu)
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -72,12 +75,15 @@ class _FusedBlockBase(nn.Module):
         if self._use_chain(x, units):
             identity = self._shortcut(x, chain=True)
             return self._chain(units, x, identity, relu=self._final_relu)
-        identity = self._shortcut(x)
+        conv_kernels = None
+        if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
+            conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
+        identity = self._shortcut(x, conv_kernels=conv_kernels)
         out = x
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
             out = self._conv_bn(conv, bn, out, residual=identity if i == last else None,
-                                relu=self._final_relu if i == last else True)
+                                relu=self._final_relu if i == last else True, conv_kernels=conv_kernels)
         return out
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -88,8 +94,8 @@ class _FusedBlockBase(nn.Module):
                    bn._buffers.get("running_var"))
         if tracing():
             return fold_bn(*tensors, bn.eps)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
-        key += (bn.eps,)
+        # (a new dtype or device is new memory: data_ptr changes)
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
         cache = self.__dict__.setdefault("_fold_cache", {})
         hit = cache.get(id(conv))
         if hit is None or hit[0] != key:
@@ -105,7 +111,7 @@ class _FusedBlockBase(nn.Module):
             return ds
         return None
 
-    def _shortcut(self, x: torch.Tensor, chain: bool = False) -> torch.Tensor:
+    def _shortcut(self, x: torch.Tensor, chain: bool = False, conv_kernels: Optional[bool] = None) -> torch.Tensor:
         downsample = self._modules.get("downsample")
         if downsample is None:
             return x
@@ -114,7 +120,7 @@ class _FusedBlockBase(nn.Module):
             return downsample(x)
         if chain:
             return self._chain([(ds[0], ds[1])], x, None, relu=False)
-        return self._conv_bn(ds[0], ds[1], x, relu=False)
+        return self._conv_bn(ds[0], ds[1], x, relu=False, conv_kernels=conv_kernels)
 
     def _fallback_reason(self) -> Optional[str]:
         for conv, bn in self._units():
@@ -238,14 +244,15 @@ class FusedResidual(_FusedBlockBase):
                 return conv, bn
         return None
 
-    def _shortcut(self, x: torch.Tensor, chain: bool = False) -> torch.Tensor:
+    def _shortcut(self, x: torch.Tensor, chain: bool = False, conv_kernels: Optional[bool] = None) -> torch.Tensor:
         x = self._run_modules(self.shortcut_pools, x)
         pair = self._fusable_downsample()
         if pair is None:  # the identity, a conv alone (or a pair changed since fusing): their own forward
             return self._run_modules(self.shortcut_names, x)
         if chain:
             return self._chain([pair], x, None, relu=False)
-        return self._conv_bn(pair[0], pair[1], x, relu=False)
+        # (pooled: a smaller input than the block's, so whether the conv kernels run is asked anew)
+        return self._conv_bn(pair[0], pair[1], x, relu=False, conv_kernels=None if self.shortcut_pools else conv_kernels)
 
     def _run_modules(self, names, x: torch.Tensor) -> torch.Tensor:
         for name in names:

@@ -26,7 +26,7 @@ def _cases():
 BACKEND_CASES = _cases()
 FAST_BACKENDS = [c for c in BACKEND_CASES if c.values[1] != "reference"]
 
-OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise")
+OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise", "bn_backward_finalize")
 
 
 @contextlib.contextmanager

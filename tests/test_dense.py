@@ -256,13 +256,13 @@ def test_transition_matches_reference(device, name, fmt, after_block):
         shape = (2, 14, 5, 7)
     ref, fused = ref.to(device), fused.to(device)
     calls = []
-    real = ops.bn_stats
+    real = ops.direct.bn_stats  # the autograd Functions' statistics pass
 
     def counting_bn_stats(t, *a, **kw):
         calls.append(t.shape[1])
         return real(t, *a, **kw)
 
-    with backend(name, device), mock.patch.object(dense_autograd.ops, "bn_stats", counting_bn_stats):
+    with backend(name, device), mock.patch.object(ops.direct, "bn_stats", counting_bn_stats):
         _steps(ref, fused, _input(shape, torch.float64, device, fmt), TOL[torch.float64])
     if after_block:
         assert 14 not in calls, "the transition recomputed the statistics its input block recorded"

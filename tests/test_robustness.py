@@ -117,7 +117,7 @@ def test_same_input_gives_bitwise_the_same_result(kind, device, name):
 def test_deterministic_mode_turns_conv_autotuning_off(monkeypatch):
     """Autotuning picks a tile configuration by timing, per process; under
     torch.use_deterministic_algorithms(True) the fixed default runs instead."""
-    monkeypatch.setattr(conv_triton, "_interpreted", lambda: False)
+    monkeypatch.setattr(conv_triton, "triton_interpreted", lambda: False)
     monkeypatch.setenv("FUSEDRES_AUTOTUNE", "1")
     cuda = torch.device("cuda")
     assert conv_triton.autotune_enabled(cuda)

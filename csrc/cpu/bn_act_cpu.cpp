@@ -8,11 +8,21 @@ namespace cpu {
 namespace {
 
 // Per-channel parameter vectors as acc_t, with the defaults of absent ones (mean 0, scale 1).
+// Read in place when contiguous float32 / float64 (always, from fusedres's own callers): a
+// conversion would be an ATen op, a launch of its own, per vector per call.
 template <typename acc_t>
 std::vector<acc_t> channel_params(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
   std::vector<acc_t> out(C, fill);
-  if (t.has_value()) {
-    auto d = t->to(at::kDouble).contiguous();
+  if (!t.has_value()) return out;
+  const at::Tensor& v = *t;
+  if (v.is_contiguous() && v.scalar_type() == at::kFloat) {
+    const float* p = v.const_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
+  } else if (v.is_contiguous() && v.scalar_type() == at::kDouble) {
+    const double* p = v.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
+  } else {
+    auto d = v.to(at::kDouble).contiguous();
     const double* p = d.const_data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
   }
@@ -169,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     at::Tensor out_cast;
-    if (output) out_cast = output->to(input.scalar_type());
+    if (output) out_cast = output->scalar_type() == input.scalar_type() ? *output : output->to(input.scalar_type());
     const scalar_t* op = output ? out_cast.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dzp = write_grad_z ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<double> sums;
@@ -187,9 +197,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     } else {
       dzp ? run(T{}, F{}, T{}) : run(T{}, F{}, F{});
     }
-    auto sums_d = at::from_blob(sums.data(), {2, v.channels}, at::kDouble);
-    sum_dz.copy_(sums_d[0]);
-    sum_dz_xmu.copy_(sums_d[1]);
+    // written in a loop, not with copy_: an ATen op would be a launch of its own
+    acc_t* s0 = sum_dz.mutable_data_ptr<acc_t>();
+    acc_t* s1 = sum_dz_xmu.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < v.channels; ++c) {
+      s0[c] = static_cast<acc_t>(sums[c]);
+      s1[c] = static_cast<acc_t>(sums[v.channels + c]);
+    }
   });
   return {sum_dz, sum_dz_xmu, grad_z};
 }

@@ -49,6 +49,7 @@ class BNReLUConv(torch.autograd.Function):
             outs = tuple(stats)
         else:
             outs = (stats.mean, stats.var, empty)
+        ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros made for them
         ctx.conv = conv
         ctx.in_norm = in_norm
         ctx.in_batch_stats = in_batch_stats
@@ -65,6 +66,8 @@ class BNReLUConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, *_unused_stats_grads):
+        if grad_z is None:  # z reached no loss (set_materialize_grads(False) passes None through)
+            return (None,) * 15
         x, weight, *bn = ctx.saved_tensors
         need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
         conv = ctx.conv

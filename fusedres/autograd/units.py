@@ -360,14 +360,19 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                      residual: Optional[torch.Tensor], conv: ConvSpec, relu: bool) -> torch.Tensor:
+                                      residual: Optional[torch.Tensor], conv: ConvSpec, relu: bool,
+                                      conv_kernels: Optional[bool] = None) -> torch.Tensor:
     """conv_bias_act_inference for the fused modules (bias from ops.fold_bn: contiguous, the
-    statistics dtype): no checks per call."""
+    statistics dtype): no checks per call. conv_kernels: whether the fused conv kernels run this
+    conv, if the caller knows (None: asked here)."""
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
+        conv_kernels = None
+    if conv_kernels is None:
+        conv_kernels = ops.kernel_unsupported_reason(x, weight) is None
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if ops.kernel_unsupported_reason(x, weight) is None:
+        if conv_kernels:
             return direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
                                                    False, None)[0]
         z = dense(F.conv2d(x, weight, None, *conv))

@@ -502,6 +502,11 @@ def autotune_enabled(device: torch.device) -> bool:
     return os.environ.get("FUSEDRES_AUTOTUNE", "1") == "1"
 
 
+# Why not triton.autotune: its key is a list of kernel arguments and its candidates must share one
+# grid and one launch, while here a candidate changes the launch itself (the grid, the grouped
+# weight tiles built for its BLOCK_N, the partial-statistics buffers sized by BLOCK_M), the key is
+# the conv's geometry and strides, and tuning must be switchable off (FUSEDRES_AUTOTUNE=0, the
+# interpreter, deterministic mode) with a fixed default instead.
 _tuned: Dict[tuple, tuple] = {}
 _tune_lock = threading.Lock()
 

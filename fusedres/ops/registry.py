@@ -173,13 +173,21 @@ def _auto(op: str, device: torch.device) -> str:
     return "reference"
 
 
+_available: Dict[tuple, Optional[str]] = {}  # (op, device type, choice) -> available_backend's answer
+
+
 def available_backend(op: str, device: torch.device) -> Optional[str]:
     """The backend that runs `op` on `device` under the current choice, or None where that choice
-    would fall back to the reference path (no warning: for callers choosing between paths)."""
+    would fall back to the reference path (no warning: for callers choosing between paths).
+    Found once per (op, device type, choice)."""
     choice = get_backend()
+    key = (op, device.type, choice)
+    if key in _available:
+        return _available[key]
     backend = _auto(op, device) if choice == "auto" else choice
     if backend not in _impls[op] or unavailable_reason(backend, device) is not None:
-        return None
+        backend = None
+    _available[key] = backend
     return backend
 
 
