@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autograd import DenseLayerArgs, bn_relu_conv_inference, bn_relu_conv_pool, dense_block
+from .autograd import DenseLayerArgs, Unit, bn_relu_conv_inference, bn_relu_conv_pool, dense_block
 from .batchnorm import bn_args
 from .block_plumbing import (cached_fallback_reason, check_block_input, conv_args, eval_bn_stats, inference,
                              norm_relu_conv_reason, norm_with_relu, runs_reference)
@@ -67,7 +67,7 @@ class FusedDenseLayer(DenseLayer):
 
     def _layer_args(self) -> DenseLayerArgs:
         """This forward's arguments (counts num_batches_tracked as nn.BatchNorm2d.forward does)."""
-        return DenseLayerArgs(tuple((bn_args(bn), conv_args(conv)) for bn, conv in self._units()), self.drop_rate)
+        return DenseLayerArgs(tuple(Unit(conv_args(conv), bn_args(bn)) for bn, conv in self._units()), self.drop_rate)
 
     _reference_forward = DenseLayer.forward
 

@@ -40,7 +40,7 @@ from .. import ops
 from ..ops import direct
 from ..common import dense, memory_format, new_scratch, per_channel, stats_dtype
 from ..ops.direct import BatchNormStats
-from .chain import BNArgs, ConvArgs, bn_relu_conv
+from .chain import BNArgs, ConvArgs, Unit, bn_relu_conv
 from .units import (autocast_dtype, backward_bookkeeping, batch_count, batchnorm_stats, bn_act, bn_scale_shift,
                     conv_backward, running_stats, tracing)
 
@@ -50,8 +50,9 @@ STATS_ATTR = "_fusedres_channel_stats"
 
 
 class DenseLayerArgs(NamedTuple):
-    """One dense layer: its BN -> ReLU -> conv units (1 plain, 2 bottleneck) and dropout."""
-    units: Tuple[Tuple[BNArgs, ConvArgs], ...]
+    """One dense layer: its BN -> ReLU -> conv units (1 plain, 2 bottleneck; each a Unit(conv, bn),
+    bn the norm before the conv) and dropout."""
+    units: Tuple[Unit, ...]
     drop_rate: float  # applied only when dropout is on (the layer module is in training mode)
 
 
@@ -326,7 +327,7 @@ def dense_block_unsupported_reason(x: torch.Tensor, layers: Sequence[DenseLayerA
     runs aten's convs with the BatchNorm ops, still over one buffer)."""
     dtype = autocast_dtype(x.device.type)
     for layer in layers:
-        for _, conv in layer.units:
+        for conv in (unit.conv for unit in layer.units):
             why = ops.kernel_unsupported_reason(x, conv.weight, dtype)
             if why is not None:
                 return why
@@ -347,15 +348,15 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
     """
     if not layers:
         raise ValueError("fusedres: dense_block needs at least one layer")
-    growth = layers[0].units[-1][1].weight.shape[0]
+    growth = layers[0].units[-1].conv.weight.shape[0]
     c = x.shape[1]
     for i, layer in enumerate(layers):
-        first = layer.units[0][1].weight
-        if first.shape[1] * layer.units[0][1].groups != c:
-            raise ValueError(f"fusedres: dense layer {i + 1} expects {first.shape[1] * layer.units[0][1].groups} "
+        first = layer.units[0].conv
+        if first.weight.shape[1] * first.groups != c:
+            raise ValueError(f"fusedres: dense layer {i + 1} expects {first.weight.shape[1] * first.groups} "
                              f"input channels but the buffer prefix it reads has {c}")
-        if layer.units[-1][1].weight.shape[0] != growth:
-            raise ValueError(f"fusedres: dense layer {i + 1} adds {layer.units[-1][1].weight.shape[0]} channels, "
+        if layer.units[-1].conv.weight.shape[0] != growth:
+            raise ValueError(f"fusedres: dense layer {i + 1} adds {layer.units[-1].conv.weight.shape[0]} channels, "
                              f"layer 1 adds {growth}: every layer of a block adds the same growth rate")
         c += growth
     dropout = tuple(bool(d) for d in dropout) or (False,) * len(layers)
@@ -363,12 +364,12 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
     fused = dense_block_unsupported_reason(x, layers) is None
     params, running = [], []
     for layer in layers:
-        for bn, conv in layer.units:
+        for bn, conv in ((unit.bn, unit.conv) for unit in layer.units):
             params += [bn.weight, bn.bias, _cast(conv.weight, dtype), _cast(conv.bias, dtype)]
             running += [bn.running_mean, bn.running_var]
     no_tensors = dict(weight=None, bias=None, running_mean=None, running_var=None)
-    plan = _Plan(tuple(tuple(bn._replace(**no_tensors) for bn, _ in layer.units) for layer in layers),
-                 tuple(tuple((c.stride, c.padding, c.dilation, c.groups) for _, c in layer.units) for layer in layers),
+    plan = _Plan(tuple(tuple(unit.bn._replace(**no_tensors) for unit in layer.units) for layer in layers),
+                 tuple(tuple(unit.conv.spec for unit in layer.units) for layer in layers),
                  tuple(float(layer.drop_rate) for layer in layers), growth, fused)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, dtype or x.dtype, *params, *running)
