@@ -18,7 +18,7 @@ import fusedres
 from fusedres import ops
 from fusedres.autograd import BNArgs, ConvArgs, chain, conv_bn_chain
 from fusedres.ops.registry import resolve
-from helpers import FORMATS, HAS_CUDA, INTERPRETED, assert_close_scaled
+from helpers import FORMATS, HAS_CUDA, INTERPRETED, TOLERANCE, assert_close_scaled
 
 # (kernel, stride, padding, dilation, groups, C_in, C_out, N, H, W)
 GEOMETRIES = {
@@ -48,7 +48,7 @@ def _cases():
 CONV_CASES = _cases()
 # tolerance of a whole result against float64, relative to its largest value: one rounding of the
 # output for half types, a few ulps of the sums for float32 (tf32 off in these tests)
-SCALED_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SCALED_TOL = TOLERANCE["conv"]
 
 
 def _conv_backend(name, device):

@@ -15,11 +15,12 @@ from fusedres import FusedDenseBlock, FusedDenseLayer, FusedTransition, ops
 from fusedres.autograd import dense as dense_autograd
 from fusedres.models import DenseBlock, DenseLayer, DenseNet, Transition, densenet121, densenet161, densenet169
 from fusedres.models import densenet201, rename_legacy_keys
-from helpers import BACKEND_CASES, FORMATS, INTERPRETED, activation, assert_close_scaled, backend, randomize_bn
+from helpers import (BACKEND_CASES, FORMATS, INTERPRETED, TOLERANCE, activation, assert_close_scaled, backend,
+                     randomize_bn)
 
 # per dtype: tolerance of whole results relative to their largest value (float32 over several
 # layers and steps; half types: one rounding per stored activation, compounded over the layers)
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+TOL = TOLERANCE["block"]
 # (num_layers, num_input_features, bn_size, growth_rate): odd growth and channels, C0 not a multiple of 8
 BLOCK = (3, 5, 2, 3)
 

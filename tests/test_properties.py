@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres import ops
 from fusedres.models import resnet
-from helpers import BACKEND_CASES, HAS_CUDA, INTERPRETED, assert_close_scaled, randomize_bn
+from helpers import BACKEND_CASES, HAS_CUDA, INTERPRETED, TOLERANCE, assert_close_scaled, randomize_bn
 
 try:
     import hypothesis
@@ -27,7 +27,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # backends that run on this machine's device, the reference excluded (it is what they are checked against)
 BACKENDS = [c.values[1] for c in BACKEND_CASES if c.values[0] == DEVICE and c.values[1] != "reference"]
 FORMATS = (torch.contiguous_format, torch.channels_last)
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TOL = TOLERANCE["property"]
 
 
 class _HypothesisDraw:
