@@ -7,8 +7,10 @@ ways with strict=True; only forward differs.
 Where the fused conv kernels run (GPU, channels_last, not float64; or the triton backend under the
 interpreter), training and eval with gradients run the block's conv -> BN -> ReLU units as one
 fusedres.autograd.conv_bn_chain: BN statistics in each conv's epilogue, BN + ReLU in the next
-conv's prologue, BN + residual + ReLU of the last unit in one pass. Elsewhere each
-conv -> BN -> (add) -> ReLU runs as one core unit (aten's conv, then the BN ops):
+conv's prologue, BN + residual + ReLU of the last unit in one pass. Elsewhere the units run on
+the core path (aten's conv, then the BN ops), all of a block's main path as ONE autograd Function
+(fusedres.autograd.conv_bn_units; the downsample another), so the block pays Python autograd's
+per-Function cost once, not per unit:
   training                       batch statistics, running statistics updated as nn does
   eval, gradients needed         running statistics as constants, full backward
   eval, no gradients (inference) BN folded into the conv weights (cached until they change),
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .autograd import Unit, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_act_unchecked, conv_bn_chain
+from .autograd import Unit, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import check_block_input, conv_args, grad_needed, runs_reference, unfusable_reason
 from .common import tracing
@@ -41,18 +43,24 @@ class _FusedBlockBase(nn.Module):
 
     _final_relu = True  # ReLU after the residual add
 
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
-                 residual: Optional[torch.Tensor] = None, relu: bool = True,
-                 conv_kernels: Optional[bool] = None) -> torch.Tensor:
-        """act(bn(conv(x)) + residual) as one core unit: aten's conv, then the BatchNorm ops.
-        conv_kernels: whether the fused conv kernels run the inference conv (found once per
-        block forward; None: ask here)."""
-        b = bn_args(bn)
-        c = conv_args(conv)
-        if not b.batch_stats and not grad_needed(x, residual, conv, bn):
+    def _core_units(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
+                    conv_kernels: Optional[bool] = None) -> torch.Tensor:
+        """act(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) on the core path: in training
+        or with gradients one ConvBNUnits Function for all the units (aten's conv, the BatchNorm
+        ops); in eval without gradients, per unit BN folded into the conv (cached) and bias +
+        residual + act in the conv's epilogue (fused conv kernels) or one pass after aten's conv.
+        conv_kernels: whether the fused conv kernels run the inference convs (found once per
+        block forward; None: asked per conv)."""
+        bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
+        if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
+            return conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual, relu)
+        out = x
+        last = len(units) - 1
+        for i, (conv, bn) in enumerate(units):
             weight, bias = self._folded(conv, bn)
-            return conv_bias_act_inference_unchecked(x, weight, bias, residual, c.spec, relu, conv_kernels)
-        return conv_bn_act_unchecked(x, c, b, residual, relu)
+            out = conv_bias_act_inference_unchecked(out, weight, bias, residual if i == last else None,
+                                                    conv_args(conv).spec, relu if i == last else True, conv_kernels)
+        return out
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         """The units as one conv_bn_chain on the fused conv kernels."""
@@ -68,7 +76,12 @@ class _FusedBlockBase(nn.Module):
         ds = self._fusable_downsample()
         if ds is not None:
             convs.append(ds[0])
-        return chain_unsupported_reason(x, [conv_args(c) for c in convs]) is None
+        # every conv of the block alike (device, format, dtype): the kernels are asked once, for the
+        # first, and the other weights only checked for the same dtype
+        if chain_unsupported_reason(x, [conv_args(convs[0])]) is not None:
+            return False
+        dtype = convs[0].weight.dtype
+        return torch.is_autocast_enabled(x.device.type) or all(c.weight.dtype == dtype for c in convs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self._units()
@@ -79,12 +92,7 @@ class _FusedBlockBase(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
         identity = self._shortcut(x, conv_kernels=conv_kernels)
-        out = x
-        last = len(units) - 1
-        for i, (conv, bn) in enumerate(units):
-            out = self._conv_bn(conv, bn, out, residual=identity if i == last else None,
-                                relu=self._final_relu if i == last else True, conv_kernels=conv_kernels)
-        return out
+        return self._core_units(units, x, identity, self._final_relu, conv_kernels)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version);
@@ -120,7 +128,7 @@ class _FusedBlockBase(nn.Module):
             return downsample(x)
         if chain:
             return self._chain([(ds[0], ds[1])], x, None, relu=False)
-        return self._conv_bn(ds[0], ds[1], x, relu=False, conv_kernels=conv_kernels)
+        return self._core_units([(ds[0], ds[1])], x, None, False, conv_kernels)
 
     def _fallback_reason(self) -> Optional[str]:
         for conv, bn in self._units():
@@ -252,7 +260,7 @@ class FusedResidual(_FusedBlockBase):
         if chain:
             return self._chain([pair], x, None, relu=False)
         # (pooled: a smaller input than the block's, so whether the conv kernels run is asked anew)
-        return self._conv_bn(pair[0], pair[1], x, relu=False, conv_kernels=None if self.shortcut_pools else conv_kernels)
+        return self._core_units([pair], x, None, False, None if self.shortcut_pools else conv_kernels)
 
     def _run_modules(self, names, x: torch.Tensor) -> torch.Tensor:
         for name in names:

@@ -6,8 +6,9 @@
             and epilogues), where those kernels run
   dense.py  DenseNet dense blocks over one feature buffer, and the transition
 """
-from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNAct, ConvSpec, Unit, conv_bias_act_inference,  # noqa: F401
-                    conv_bias_act_inference_unchecked, conv_bn_act, conv_bn_act_unchecked, sync_batch_norm)
+from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNAct, ConvBNUnits, ConvSpec, Unit,  # noqa: F401
+                    conv_bias_act_inference, conv_bias_act_inference_unchecked, conv_bn_act, conv_bn_act_unchecked,
+                    conv_bn_units, sync_batch_norm)
 from .chain import BNReLUConv, chain_unsupported_reason, conv_bn_chain  # noqa: F401
 from .dense import DenseLayerArgs, bn_relu_conv_inference, bn_relu_conv_pool, channel_stats, dense_block  # noqa: F401
 from .units import bn_scale_shift, running_stats  # noqa: F401

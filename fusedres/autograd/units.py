@@ -27,7 +27,7 @@ def conv_backward(grad_z, x, weight, has_bias, stride, padding, dilation, groups
     if not any(needs):
         return None, None, None
     bias_sizes = [weight.shape[0]] if has_bias else None
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward.default(
         grad_z, x, weight, bias_sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups,
         list(needs))
     return grad_x, grad_w, grad_b
@@ -274,6 +274,121 @@ class BNAct(torch.autograd.Function):
         grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(
             ctx, grad_y, SavedBN(*ctx.saved_tensors), needs[0], needs[1], needs[2], needs[7])
         return grad_z, grad_gamma, grad_beta, None, None, None, None, grad_residual, None, None, None, None
+
+
+class ConvBNUnits(torch.autograd.Function):
+    """act_n(BN_n(conv_n(... act_1(BN_1(conv_1(x))) ...)) + residual): a block's conv -> BN -> act
+    units on aten's conv and the core BatchNorm ops, as ONE autograd Function. A Python Function
+    costs ~20 us to apply and ~70 us as a node of the backward engine (measured on the CPU:
+    an empty one); one per block instead of one per unit is most of what a block's host time
+    can lose to aten's C++ autograd nodes. Saved per unit: its conv's input and weight, the
+    pre-BN z, the per-channel statistics (and the block output, for the last ReLU's mask with a
+    residual), as ConvBNAct saves them.
+
+    specs: per unit (ConvSpec, BNSpec); tensors: per unit (weight, bias, gamma, beta,
+    running_mean, running_var), None where absent."""
+
+    @staticmethod
+    def forward(ctx, x, residual, specs, residual_is_x, *tensors):
+        # residual_is_x: the identity shortcut, passed as a flag (torch.compile cannot trace a
+        # Function given one tensor twice)
+        if residual_is_x:
+            residual = x
+        ctx.residual_is_x = residual_is_x
+        h = x
+        saved, counts = [], []
+        last = len(specs) - 1
+        for k, (conv, bn) in enumerate(specs):
+            weight, bias, gamma, beta, running_mean, running_var = tensors[6 * k:6 * k + 6]
+            z = dense(F.conv2d(h, weight, bias, *conv))
+            stats, count = batchnorm_stats(z, bn.batch_stats, bn.eps, running_mean, running_var, bn.momentum, gamma,
+                                           beta, bn.sync)
+            res = like(residual, z) if k == last and residual is not None else None
+            y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, res, bn.relu)
+            saved += [h, weight, z, stats.mean, stats.scale, stats.shift, stats.invstd]
+            counts.append(count)
+            h = y
+        ctx.specs = specs
+        ctx.counts = counts
+        ctx.has_residual = residual is not None
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.mask_from_output = residual is not None and specs[-1][1].relu
+        ctx.save_for_backward(*saved, h if ctx.mask_from_output else None)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved = ctx.saved_tensors
+        output = saved[-1]
+        needs = ctx.needs_input_grad
+        grads = [None] * len(ctx.dtypes)
+        grad_residual = None
+        g = grad_y
+        last = len(ctx.specs) - 1
+        for k in range(last, -1, -1):
+            conv, bn = ctx.specs[k]
+            h, weight, z, mean, scale, shift, invstd = saved[7 * k:7 * k + 7]
+            g = like(g, z)
+            if k == last and ctx.mask_from_output:  # dz is also the residual's gradient: written once
+                sum_dz, sum_dz_xmu, g_bn = direct.bn_act_backward_reduce(g, z, mean, scale, shift, output,
+                                                                         relu=True, write_grad_z=True)
+                mask, grad_residual = False, g_bn
+            else:
+                sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(g, z, mean, scale, shift, None, relu=bn.relu)
+                g_bn, mask = g, bn.relu
+                if k == last and ctx.has_residual:
+                    grad_residual = g
+            base = 4 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, then the tensors
+            need_h = k > 0 or needs[0]
+            need_w, need_b = needs[base], needs[base + 1]
+            grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(
+                sum_dz, sum_dz_xmu, invstd, scale, ctx.counts[k], bn.batch_stats, bn.sync if bn.batch_stats else None)
+            if needs[base + 2]:
+                grads[6 * k + 2] = grad_gamma.to(ctx.dtypes[6 * k + 2])
+            if needs[base + 3]:
+                grads[6 * k + 3] = grad_beta.to(ctx.dtypes[6 * k + 3])
+            if not (need_h or need_w or need_b):
+                continue
+            grad_z = direct.bn_act_backward_elementwise(g_bn, z, mean, scale, shift, coef_xmu, coef_c, relu=mask)
+            g, grads[6 * k], grads[6 * k + 1] = conv_backward(grad_z, h, weight, ctx.dtypes[6 * k + 1] is not None,
+                                                              *conv, (need_h, need_w, need_b))
+        if ctx.residual_is_x:
+            grad_x = None
+            if needs[0]:  # the input's gradient: through the units and through the shortcut
+                grad_x = grad_residual.to(g.dtype) if g is None else g + like(grad_residual, g).to(g.dtype)
+            return (grad_x, None, None, None, *grads)
+        if grad_residual is not None:
+            grad_residual = grad_residual.to(ctx.residual_dtype) if needs[1] else None
+        return (g if needs[0] else None, grad_residual, None, None, *grads)
+
+
+def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[torch.Tensor] = None,
+                  relu: bool = True) -> torch.Tensor:
+    """act(BN_n(conv_n(relu(... relu(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
+    BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
+    path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
+    (checked when built). Under autocast the convs run in the autocast dtype; BN math is float32."""
+    dtype = autocast_dtype(x.device.type)
+    specs, tensors = [], []
+    last = len(units) - 1
+    for k, (conv, bn) in enumerate(units):
+        weight, bias = conv.weight, conv.bias
+        if dtype is not None:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        specs.append((conv.spec, BNSpec(bn.eps, bn.momentum, bn.batch_stats, relu if k == last else True, bn.sync)))
+        tensors += [weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    residual_is_x = residual is x
+    if residual_is_x:
+        residual = None
+    if dtype is None:
+        return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, *tensors)
+    with torch.autocast(x.device.type, enabled=False):
+        x_in = x.to(dtype)
+        if residual_is_x and x_in is not x:  # the shortcut adds the input as it is, not its autocast copy
+            return ConvBNUnits.apply(x_in, x, tuple(specs), False, *tensors)
+        return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, *tensors)
 
 
 def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, relu: bool,

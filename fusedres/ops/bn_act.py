@@ -71,7 +71,7 @@ register("bn_act_backward_elementwise", "reference")(bn_act_backward_elementwise
 
 for _backend in ("cpu", "cuda"):
     for _op in ("bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise"):
-        register_loader(_op, _backend, lambda _op=_op: getattr(torch.ops.fusedres_kernels, _op))
+        register_loader(_op, _backend, lambda _op=_op: getattr(torch.ops.fusedres_kernels, _op).default)
 
 
 def _load_triton(op: str):

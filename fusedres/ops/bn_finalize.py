@@ -97,7 +97,7 @@ register_loader("bn_forward_finalize", "triton",
 register_loader("bn_backward_finalize", "triton",
                 lambda: __import__("fusedres.kernels.bn_finalize_triton", fromlist=["_"]).bn_backward_finalize_triton)
 for _backend in ("cpu", "cuda"):
-    register_loader("bn_backward_finalize", _backend, lambda: torch.ops.fusedres_kernels.bn_backward_finalize)
+    register_loader("bn_backward_finalize", _backend, lambda: torch.ops.fusedres_kernels.bn_backward_finalize.default)
 
 
 def _check_vector(v, channels, name):

@@ -33,7 +33,7 @@ register("bn_stats", "reference")(bn_stats_reference)
 
 
 for _backend in ("cpu", "cuda"):
-    register_loader("bn_stats", _backend, lambda: torch.ops.fusedres_kernels.bn_stats)
+    register_loader("bn_stats", _backend, lambda: torch.ops.fusedres_kernels.bn_stats.default)
 register_loader("bn_stats", "triton",
                 lambda: __import__("fusedres.kernels.bn_stats_triton", fromlist=["_"]).bn_stats_triton)
 
