@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument; bad configuration likewise."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -105,6 +107,21 @@ def test_unavailable_backend_falls_back_to_reference_and_warns_once():
         with pytest.warns(RuntimeWarning, match="backend 'cuda' unavailable .*using the reference PyTorch path"):
             mean, _ = ops.bn_stats(x)
     torch.testing.assert_close(mean, x.double().mean((0, 2, 3)).float())
+
+
+def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
+    """FUSEDRES_STRICT=1: a requested backend that cannot run the call raises, naming op, backend
+    and reason; without it the same call falls back (the default a user gets)."""
+    x = activation((2, 3, 4, 4))
+    monkeypatch.setenv("FUSEDRES_STRICT", "1")
+    with fusedres.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match=r"bn_stats: backend 'cuda' cannot run this call \(.*\), and "
+                                               r"FUSEDRES_STRICT=1 forbids"):
+            ops.bn_stats(x)
+    monkeypatch.setenv("FUSEDRES_STRICT", "0")
+    with fusedres.use_backend("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ops.bn_stats(x)
 
 
 BLOCKS = {

@@ -201,16 +201,27 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
     if why is None and backend not in impls:
         why = f"{op} has no {backend} implementation"
     if why is not None:
+        if strict():
+            raise RuntimeError(f"fusedres: {op}: backend {backend!r} cannot run this call ({why}), and "
+                               "FUSEDRES_STRICT=1 forbids falling back to the reference PyTorch path")
         warn_once((op, backend, why), f"fusedres: {op}: backend {backend!r} unavailable ({why}); "
                                       "using the reference PyTorch path")
         backend = "reference"
     return backend, _implementation(op, backend)
 
 
+def strict() -> bool:
+    """FUSEDRES_STRICT=1: a call whose requested backend (or auto's choice) cannot run it raises,
+    naming the op, the backend and the reason, instead of warning once and running the reference
+    path (for test suites and GPU checks, where a fallback would be a false green)."""
+    raw = _env_data.get(b"FUSEDRES_STRICT") if isinstance(_env_data, dict) else os.environ.get("FUSEDRES_STRICT")
+    return raw in (b"1", "1")
+
+
 def kernel(op: str, device: torch.device) -> Callable:
     """The implementation of `op` for `device` under the current backend choice, resolved once per
     (op, device type, choice): what the autograd Functions call in eager mode."""
-    key = (op, device.type, get_backend())
+    key = (op, device.type, get_backend(), strict())
     fn = _kernels.get(key)
     if fn is None:
         fn = _kernels[key] = resolve(op, device)[1]
