@@ -1,4 +1,4 @@
-"""ConvBNAct: gradcheck in float64 and agreement with the nn reference (conv -> BN -> add -> ReLU)."""
+"""conv_bn_act (one unit of ConvBNUnits): gradcheck in float64 and agreement with the nn reference (conv -> BN -> add -> ReLU)."""
 import pytest
 import torch
 import torch.nn.functional as F

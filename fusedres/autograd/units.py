@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..common import dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
 from ..ops import direct
+from ..ops.bn_finalize import scale_shift as bn_scale_shift  # noqa: F401  (re-exported)
 from ..ops.direct import BatchNormStats
 
 
@@ -45,22 +46,6 @@ def running_stats(running_mean, running_var, eps, z):
     """(mean, invstd) from the running statistics, in z's statistics dtype."""
     acc = stats_dtype(z)
     return running_mean.to(acc), (running_var.to(acc) + eps).rsqrt()
-
-
-def bn_scale_shift(invstd, bn_weight, bn_bias):
-    """BatchNorm as (z - mean) * scale + shift: scale = invstd * gamma, shift = beta (one small op
-    for the scale; beta itself where it is already a contiguous vector of the statistics dtype)."""
-    if bn_weight is None:
-        scale = invstd
-    else:
-        scale = torch.mul(invstd, bn_weight.detach() if bn_weight.dtype == invstd.dtype else bn_weight.detach().to(invstd.dtype))
-    if bn_bias is None:
-        shift = torch.zeros_like(invstd)
-    elif bn_bias.dtype == invstd.dtype and bn_bias.is_contiguous():
-        shift = bn_bias.detach()
-    else:
-        shift = bn_bias.detach().to(invstd.dtype).contiguous()
-    return scale, shift
 
 
 def batchnorm_stats(z, batch_stats, eps, running_mean, running_var, momentum, bn_weight, bn_bias, sync=None):
@@ -218,40 +203,6 @@ class Unit(NamedTuple):
     bn: BNArgs
 
 
-class ConvBNAct(torch.autograd.Function):
-    """y = act(BN(conv2d(x, weight, bias)) + residual), act ReLU or identity (see conv_bn_act).
-
-    bn.batch_stats=True: training-mode BatchNorm (batch statistics, running statistics updated in
-    place with the factor bn.momentum); False: the running statistics as constants (eval mode
-    with gradients, e.g. fine-tuning with frozen BN).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv: ConvSpec,
-                bn: BNSpec):
-        z = dense(F.conv2d(x, weight, bias, *conv))
-        stats, count = batchnorm_stats(z, bn.batch_stats, bn.eps, running_mean, running_var, bn.momentum, bn_weight,
-                                       bn_bias, bn.sync)
-        y, bn_saved = bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats, residual, bn.batch_stats, bn.relu,
-                                          bn.sync, count)
-        ctx.conv = conv
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, *bn_saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, *bn_saved = ctx.saved_tensors
-        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
-        need_z = need_x or need_w or need_b
-        grad_z, grad_gamma, grad_beta, grad_residual = bn_act_backward(ctx, grad_y, SavedBN(*bn_saved), need_z,
-                                                                      need_gamma, need_beta, ctx.needs_input_grad[7])
-        grad_x = grad_w = grad_b = None
-        if need_z:
-            grad_x, grad_w, grad_b = conv_backward(grad_z, x, weight, ctx.has_bias, *ctx.conv, (need_x, need_w, need_b))
-        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, grad_residual, None, None
-
-
 class BNAct(torch.autograd.Function):
     """y = act(BN(z) + residual) of a raw conv output z whose statistics were taken elsewhere (a
     conv epilogue; running statistics when not batch_stats): BN(z) = (z - mean) * scale + shift,
@@ -283,7 +234,7 @@ class ConvBNUnits(torch.autograd.Function):
     an empty one); one per block instead of one per unit is most of what a block's host time
     can lose to aten's C++ autograd nodes. Saved per unit: its conv's input and weight, the
     pre-BN z, the per-channel statistics (and the block output, for the last ReLU's mask with a
-    residual), as ConvBNAct saves them.
+    residual).
 
     specs: per unit (ConvSpec, BNSpec); tensors: per unit (weight, bias, gamma, beta,
     running_mean, running_var), None where absent."""
@@ -420,7 +371,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
                 eps: float = 1e-5, momentum: float = 0.1, batch_stats: bool = True, relu: bool = True,
                 sync: Optional[ops.SyncGroup] = None) -> torch.Tensor:
-    """act(BatchNorm(conv2d(x)) + residual) with autograd; see ConvBNAct.
+    """act(BatchNorm(conv2d(x)) + residual) with autograd: one unit of ConvBNUnits.
 
     Args:
         x (Tensor[N, C_in, H, W]); weight (Tensor[C_out, C_in/groups, kh, kw]); bias (Tensor[C_out] or None).
@@ -441,18 +392,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def conv_bn_act_unchecked(x: torch.Tensor, conv: ConvArgs, bn: BNArgs, residual: Optional[torch.Tensor] = None,
                           relu: bool = True) -> torch.Tensor:
-    """conv_bn_act for the fused modules, whose conv and norm arguments are their submodules' own
-    (checked when the modules were built; the input by check_block_input): no checks per call."""
-    spec = BNSpec(bn.eps, bn.momentum, bn.batch_stats, relu, bn.sync)
-    dtype = autocast_dtype(x.device.type)
-    if dtype is None:
-        return ConvBNAct.apply(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-                               conv.spec, spec)
-    x, weight = x.to(dtype), conv.weight.to(dtype)
-    bias = conv.bias.to(dtype) if conv.bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        return ConvBNAct.apply(x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-                               conv.spec, spec)
+    """conv_bn_act without checks: one unit of conv_bn_units (ConvBNUnits)."""
+    return conv_bn_units(x, [Unit(conv, bn)], residual, relu)
 
 
 def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -14,6 +14,7 @@ import torch
 
 from . import validate
 from ..common import dense, like, per_channel, stats_dtype
+from .bn_finalize import channel_sums
 from .registry import call, dispatch, register, register_fake, register_loader
 
 
@@ -86,11 +87,6 @@ for _op in ("bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_element
     register_loader(_op, "triton", lambda _op=_op: _load_triton(_op))
 
 
-def _channel_sums(t: torch.Tensor) -> torch.Tensor:
-    """A backend's per-channel sums as [C]: [T, C] per-split rows added up."""
-    return t.sum(0) if t.dim() == 2 else t
-
-
 # ---------------------------------------------------------------------------------------------
 # The torch.library ops (torch.ops.fusedres.*): dispatch to a backend; fakes give output metadata.
 # The extension's own ops (torch.ops.fusedres_kernels.*) take the same fakes.
@@ -109,7 +105,7 @@ def _backward_reduce_op(grad_output: Tensor, x: Tensor, mean: Tensor, scale: Ten
                         output: Optional[Tensor], relu: bool, write_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
     sum_dz, sum_dz_xmu, grad_z = dispatch("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
                                           output, relu, write_grad_z)
-    return _channel_sums(sum_dz), _channel_sums(sum_dz_xmu), grad_z
+    return channel_sums(sum_dz), channel_sums(sum_dz_xmu), grad_z
 
 
 @torch.library.custom_op("fusedres::bn_act_backward_elementwise", mutates_args=())
@@ -185,7 +181,7 @@ def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: tor
     grad_output = like(grad_output.to(x.dtype), x)
     sum_dz, sum_dz_xmu, grad_z = call("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
                                       like(output, x), bool(relu), bool(write_grad_z))
-    return _channel_sums(sum_dz), _channel_sums(sum_dz_xmu), grad_z
+    return channel_sums(sum_dz), channel_sums(sum_dz_xmu), grad_z
 
 
 def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,

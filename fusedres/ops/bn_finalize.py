@@ -32,13 +32,23 @@ class StatsPartials(NamedTuple):
     m2: Tensor  # [T, C]
 
 
-def merge_partials(partials: StatsPartials) -> Tuple[Tensor, Tensor]:
-    """(mean, biased variance) per channel, merged exactly (Chan et al.): M2 = sum_t m2_t +
-    rows_t * (mean_t - mean)^2, so a large mean does not cancel as in sum(x^2) - n * mean^2."""
+def channel_sums(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A backend's per-channel sums as [C]: [T, C] per-tile rows added up (None stays None)."""
+    return t.sum(0) if t is not None and t.dim() == 2 else t
+
+
+def _check_partials(partials: StatsPartials) -> None:
     rows, sums, m2s = partials
     if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
         raise ValueError(f"fusedres: partials must be rows [T], sum [T, C], m2 [T, C]; got {tuple(rows.shape)}, "
                          f"{tuple(sums.shape)}, {tuple(m2s.shape)}")
+
+
+def merge_partials(partials: StatsPartials) -> Tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel, merged exactly (Chan et al.): M2 = sum_t m2_t +
+    rows_t * (mean_t - mean)^2, so a large mean does not cancel as in sum(x^2) - n * mean^2."""
+    _check_partials(partials)
+    rows, sums, m2s = partials
     count = rows.sum()
     mean = sums.sum(0) / count
     tile_rows = rows.clamp_min(1)[:, None]
@@ -70,9 +80,23 @@ def finalize_from_moments(mean: Tensor, var: Tensor, count, eps: float, gamma: O
     slice statistics, or a traced graph's): (mean, var, invstd, scale, shift), running updated."""
     running_update(running_mean, running_var, mean, var, count, momentum)
     invstd = (var + eps).rsqrt()
-    scale = invstd if gamma is None else invstd * gamma.detach().to(invstd.dtype)
-    shift = torch.zeros_like(invstd) if beta is None else beta.detach().to(invstd.dtype)
-    return mean, var, invstd, scale, shift
+    return (mean, var, invstd, *scale_shift(invstd, gamma, beta))
+
+
+def scale_shift(invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """BatchNorm as (z - mean) * scale + shift: scale = invstd * gamma, shift = beta (one small op
+    for the scale; beta itself where it is already a contiguous vector of the statistics dtype)."""
+    if gamma is None:
+        scale = invstd
+    else:
+        scale = torch.mul(invstd, gamma.detach() if gamma.dtype == invstd.dtype else gamma.detach().to(invstd.dtype))
+    if beta is None:
+        shift = torch.zeros_like(invstd)
+    elif beta.dtype == invstd.dtype and beta.is_contiguous():
+        shift = beta.detach()
+    else:
+        shift = beta.detach().to(invstd.dtype).contiguous()
+    return scale, shift
 
 
 def bn_forward_finalize_reference(rows, sums, m2s, count, eps, gamma, beta, running_mean, running_var, momentum):
@@ -111,10 +135,8 @@ def bn_forward_finalize(partials: StatsPartials, eps: float = 1e-5, gamma: Optio
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(mean, biased var, invstd, scale, shift) [C] of BatchNorm from a conv epilogue's partials,
     running statistics (if given) updated in place as nn.BatchNorm2d does."""
+    _check_partials(partials)
     rows, sums, m2s = partials
-    if sums.dim() != 2 or m2s.shape != sums.shape or rows.shape != sums.shape[:1]:
-        raise ValueError(f"fusedres: partials must be rows [T], sum [T, C], m2 [T, C]; got {tuple(rows.shape)}, "
-                         f"{tuple(sums.shape)}, {tuple(m2s.shape)}")
     count = int(rows.sum())  # (a device -> host copy; the autograd path knows the count instead)
     if (running_mean is None) != (running_var is None):
         raise ValueError("fusedres: running_mean and running_var must be given together")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..common import memory_format, per_channel, poison_outputs, stats_dtype, tracing
 from . import validate
 from .bn_act import bn_act_forward_reference
-from .bn_finalize import StatsPartials, merge_partials
+from .bn_finalize import StatsPartials, channel_sums, merge_partials
 from .registry import available_backend, dispatch, get_backend, kernel, register, register_loader
 
 CONV_OPS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
@@ -129,11 +129,6 @@ for _op in CONV_OPS:
     register_loader(_op, "triton", lambda _op=_op: _load_triton(_op))
 
 
-def _channel_sums(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A backend's per-channel sums as [C]: [T, C] per-tile rows added up."""
-    return t.sum(0) if t is not None and t.dim() == 2 else t
-
-
 def weight_grad_like(dw: Tensor, weight: Tensor) -> Tensor:
     """A backend's weight gradient (float32 / float64) in the weight's dtype and memory format."""
     return dw.to(weight.dtype).contiguous(memory_format=memory_format(weight))
@@ -185,8 +180,8 @@ def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: Lis
                                       tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu,
                                       out, out_scale)
     acc = stats_dtype(grad_y)
-    return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else _channel_sums(sum_du),
-            _empty(x, acc) if sum_du_xmu is None else _channel_sums(sum_du_xmu))
+    return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else channel_sums(sum_du),
+            _empty(x, acc) if sum_du_xmu is None else channel_sums(sum_du_xmu))
 
 
 @_conv2d_input_grad_op.register_fake
@@ -330,9 +325,13 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         _check_out(out, out_shape, x.dtype, x.device, "out")
     y, moments = conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale,
                                           in_shift, bool(in_relu), residual, bool(relu), bool(stats), out)
-    if isinstance(moments, StatsPartials):
-        moments = ChannelMoments(*merge_partials(moments))
-    return y, moments
+    return y, as_moments(moments)
+
+
+def as_moments(stats):
+    """A conv epilogue's statistics as merged ChannelMoments (StatsPartials merged; moments and None
+    as they are)."""
+    return ChannelMoments(*merge_partials(stats)) if isinstance(stats, StatsPartials) else stats
 
 
 def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
@@ -376,7 +375,7 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
         raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
     dx, sum_du, sum_du_xmu = conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean,
                                                          in_scale, in_shift, bool(in_relu), out, out_scale)
-    return dx, _channel_sums(sum_du), _channel_sums(sum_du_xmu)
+    return dx, channel_sums(sum_du), channel_sums(sum_du_xmu)
 
 
 def conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,

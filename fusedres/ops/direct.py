@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..common import tracing
-from .bn_finalize import (StatsPartials, bn_backward_finalize_reference, finalize_from_moments, merge_partials,
-                          running_update)
+from .bn_finalize import StatsPartials, bn_backward_finalize_reference, finalize_from_moments, running_update
 from .conv import (ChannelMoments, conv2d_forward_unchecked, conv2d_input_grad_unchecked,  # noqa: F401
                    conv2d_weight_grad_unchecked)
+from .conv import as_moments as moments  # merged (mean, biased var) of a conv epilogue's statistics
 from .registry import call, kernel
 
 Tensor = torch.Tensor
@@ -82,16 +82,10 @@ def bn_forward_finalize(stats: Union[StatsPartials, ChannelMoments], count, eps:
         mean, var, invstd, scale, shift = kernel("bn_forward_finalize", stats.sum.device)(
             stats.rows, stats.sum, stats.m2, count, eps, gamma, beta, running_mean, running_var, momentum)
     else:
-        if isinstance(stats, StatsPartials):
-            stats = ChannelMoments(*merge_partials(stats))
+        stats = moments(stats)
         mean, var, invstd, scale, shift = finalize_from_moments(stats.mean, stats.var, count, eps, gamma, beta,
                                                                 running_mean, running_var, momentum)
     return var, BatchNormStats(mean, invstd, scale, shift)
-
-
-def moments(stats: Union[StatsPartials, ChannelMoments]) -> ChannelMoments:
-    """Merged (mean, biased var) of a conv epilogue's statistics (for a synchronized batch)."""
-    return ChannelMoments(*merge_partials(stats)) if isinstance(stats, StatsPartials) else stats
 
 
 __all__ = ["BatchNormStats", "ChannelMoments", "StatsPartials", "bn_act_backward_elementwise",
