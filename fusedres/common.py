@@ -147,6 +147,16 @@ def triton_interpreted() -> bool:
 _interpreter_lock = threading.Lock()
 
 
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of `device` (132 on H100/H200), which the kernels size their grids by; 0 for
+    the CPU (the interpreter, where few, large programs are fastest). The one hardware query of
+    the kernels' launch plans, so benchmarks/triton_variants.py can plan an H200's launches
+    without one."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) on `device`: the one place a Triton kernel is launched.
 

@@ -1,6 +1,6 @@
 """The extension: it is built and loaded (with its CUDA kernels wherever a CUDA torch and nvcc
 are present: scripts/test.sh's second stage builds them for sm_80 and sm_90 on this CPU machine),
-import works without it, and the Triton conv kernels compile for sm_90."""
+and import works without it. (The Triton kernels' sm_90 compile: tests/test_sm90_compile.py.)"""
 import os
 import pathlib
 import subprocess
@@ -50,24 +50,3 @@ def test_import_without_extension_reports_why():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-
-
-def test_triton_conv_kernels_compile_for_sm90_with_mma_and_pipelined_loads():
-    """Without a GPU: the conv kernels compile for H100 (sm_90) as a channels_last ResNet conv
-    launches them, with Hopper tensor-core MMA (wgmma; mma.sync for 16-row tiles) and cp.async-pipelined loads in every
-    variant (an unvectorizable load, e.g. a grouped weight read at a group offset, silently turns
-    pipelining off)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90_compile.py")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 10, proc.stdout
-    for r in rows:
-        # 16-row tiles are below wgmma's 64: those use mma.sync, still tensor cores
-        assert r["wgmma"] > 0 or "16x16" in r["variant"], f"{r['kernel']} ({r['variant']}): no wgmma"
-        assert r["cp_async"] > 0, f"{r['kernel']} ({r['variant']}): loads not pipelined"
-        assert r["shared"] >= 2 * r["stage_bytes"], f"{r['kernel']} ({r['variant']}): fewer than 2 stages: {r}"

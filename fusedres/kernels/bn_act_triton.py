@@ -15,6 +15,13 @@ ELEMENTWISE_BLOCK = 1024
 INT32_MAX = 2**31 - 1
 
 
+def needs_int64_offsets(numel: int, block: int) -> bool:
+    """Whether the flat offsets pid * block + [0, block) of the last program pass INT32_MAX: the
+    grid covers cdiv(numel, block) * block offsets, so 2^31 - 1 elements need 64-bit offsets
+    already (int32 offsets of the last block would wrap negative and the mask let them through)."""
+    return triton.cdiv(numel, block) * block - 1 > INT32_MAX
+
+
 @triton.jit
 def _flat_offsets(numel, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     if INDEX_64:
@@ -109,7 +116,7 @@ def bn_act_forward_triton(x, mean, scale, shift, residual, relu):
         mean if mean is not None else shift, scale if scale is not None else shift, shift,
         x.numel(), channels, inner,
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=tl_acc(x.dtype))
+        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=needs_int64_offsets(x.numel(), ELEMENTWISE_BLOCK), ACC=tl_acc(x.dtype))
     return y
 
 
@@ -143,5 +150,5 @@ def bn_act_backward_elementwise_triton(grad, x, mean, scale, shift, coef_xmu, co
         return grad_input
     launch(_bn_act_backward_elementwise_kernel, _elementwise_grid(x.numel()), x.device,
         grad, x, grad_input, mean, scale, shift, coef_xmu, coef_c, x.numel(), channels, inner, RELU=relu,
-        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=x.numel() > INT32_MAX, ACC=tl_acc(x.dtype))
+        BLOCK=ELEMENTWISE_BLOCK, INDEX_64=needs_int64_offsets(x.numel(), ELEMENTWISE_BLOCK), ACC=tl_acc(x.dtype))
     return grad_input

@@ -16,8 +16,10 @@ channels) and its tensor-core tiles stay full. The price is the off-diagonal pro
 (groups per tile) x the useful ones, so the default tiles hold ~4 groups. Known deviation: an Inf
 or NaN input channel turns the outputs of the other groups in its tile NaN (0 * Inf), where
 per-group convolution keeps them finite.
-Software pipelining needs vectorizable loads: tests/triton_sm90_compile.py checks that every
-variant compiles for sm_90 to wgmma with cp.async-pipelined loads (at least 2 stages).
+Software pipelining needs vectorizable loads: tests/test_sm90_compile.py compiles every variant a
+fused ResNet-50, ResNeXt-50 and DenseNet-121 launch for sm_90, with each launch's specialization,
+and checks wgmma, 16-byte cp.async operand copies, no spills and shared memory for two programs
+per SM.
 
 Fusions:
   forward prologue  a = act((x - mean[c]) * scale[c] + shift[c]) as each input tile is loaded;
@@ -42,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import common
 from ..common import launch as launch_kernel, new_scratch, stats_dtype, triton_interpreted
 
 
@@ -63,6 +66,19 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.const
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc=acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _tap_offset(kh, kw, swh, sww, KH: tl.constexpr, KW: tl.constexpr):
+    """The weight offset of tap (kh, kw); none for a 1x1 conv. A 1x1 weight made channels_last from
+    NCHW keeps its (C, 1, 1, 1) strides, and tap * 1 (the tap a loop value) would cost the weight
+    loads their 16-byte alignment: sm_90, bf16, 128x128 tiles, 32 scalar 2-byte loads per thread
+    per step outside the cp.async pipeline (forward and input grad); with no offset, every operand
+    copy is a 16-byte cp.async (tests/test_sm90_compile.py)."""
+    if KH * KW == 1:
+        return 0
+    else:
+        return kh * swh + kw * sww
 
 
 @triton.jit
@@ -144,7 +160,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
             b = tl.load(w_ptr + ((pid_n * (KH * KW) + tap) * w_span + kl)[:, None] * BLOCK_N
                         + tl.arange(0, BLOCK_N)[None, :])
         else:
-            b = tl.load(w_ptr + rn[None, :] * swo + rc[:, None] * swi + kh * swh + kw * sww,
+            b = tl.load(w_ptr + rn[None, :] * swo + rc[:, None] * swi + _tap_offset(kh, kw, swh, sww, KH, KW),
                         mask=cmask[:, None] & nmask[None, :], other=0.0)
         acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
 
@@ -233,7 +249,7 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
             b = tl.load(w_ptr + ((pid_n * (KH * KW) + kh * KW + kw) * w_span + kl)[:, None] * BLOCK_N
                         + tl.arange(0, BLOCK_N)[None, :])
         else:
-            b = tl.load(w_ptr + ko[:, None] * swo + rc[None, :] * swi + kh * swh + kw * sww,
+            b = tl.load(w_ptr + ko[:, None] * swo + rc[None, :] * swi + _tap_offset(kh, kw, swh, sww, KH, KW),
                         mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = _mma(acc, a, b, UPCAST, PRECISION, ACC)
 
@@ -448,10 +464,78 @@ def grouped_weight_tiles(weight: torch.Tensor, geo: ConvGeometry, block_n: int, 
     return vals.permute(0, 3, 1, 2).contiguous(), span
 
 
+# Forms of each weight tensor the kernels read (grouped tiles, a transposed copy), while it lives:
+# {key: (version, data_ptr, form)}. A weight changes once per optimizer step (its version counter
+# moves), so a train step builds its forward and input-gradient forms once, not once per call and
+# again per autotuning candidate; eval builds them once.
+_weight_forms = None
+
+
+def cached_weight_form(weight: torch.Tensor, key, build):
+    """build(), a function of the weight's values, kept until the weight changes."""
+    global _weight_forms
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor has no version counter: nothing says it is unchanged
+        return build()
+    if _weight_forms is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _weight_forms = WeakTensorKeyDictionary()
+    forms = _weight_forms.get(weight)
+    if forms is None:
+        forms = _weight_forms[weight] = {}
+    hit = forms.get(key)
+    if hit is not None and hit[0] == version and hit[1] == weight.data_ptr():
+        return hit[2]
+    form = build()
+    forms[key] = (version, weight.data_ptr(), form)
+    return form
+
+
+def cached_grouped_weight_tiles(weight: torch.Tensor, geo: "ConvGeometry", block_n: int, block_k: int, dgrad: bool):
+    """grouped_weight_tiles, rebuilt only when the weight's values may have changed."""
+    return cached_weight_form(weight, ("grouped", geo, block_n, block_k, dgrad),
+                              lambda: grouped_weight_tiles(weight, geo, block_n, block_k, dgrad))
+
+
+def _k_major_dgrad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [C_out, C_in, kh, kw] with C_out contiguous (memory [kh, kw, C_in, C_out])."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
 def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
     """channels_last weights ([C_out, kh, kw, C_in] in memory), so a weight tile is read along
     contiguous channels; a copy only for NCHW weights with kh*kw > 1 (a few MB at most)."""
     return weight.contiguous(memory_format=torch.channels_last)
+
+
+# Shared memory for a kernel's software pipeline (stages x one stage's operand tiles): at most
+# 96 KB, so two programs fit on an SM (H100/H200: 228 KB per SM, 227 KB per block). The weight
+# gradient's 128x128 tiles with 128-pixel steps in 3 bf16 stages took 192 KB (one program per SM,
+# nothing to hide its prologue and epilogue behind).
+PIPELINE_BYTES = 96 * 1024
+
+
+def _fit_stages(stages: int, stage_bytes: int) -> int:
+    """num_stages capped so the pipeline fits PIPELINE_BYTES, never below 2 (one tile loads while
+    one is multiplied) unless asked (the interpreter's 1)."""
+    return min(stages, max(2, PIPELINE_BYTES // stage_bytes))
+
+
+def _wgrad_pixel_step(stages: int, tile_cols: int, element_size: int, input_cols: int, warps: int,
+                      prologue: bool) -> int:
+    """The weight gradient's reduction step (pixels per step): 128 unless
+      - its pipeline would outgrow PIPELINE_BYTES (bf16 128x128 tiles in 3 stages: 64 pixels,
+        96 KB; float32: 32), or
+      - with the BN prologue, which normalizes the input tile in registers, a thread would hold
+        more than 32 of its values (sm_90, bf16, DenseNet's 3x3 32x64 tiles on 4 warps: 64 per
+        thread took 255 registers and spilled 32 bytes; 32 per thread, 145 registers)."""
+    step = 128
+    while step > 16 and (_fit_stages(stages, step * tile_cols * element_size) * step * tile_cols * element_size
+                         > PIPELINE_BYTES or (prologue and step * input_cols > 32 * 32 * warps)):
+        step //= 2
+    return step
 
 
 def _k_block(span: int, dtype: torch.dtype) -> int:
@@ -459,14 +543,10 @@ def _k_block(span: int, dtype: torch.dtype) -> int:
     return max(16, min(cap, triton.next_power_of_2(span)))
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K follows the reduction span.
-_FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 4, 4),
+# 128x64 runs 8 warps: with 4, the bf16 forward with the BN-ReLU prologue needs 255 registers and
+# spills (sm_90, the 3x3 64->64 conv of ResNet-50's layer1 and ResNeXt's grouped 3x3); with 8, 174.
+_FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 4, 4),
                 (256, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 5), (256, 32, 8, 3), (128, 16, 4, 4)]
 _WGRAD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4),
                   (64, 32, 4, 4), (32, 32, 4, 4), (16, 16, 2, 4)]
@@ -515,16 +595,21 @@ def _choose(key: tuple, device, candidates: Sequence[tuple], default: tuple, run
     """The fastest of `candidates` for `key` (timed once per process with do_bench), or `default`."""
     if not autotune_enabled(device):
         return default
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # timing synchronizes the device, which a CUDA graph capture forbids: a key first met
+        # while capturing (e.g. a backward captured before any eager step) runs the default
+        return _tuned.get(key, default)
     with _tune_lock:  # one thread tunes a key; the others wait and reuse its answer
         hit = _tuned.get(key)
         if hit is None:
+            from triton.runtime.errors import OutOfResources
             from triton.testing import do_bench
 
             best, best_ms = default, float("inf")
             for cfg in candidates:
                 try:
                     ms = do_bench(lambda: run(cfg), warmup=5, rep=20)
-                except Exception:  # e.g. out of shared memory for this tile size: not a candidate
+                except OutOfResources:  # shared memory or registers for this tile size: not a candidate
                     continue
                 if ms < best_ms:
                     best, best_ms = cfg, ms
@@ -561,7 +646,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
     def launch(cfg, psum, pm2):
         bm, bn, warps, stages = cfg
         bk = _k_block(_span(bn, C_out, geo.cout_g, geo.cin_g, grouped), x.dtype)
-        w, w_span = grouped_weight_tiles(weight, geo, bn, bk, dgrad=False) if grouped else (dense_w, 0)
+        stages = _fit_stages(stages, (bm + bn) * bk * x.element_size())
+        w, w_span = cached_grouped_weight_tiles(weight, geo, bn, bk, dgrad=False) if grouped else (dense_w, 0)
         grid = (triton.cdiv(M, bm) * triton.cdiv(C_out, bn),)
         launch_kernel(_conv_fwd_kernel, grid, x.device,
             x, w, y, bias if bias is not None else dummy, res,
@@ -612,12 +698,21 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
     xs = x if epilogue else dx
     acc = stats_dtype(grad_y)
 
-    dense_w = None if grouped else _dense_weight(weight)
+    if grouped:
+        dense_w = None
+    elif precision == "tf32":
+        # tf32 wgmma reads both operands from shared memory K-major, and the input gradient's K is
+        # the output channel: with channels_last weights (C_in contiguous) every weight copy was
+        # 4 bytes wide (sm_90: 48 of 60 cp.async per step); C_out-contiguous ones copy 16 bytes
+        dense_w = cached_weight_form(weight, "k-major dgrad", lambda: _k_major_dgrad_weight(weight))
+    else:
+        dense_w = _dense_weight(weight)
 
     def launch(cfg, part, target):
         bm, bn, warps, stages = cfg
         bk = _k_block(_span(bn, C_in, geo.cin_g, geo.cout_g, grouped), grad_y.dtype)
-        w, w_span = grouped_weight_tiles(weight, geo, bn, bk, dgrad=True) if grouped else (dense_w, 0)
+        stages = _fit_stages(stages, (bm + bn) * bk * grad_y.element_size())
+        w, w_span = cached_grouped_weight_tiles(weight, geo, bn, bk, dgrad=True) if grouped else (dense_w, 0)
         num_m = triton.cdiv(rows_per_phase, bm)
         launch_kernel(_conv_dgrad_kernel, (num_m * triton.cdiv(C_in, bn), phases), grad_y.device,
             grad_y, w, target, xs, in_mean if epilogue else target, in_scale if epilogue else target,
@@ -640,10 +735,14 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
         # than once would add its result more than once
         return torch.empty_strided(dx.shape, dx.stride(), dtype=dx.dtype, device=dx.device) if accumulate else dx
 
+    # the accumulating epilogue (a dense block's float32 gradient buffer read, added to, written)
+    # holds two float32 tiles: 128x128 took 254 registers and spilled 88 bytes on sm_90 (bf16);
+    # tiles of at most 128x64 values do not
+    configs = [c for c in _FWD_CONFIGS if c[0] * c[1] <= 128 * 64] if accumulate else _FWD_CONFIGS
     key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), tuple(dx.stride()), tuple(xs.stride()), epilogue,
            accumulate)
-    cfg = _choose(key, grad_y.device, _FWD_CONFIGS,
-                  _default_config(rows_per_phase, C_in, _FWD_CONFIGS, geo.cin_g * grouped),
+    cfg = _choose(key, grad_y.device, configs,
+                  _default_config(rows_per_phase, C_in, configs, geo.cin_g * grouped),
                   lambda c: launch(c, part_buffer(c), tuning_target()))
     part = part_buffer(cfg)
     launch(cfg, part, dx)
@@ -664,13 +763,14 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
     grouped = geo.groups > 1
     taps = geo.KH * geo.KW
     prologue = in_scale is not None
-    target_programs = 4 * _sm_count(x.device)
+    target_programs = 4 * max(2, common.sm_count(x.device))
 
     def plan(cfg):
-        bo, bc, _, _ = cfg
+        bo, bc, _, stages = cfg
         num_c = triton.cdiv(_span(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped), bc)
         tiles = triton.cdiv(geo.C_out, bo) * num_c * taps
-        bm = 16 if triton_interpreted() else (64 if x.dtype in (torch.float32, torch.float64) else 128)
+        bm = 16 if triton_interpreted() else _wgrad_pixel_step(stages, bo + bc, x.element_size(), bc, cfg[2],
+                                                               prologue)
         # split the pixel reduction until the device has ~4 programs per SM, keeping >= 8 steps each
         splits = max(1, min(triton.cdiv(target_programs, tiles), M // (8 * bm)))
         m_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
@@ -680,6 +780,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
     def launch(cfg, ws):
         bo, bc, warps, stages = cfg
         num_c, tiles, bm, splits, m_per_split = plan(cfg)
+        stages = _fit_stages(stages, bm * (bo + bc) * x.element_size())
         launch_kernel(_conv_wgrad_kernel, (tiles, taps, splits), x.device,
             grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,

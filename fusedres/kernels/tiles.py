@@ -11,6 +11,8 @@ BLOCK_C channels and a split of the outer rows [o_begin, o_end) and walks it in 
 import triton
 import triton.language as tl
 
+from .. import common
+
 
 @triton.jit
 def tile_count(o_begin, o_end, inner, BLOCK_R: tl.constexpr, INNER_IS_ONE: tl.constexpr):
@@ -60,12 +62,7 @@ def reduce_launch_shape(outer: int, channels: int, inner: int, device) -> tuple:
         block_r = min(512, max(16, triton.next_power_of_2(inner)))
         tiles_per_outer = triton.cdiv(inner, block_r)
     c_blocks = triton.cdiv(channels, block_c)
-    if device.type == "cuda":
-        import torch
-
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter: few, large programs
-        target_programs = 2
+    target_programs = max(2, 4 * common.sm_count(device))  # the interpreter (CPU): 2 large programs
     splits = max(1, min(triton.cdiv(target_programs, c_blocks), int(outer * tiles_per_outer) // 8, outer))
     outer_per_split = triton.cdiv(outer, splits)
     splits = triton.cdiv(outer, outer_per_split)
