@@ -16,7 +16,7 @@
 # killed; its JSON keeps what it measured ("finished": false) and the next part runs.
 # $OUT/stage1_summary.json lists every part: rc, seconds, timed_out.
 # If the CUDA build fails, stage 1 says so (build.log, the summary), and goes on with the Triton
-# kernels from the source tree (FUSEDRES_BACKEND=triton).
+# kernels from the source tree (auto picks Triton where the CUDA kernels are missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/out/gpu}"
@@ -73,7 +73,7 @@ if [[ $STAGES == *,1,* ]]; then
     if [ $rc -ne 0 ]; then
       tail -n 30 "$OUT/build.log"
       echo "== the CUDA build FAILED (rc $rc, build.log): going on with the Triton kernels from the source tree"
-      export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" FUSEDRES_BACKEND=triton
+      export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # auto then picks Triton: no CUDA kernels
       summary_add build "$rc" "$SECONDS" "$b" "build failed: Triton kernels only, from the source tree"
       failed=1
     else

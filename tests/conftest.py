@@ -2,6 +2,9 @@
 - no GPU: Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1);
 - FUSEDRES_POISON_OUTPUTS=1: every kernel's outputs start as NaN, so an unwritten element fails;
 - FUSEDRES_AUTOTUNE=0: no autotuning inside tests;
+- FUSEDRES_STRICT=1: a backend a test asks for that cannot run the call raises instead of falling
+  back to the reference path (which would pass as a false green); tests of the fallback itself
+  opt out visibly with the `lenient` fixture;
 - tests marked needs_cuda skip, with the reason, where no GPU is present (the only skips);
 - tests/test_real_models.py is collected only where torchvision and timm import (scripts/test.sh
   runs it in its second stage, in an environment that has them); FUSEDRES_REAL_MODELS=1 makes
@@ -16,6 +19,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["FUSEDRES_POISON_OUTPUTS"] = "1"
 os.environ["FUSEDRES_AUTOTUNE"] = "0"  # tests run the fixed default conv configurations, never tune
+os.environ["FUSEDRES_STRICT"] = "1"  # no silent fallback to the reference path (test_errors checks it)
 
 import pytest  # noqa: E402
 
@@ -38,6 +42,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def lenient(monkeypatch):
+    """Opts a test out of FUSEDRES_STRICT: for tests of the fallback to the reference path itself
+    (its warning, its result). The registry reads the variable on every resolve and keys its
+    kernel cache on it, so the change takes effect at once; monkeypatch restores it after."""
+    monkeypatch.setenv("FUSEDRES_STRICT", "0")
 
 
 @pytest.fixture(autouse=True)

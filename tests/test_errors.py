@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument; bad configuration likewise."""
+import os
 import warnings
 
 import pytest
@@ -101,12 +102,21 @@ def test_backend_names_are_checked(monkeypatch):
         fusedres.get_backend()
 
 
-def test_unavailable_backend_falls_back_to_reference_and_warns_once():
+def test_unavailable_backend_falls_back_to_reference_and_warns_once(lenient):
     x = activation((2, 3, 4, 4))
     with fusedres.use_backend("cuda"):
         with pytest.warns(RuntimeWarning, match="backend 'cuda' unavailable .*using the reference PyTorch path"):
             mean, _ = ops.bn_stats(x)
     torch.testing.assert_close(mean, x.double().mean((0, 2, 3)).float())
+
+
+def test_the_suite_runs_strict():
+    """conftest sets FUSEDRES_STRICT=1 for the whole suite, so a test that asks for a backend which
+    cannot run fails instead of passing on the reference path; this keeps it from being dropped."""
+    from fusedres.ops.registry import strict
+
+    assert os.environ.get("FUSEDRES_STRICT") == "1"
+    assert strict()
 
 
 def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
