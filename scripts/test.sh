@@ -14,6 +14,16 @@ STAGES="${FUSEDRES_TEST_STAGES:-1,2}"
 export PYTHONSAFEPATH=1
 PY="$(bash scripts/setup.sh | tail -n 1)"
 if [[ "$STAGES" == *1* ]]; then
+  # The GPU machine's Triton (3.6), beside the installed one, for tests/test_sm90_compile.py: the
+  # two compile the same kernels differently (3.6 spilled where 3.9 did not). Kernel code only, in
+  # its own folder; the environment keeps its own Triton.
+  GPU_TRITON=3.6.0
+  if [ ! -f .triton-gpu/triton-$GPU_TRITON ]; then
+    rm -rf .triton-gpu
+    "$PY" -m pip install -q --no-deps --target .triton-gpu "triton==$GPU_TRITON"
+    touch .triton-gpu/triton-$GPU_TRITON
+  fi
+  export FUSEDRES_GPU_TRITON="$PWD/.triton-gpu"
   echo "== stage 1: the suite ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
   # Without a GPU the suite is CPU-bound, mostly the single-threaded Triton interpreter: one worker
   # process per core (pytest-xdist, whole files per worker), each with one intra-op thread. With a

@@ -20,15 +20,38 @@ TWO_PER_SM = 113 * 1024  # H100/H200: 228 KB of shared memory per SM, 1 KB reser
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
 
 
+def _tritons():
+    """The installed Triton, and the GPU machine's (scripts/test.sh puts triton 3.6 in the folder
+    FUSEDRES_GPU_TRITON names): the code a launch gets depends on the compiler's version."""
+    found = [pytest.param(None, id="installed-triton")]
+    if os.environ.get("FUSEDRES_GPU_TRITON"):
+        found.append(pytest.param(os.environ["FUSEDRES_GPU_TRITON"], id="gpu-machine-triton"))
+    return found
+
+
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory):
+def launches(tmp_path_factory):
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's CUDA backend compiles for sm_90")
     tmp = tmp_path_factory.mktemp("sm90")
-    launches = str(tmp / "launches.json")
+    path = str(tmp / "launches.json")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
-    subprocess.run([sys.executable, SCRIPT, "record", launches, "--models", "resnet50,resnext50_32x4d,densenet121",
+    subprocess.run([sys.executable, SCRIPT, "record", path, "--models", "resnet50,resnext50_32x4d,densenet121",
                     "--dtypes", "bfloat16,float32"], check=True, env=env, cwd=str(tmp))
-    env.pop("TRITON_INTERPRET")  # the interpreter replaces @triton.jit functions: compile without it
+    return path
+
+
+@pytest.fixture(scope="module", params=_tritons())
+def variants(request, launches, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sm90-compile")
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    env.pop("TRITON_INTERPRET", None)  # the interpreter replaces @triton.jit functions: compile without it
+    if request.param:
+        assert os.path.isdir(os.path.join(request.param, "triton")), f"no triton in {request.param}"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (request.param, env.get("PYTHONPATH")) if p)
+    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if request.param:
+        assert version.startswith("3.6"), f"expected the GPU machine's triton 3.6, got {version}"
     out = subprocess.run([sys.executable, SCRIPT, "compile", launches, "--jobs", str(min(4, os.cpu_count() or 1))],
                          check=True, env=env, cwd=str(tmp), capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

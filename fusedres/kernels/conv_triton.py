@@ -735,10 +735,14 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
         # than once would add its result more than once
         return torch.empty_strided(dx.shape, dx.stride(), dtype=dx.dtype, device=dx.device) if accumulate else dx
 
-    # the accumulating epilogue (a dense block's float32 gradient buffer read, added to, written)
-    # holds two float32 tiles: 128x128 took 254 registers and spilled 88 bytes on sm_90 (bf16);
-    # tiles of at most 128x64 values do not
-    configs = [c for c in _FWD_CONFIGS if c[0] * c[1] <= 128 * 64] if accumulate else _FWD_CONFIGS
+    # Tiles of at most 128x64 values where the epilogue is heavy (sm_90, 128x128 on 8 warps):
+    # - accumulating (a dense block's float32 gradient buffer read, added to, written): 254
+    #   registers and 88 bytes spilled (bf16, triton 3.9);
+    # - the BN epilogue of a strided conv (the phase's index arithmetic on top): 255 registers and
+    #   16-24 bytes spilled with triton 3.6 (bf16 and tf32; 214 registers with 3.9).
+    # At 128x64: 128-185 registers, no spill.
+    heavy_epilogue = accumulate or (epilogue and phases > 1)
+    configs = [c for c in _FWD_CONFIGS if c[0] * c[1] <= 128 * 64] if heavy_epilogue else _FWD_CONFIGS
     key = ("dgrad", geo, grad_y.dtype, tuple(grad_y.stride()), tuple(dx.stride()), tuple(xs.stride()), epilogue,
            accumulate)
     cfg = _choose(key, grad_y.device, configs,
