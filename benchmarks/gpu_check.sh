@@ -89,7 +89,7 @@ if [[ $STAGES == *,1,* ]]; then
     echo "== stage 1: $part (budget ${b}s)"
     SECONDS=0
     # -k: a part that ignores the TERM (a kernel in flight) is killed 5 s later
-    PYTHONSAFEPATH=1 timeout -k 5 "$b" "$PY" benchmarks/gpu_stage1.py "$part" --out "$OUT" "${DRY[@]}" \
+    FUSEDRES_PART_BUDGET="$b" PYTHONSAFEPATH=1 timeout -k 5 "$b" "$PY" benchmarks/gpu_stage1.py "$part" --out "$OUT" "${DRY[@]}" \
       > "$OUT/stage1_$part.log" 2>&1
     rc=$?
     tail -n 8 "$OUT/stage1_$part.log"

@@ -63,7 +63,7 @@ def recording(plan_for_h200: bool = False):
 
     launches = []
     saved = (common._launch, common.sm_count, conv_triton.triton_interpreted, conv_triton._dot_flags,
-             dict(conv_triton._tuned))
+             conv_triton._choose)
 
     def recorder(kernel, grid, device, args, kwargs):
         fn = getattr(kernel, "fn", kernel)
@@ -71,8 +71,17 @@ def recording(plan_for_h200: bool = False):
                              args=[_describe(a) for a in args],
                              kwargs={k: _describe(v) for k, v in kwargs.items()}, context=launches_context[0]))
 
+    def choose_untimed(key, device, candidates, default, run):
+        # autotuning while nothing runs: each candidate launched (recorded) once, no timing (do_bench
+        # would record hundreds of launches per candidate), the default kept
+        if conv_triton.autotune_enabled(device):
+            for cfg in candidates:
+                run(cfg)
+        return default
+
     launches_context = [""]
     common._launch = recorder
+    conv_triton._choose = choose_untimed
     if plan_for_h200:
         real_dot_flags = conv_triton._dot_flags
         common.sm_count = lambda device: H200_SMS
@@ -81,10 +90,8 @@ def recording(plan_for_h200: bool = False):
     try:
         yield launches, launches_context
     finally:
-        common._launch, common.sm_count, conv_triton.triton_interpreted, conv_triton._dot_flags, tuned = saved
-        # what autotuning chose while nothing ran is meaningless: forget it
-        conv_triton._tuned.clear()
-        conv_triton._tuned.update(tuned)
+        common._launch, common.sm_count, conv_triton.triton_interpreted, conv_triton._dot_flags, \
+            conv_triton._choose = saved
 
 
 def record_models(models, batch, size, dtypes):
@@ -207,8 +214,19 @@ def _loads(ptx: str) -> dict:
 
 
 def compile_one(item):
-    """Compile one distinct launch (into triton's cache); with report, what the compiler made of it."""
+    """Compile one distinct launch (into triton's cache); with report, what the compiler made of it.
+    Warming (no report): a variant that fails is returned as an error row, the others still compile
+    (the real launch compiles it again and raises there)."""
     launch, contexts, sm90, report = item
+    if not report:
+        try:
+            return _compile_one(launch, contexts, sm90, report)
+        except Exception as e:
+            return dict(kernel=launch["kernel"], contexts=contexts, seconds=0.0, error=f"{type(e).__name__}: {e}"[:500])
+    return _compile_one(launch, contexts, sm90, report)
+
+
+def _compile_one(launch, contexts, sm90, report):
     import triton
 
     t0 = time.perf_counter()
@@ -232,10 +250,13 @@ def compile_one(item):
 
 def distinct(launches, sm90: bool = True):
     """[(launch, contexts)] for the distinct compilations among the launches."""
-    groups = {}
+    same = {}  # identical launches first (cheap), then triton's specialization (~2 ms a launch)
     for launch in launches:
-        entry = groups.setdefault(_bind(launch, sm90)[1], [launch, set()])
-        entry[1].add(launch["context"])
+        text = json.dumps([launch["module"], launch["kernel"], launch["args"], launch["kwargs"]], sort_keys=True)
+        same.setdefault(text, [launch, set()])[1].add(launch["context"])
+    groups = {}
+    for launch, contexts in same.values():
+        groups.setdefault(_bind(launch, sm90)[1], [launch, set()])[1].update(contexts)
     return [(launch, sorted(ctx)) for launch, ctx in groups.values()]
 
 
@@ -258,10 +279,11 @@ def warm_cache(workload, jobs: int = 0) -> dict:
     with recording() as (launches, _):
         workload()
     recorded = time.perf_counter() - t0
-    rows = compile_all(launches, jobs or os.cpu_count() or 1, sm90=False, report=False)
+    rows = compile_all(launches, jobs or len(os.sched_getaffinity(0)), sm90=False, report=False)
     return dict(launches=len(launches), variants=len(rows), record_s=round(recorded, 1),
                 compile_s=round(time.perf_counter() - t0 - recorded, 1),
-                slowest_compile_s=max((r["seconds"] for r in rows), default=0.0))
+                slowest_compile_s=max((r["seconds"] for r in rows), default=0.0),
+                errors=[r for r in rows if "error" in r])
 
 
 def main(argv=None):
@@ -275,7 +297,7 @@ def main(argv=None):
     rec.add_argument("--size", type=int, default=224)
     comp = sub.add_parser("compile")
     comp.add_argument("launches")
-    comp.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    comp.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     if args.step == "record":
         import torch

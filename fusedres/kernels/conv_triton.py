@@ -488,7 +488,8 @@ def cached_weight_form(weight: torch.Tensor, key, build):
     hit = forms.get(key)
     if hit is not None and hit[0] == version and hit[1] == weight.data_ptr():
         return hit[2]
-    form = build()
+    with torch.no_grad():  # a copy with autograd history would keep the weight (the weak key) alive
+        form = build()
     forms[key] = (version, weight.data_ptr(), form)
     return form
 
