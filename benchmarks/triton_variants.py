@@ -5,8 +5,8 @@ Two uses:
   - No GPU (CI, tests/test_sm90_compile.py): the fused ResNet-50 and ResNeXt-50 run a train step
     and an eval forward under TRITON_INTERPRET=1 with every launch recorded and skipped, planned
     as on an H200 (132 SMs, no interpreter tiles, tf32 for float32 as cuDNN's default); then, in a
-    process without the interpreter, each distinct launch is compiled for sm_90 and ptxas -v
-    reports its registers and spills.
+    process without the interpreter, each distinct launch is compiled for sm_90 and cuobjdump
+    reads its registers and stack frame (spills) off the cubin.
   - A cold GPU machine (benchmarks/gpu_stage1.py): a part's workload runs once with its launches
     recorded and skipped, and the distinct ones are compiled on every CPU core into triton's
     cache, so the timed run that follows finds them compiled (a launch compiles serially in the

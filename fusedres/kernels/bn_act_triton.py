@@ -16,9 +16,10 @@ INT32_MAX = 2**31 - 1
 
 
 def needs_int64_offsets(numel: int, block: int) -> bool:
-    """Whether the flat offsets pid * block + [0, block) of the last program pass INT32_MAX: the
-    grid covers cdiv(numel, block) * block offsets, so 2^31 - 1 elements need 64-bit offsets
-    already (int32 offsets of the last block would wrap negative and the mask let them through)."""
+    """Whether the flat offsets pid * block + [0, block) of the last program pass INT32_MAX (they
+    would wrap negative and pass the mask): the grid covers cdiv(numel, block) * block offsets,
+    not numel. With block 1024, which divides 2^31, that is numel > 2^31 as before; the condition
+    is stated on the grid so it holds for any block."""
     return triton.cdiv(numel, block) * block - 1 > INT32_MAX
 
 
