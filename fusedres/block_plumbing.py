@@ -1,8 +1,12 @@
 """What every fused module's forward shares: which submodules can be fused (and why not), the
 input checks, the fallback to the reference forward (its reason found once per set of
-submodules, warned once), whether gradients are needed, and the conv's arguments.
+submodules, warned once), whether gradients are needed, the conv's arguments, and on the CPU in
+training the choice between the fused units and the stock forward (measured once per shape).
 """
-from typing import Callable, Optional
+import os
+import threading
+import time
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -148,3 +152,114 @@ def grad_needed(x, residual, *modules) -> bool:
 def conv_args(conv: nn.Conv2d) -> ConvArgs:
     params = conv._parameters
     return ConvArgs(params["weight"], params.get("bias"), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the CPU: the fused units or the stock forward, whichever measured faster per shape.
+# ---------------------------------------------------------------------------------------------
+TRAIN_PATHS = ("measure", "fused", "stock")
+
+
+class TrainPathChoice(NamedTuple):
+    path: str  # "fused" or "stock"
+    fused_ms: Optional[float]  # medians of forward + backward, None where not measured
+    stock_ms: Optional[float]
+    why: str
+
+
+_train_choices: Dict[tuple, TrainPathChoice] = {}
+_choice_lock = threading.Lock()
+
+
+def cpu_train_path() -> str:
+    """FUSEDRES_CPU_TRAIN_PATH: "measure" (default) times the fused and the stock forward +
+    backward of each distinct block once (per block structure, input shape, dtype, memory format)
+    and keeps the faster; "fused" / "stock" force one (the tests run "fused")."""
+    value = os.environ.get("FUSEDRES_CPU_TRAIN_PATH", "measure") or "measure"
+    if value not in TRAIN_PATHS:
+        raise ValueError(f"fusedres: FUSEDRES_CPU_TRAIN_PATH must be one of {TRAIN_PATHS}, got {value!r}")
+    return value
+
+
+def train_choices() -> Dict[tuple, TrainPathChoice]:
+    """Every CPU training-path choice made so far: {key: TrainPathChoice}."""
+    return dict(_train_choices)
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What a block computes besides its input: its convs' and norms' types and arguments."""
+    parts = [type(module).__name__]
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            parts.append((name, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, m.bias is not None))
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            parts.append((name, type(m).__name__, m.training, m.track_running_stats, m.affine))
+    return tuple(parts)
+
+
+def _median_ms(times) -> float:
+    times = sorted(times)
+    return times[len(times) // 2] * 1e3
+
+
+def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor],
+                        stock: Callable[[torch.Tensor], torch.Tensor], repeats: int = 3) -> bool:
+    """For a CPU forward that autograd will differentiate (training, or eval with gradients):
+    whether `fused` (the fused units) or `stock` (the reference forward, aten's native BatchNorm)
+    runs. On the CPU aten's conv dominates either way and aten's channels_last BatchNorm is one
+    vectorized pass, so the fused units do not always win (ResNet-50, batch 8, 112x112, 2 cores:
+    0.81x stock in all, when first measured). Chosen by measurement, once per block structure,
+    input shape, dtype, memory format and autocast state: `repeats` interleaved forward +
+    backward timings of each (after one untimed run of each), gradients through
+    torch.autograd.grad (nothing accumulates into .grad) and the norm layers' buffers restored
+    afterwards (the measuring runs do not count as batches). Not measured: while tracing (the
+    traced graph decides), under a synchronized norm in a distributed run (every process must
+    take the same path), or where FUSEDRES_CPU_TRAIN_PATH forces a path."""
+    if x.device.type != "cpu" or tracing():
+        return True
+    forced = cpu_train_path()
+    if forced != "measure":
+        return forced == "fused"
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (_structure(module), tuple(x.shape), x.dtype, x.stride(), autocast, x.requires_grad)
+    choice = _train_choices.get(key)
+    if choice is None:
+        with _choice_lock:
+            choice = _train_choices.get(key)
+            if choice is None:
+                choice = _train_choices[key] = _measure(module, x, fused, stock, repeats)
+    return choice.path == "fused"
+
+
+def _synchronized(module: nn.Module) -> bool:
+    dist = torch.distributed
+    return (dist.is_available() and dist.is_initialized()
+            and any(isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm2d)) for m in module.modules()))
+
+
+def _measure(module: nn.Module, x: torch.Tensor, fused, stock, repeats: int) -> TrainPathChoice:
+    if _synchronized(module):
+        return TrainPathChoice("fused", None, None, "synchronized norm in a distributed run: not measured")
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    params = [p for p in module.parameters() if p.requires_grad]
+    probe = x.detach().requires_grad_(x.requires_grad)
+    inputs = params + ([probe] if probe.requires_grad else [])
+    times = {"fused": [], "stock": []}
+    try:
+        for i in range(repeats + 1):
+            for name, fn in (("fused", fused), ("stock", stock)):
+                start = time.perf_counter()
+                y = fn(probe)
+                if inputs and y.requires_grad:
+                    torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
+                if i:  # the first round is a warm-up (allocator, oneDNN primitive caches)
+                    times[name].append(time.perf_counter() - start)
+                del y
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    fused_ms, stock_ms = _median_ms(times["fused"]), _median_ms(times["stock"])
+    path = "fused" if fused_ms <= stock_ms else "stock"
+    return TrainPathChoice(path, fused_ms, stock_ms, f"measured forward + backward: fused {fused_ms:.2f} ms, "
+                                                     f"stock {stock_ms:.2f} ms")

@@ -15,7 +15,9 @@ per-Function cost once, not per unit:
   eval, gradients needed         running statistics as constants, full backward
   eval, no gradients (inference) BN folded into the conv weights (cached until they change),
                                  then bias + residual + ReLU in the conv's epilogue (fused conv
-                                 kernels) or in one pass after aten's conv
+                                 kernels), as oneDNN post-ops of one primitive with the weight
+                                 prepacked (CPU, float32, channels_last; ops.conv_inference), or
+                                 in one pass after aten's conv
 Synchronized norm layers (sync_bn=True, which makes them SyncBatchNorm2d; or nn.SyncBatchNorm,
 e.g. from nn.SyncBatchNorm.convert_sync_batchnorm, which works on GPUs only) are fused too: in
 training under torch.distributed their batch statistics are those of every process's batch, one
@@ -31,10 +33,34 @@ import torch.nn as nn
 
 from .autograd import Unit, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
-from .block_plumbing import check_block_input, conv_args, grad_needed, runs_reference, unfusable_reason
+from .block_plumbing import (check_block_input, conv_args, grad_needed, runs_reference, unfusable_reason,
+                             uses_fused_training)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
-from .ops import fold_bn, kernel_unsupported_reason
+from .ops import fold_bn, kernel_unsupported_reason, pack_weight
+
+
+class PackedWeights:
+    """A folded weight prepacked for oneDNN (ops.pack_weight), one pack per input shape: a pack
+    is fast for its own shape only (kernels/conv_onednn.py). At most MAX_SHAPES kept (serving
+    alternates a few batch sizes; each pack is the weight's size again), the oldest dropped."""
+
+    MAX_SHAPES = 4
+
+    def __init__(self) -> None:
+        self._packs = {}
+
+    def get(self, weight: torch.Tensor, conv, input_shape) -> torch.Tensor:
+        """weight, the fold this object belongs to, packed for conv (a ConvSpec) and input_shape."""
+        packed = self._packs.get(input_shape)
+        if packed is None:
+            if len(self._packs) >= self.MAX_SHAPES:
+                del self._packs[next(iter(self._packs))]
+            packed = self._packs[input_shape] = pack_weight(weight, *conv, input_shape)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self._packs)
 
 
 class _FusedBlockBase(nn.Module):
@@ -57,9 +83,10 @@ class _FusedBlockBase(nn.Module):
         out = x
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
-            weight, bias = self._folded(conv, bn)
+            weight, bias, packs = self._folded(conv, bn)
             out = conv_bias_act_inference_unchecked(out, weight, bias, residual if i == last else None,
-                                                    conv_args(conv).spec, relu if i == last else True, conv_kernels)
+                                                    conv_args(conv).spec, relu if i == last else True, conv_kernels,
+                                                    packs.get)
         return out
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -88,6 +115,17 @@ class _FusedBlockBase(nn.Module):
         if self._use_chain(x, units):
             identity = self._shortcut(x, chain=True)
             return self._chain(units, x, identity, relu=self._final_relu)
+        if x.device.type == "cpu" and (any(bn.training for _, bn in units)
+                                       or grad_needed(x, None, *[m for u in units for m in u])):
+            if tracing():  # inductor fuses stock BatchNorm itself; an opaque op would stop it
+                return self._reference_forward(x)
+            if not uses_fused_training(self, x, self._core_forward, self._reference_forward):
+                return self._reference_forward(x)
+        return self._core_forward(x, units)
+
+    def _core_forward(self, x: torch.Tensor, units=None) -> torch.Tensor:
+        """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference)."""
+        units = units or self._units()
         conv_kernels = None
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
@@ -95,20 +133,22 @@ class _FusedBlockBase(nn.Module):
         return self._core_units(units, x, identity, self._final_relu, conv_kernels)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        """BN folded into conv, cached until any of the tensors involved changes (in-place updates bump _version);
-        recomputed in a traced graph (torch.compile / export), where the fold is part of the graph."""
+        """(weight, bias, packs): BN folded into conv, cached until any of the tensors involved
+        changes (in-place updates bump _version), with the folded weight's oneDNN packs
+        (PackedWeights, dropped with the fold); recomputed in a traced graph (torch.compile /
+        export), where the fold is part of the graph and nothing is packed."""
         c, b = conv._parameters, bn._parameters
         tensors = (c["weight"], c.get("bias"), b.get("weight"), b.get("bias"), bn._buffers.get("running_mean"),
                    bn._buffers.get("running_var"))
         if tracing():
-            return fold_bn(*tensors, bn.eps)
+            return (*fold_bn(*tensors, bn.eps), PackedWeights())
         # (a new dtype or device is new memory: data_ptr changes)
         key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
         cache = self.__dict__.setdefault("_fold_cache", {})
         hit = cache.get(id(conv))
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, fold_bn(*tensors, bn.eps))
+                hit = (key, (*fold_bn(*tensors, bn.eps), PackedWeights()))
             cache[id(conv)] = hit
         return hit[1]
 

@@ -2,6 +2,8 @@
 - no GPU: Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1);
 - FUSEDRES_POISON_OUTPUTS=1: every kernel's outputs start as NaN, so an unwritten element fails;
 - FUSEDRES_AUTOTUNE=0: no autotuning inside tests;
+- FUSEDRES_CPU_TRAIN_PATH=fused: CPU training always runs the fused units (not the measured
+  choice, which may pick the stock forward);
 - FUSEDRES_STRICT=1: a backend a test asks for that cannot run the call raises instead of falling
   back to the reference path (which would pass as a false green); tests of the fallback itself
   opt out visibly with the `lenient` fixture;
@@ -20,6 +22,10 @@ if not HAS_CUDA:
 os.environ["FUSEDRES_POISON_OUTPUTS"] = "1"
 os.environ["FUSEDRES_AUTOTUNE"] = "0"  # tests run the fixed default conv configurations, never tune
 os.environ["FUSEDRES_STRICT"] = "1"  # no silent fallback to the reference path (test_errors checks it)
+# the fused units in CPU training, always: "measure" (the default) could pick the stock forward and
+# a test comparing fused with stock would compare stock with itself (tests/test_cpu_paths.py
+# tests the measured choice)
+os.environ["FUSEDRES_CPU_TRAIN_PATH"] = "fused"
 
 import pytest  # noqa: E402
 

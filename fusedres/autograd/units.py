@@ -11,7 +11,7 @@ Passes over an activation-sized tensor (read or write), conv excluded:
   residual) + elementwise 3.
 """
 import contextlib
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -417,10 +417,18 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                       residual: Optional[torch.Tensor], conv: ConvSpec, relu: bool,
-                                      conv_kernels: Optional[bool] = None) -> torch.Tensor:
+                                      conv_kernels: Optional[bool] = None,
+                                      pack: Optional[Callable[[torch.Tensor, ConvSpec, torch.Size], torch.Tensor]] = None
+                                      ) -> torch.Tensor:
     """conv_bias_act_inference for the fused modules (bias from ops.fold_bn: contiguous, the
     statistics dtype): no checks per call. conv_kernels: whether the fused conv kernels run this
-    conv, if the caller knows (None: asked here)."""
+    conv, if the caller knows (None: asked here). pack(weight, conv, input shape): the weight
+    prepacked for oneDNN (the caller's cache; None: oneDNN reorders the plain weight per call).
+
+    Paths: the fused conv kernels (bias + residual + ReLU in their epilogue); on the CPU oneDNN
+    (one primitive, post-ops fused; ops.conv_inference); else aten's conv + one bn_act_forward
+    pass. While torch.compile / export trace, the aten path's epilogue is plain tensor ops, which
+    inductor fuses into the conv's consumer itself (an opaque op there would stop it)."""
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
@@ -431,5 +439,21 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
         if conv_kernels:
             return direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
                                                    False, None)[0]
+        if tracing():
+            return _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
+        if x.device.type == "cpu" and ops.onednn_unsupported_reason(x, weight) is None:
+            packed = pack(weight, conv, x.shape) if pack is not None else None
+            return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed)
         z = dense(F.conv2d(x, weight, None, *conv))
         return direct.bn_act_forward(z, None, None, bias, like(residual, z), relu)
+
+
+def _conv_bias_act_traced(x, weight, bias, residual, conv: ConvSpec, relu: bool) -> torch.Tensor:
+    """The traced form: aten's conv, then bias, residual and ReLU in the statistics dtype, rounded
+    once to x's dtype (as the eager epilogue rounds), as tensor ops for inductor to fuse."""
+    acc = stats_dtype(x)
+    z = F.conv2d(x, weight, None, *conv)
+    z = z.to(acc) + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return (torch.relu(z) if relu else z).to(x.dtype)

@@ -23,6 +23,7 @@ from .bn_finalize import StatsPartials, bn_backward_finalize_reference, finalize
 from .conv import (ChannelMoments, conv2d_forward_unchecked, conv2d_input_grad_unchecked,  # noqa: F401
                    conv2d_weight_grad_unchecked)
 from .conv import as_moments as moments  # merged (mean, biased var) of a conv epilogue's statistics
+from .conv_inference import OP as _CONV_INFERENCE
 from .registry import call, kernel
 
 Tensor = torch.Tensor
@@ -61,6 +62,14 @@ def bn_act_backward_elementwise(grad: Tensor, x: Tensor, mean: Tensor, scale: Te
     return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, relu)
 
 
+def conv2d_bias_act_inference(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride, padding,
+                              dilation, groups: int, relu: bool, packed_weight: Optional[Tensor] = None) -> Tensor:
+    """act(conv2d(x, weight) + bias [+ residual]) on the backend the registry resolved (eager only:
+    the op has no traced form; see ops.conv_inference)."""
+    return kernel(_CONV_INFERENCE, x.device)(x, weight, bias, residual, stride, padding, dilation, groups, relu,
+                                             packed_weight)
+
+
 def bn_backward_finalize(sum_dz: Tensor, sum_dz_xmu: Tensor, invstd: Tensor, scale: Tensor, count,
                          batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_gamma, grad_beta, coef_xmu, coef_c) [C] from the sums ([C] or [T, C] rows): one small
@@ -90,5 +99,6 @@ def bn_forward_finalize(stats: Union[StatsPartials, ChannelMoments], count, eps:
 
 __all__ = ["BatchNormStats", "ChannelMoments", "StatsPartials", "bn_act_backward_elementwise",
            "bn_act_backward_reduce", "bn_act_forward", "bn_backward_finalize", "bn_forward_finalize", "bn_stats",
+           "conv2d_bias_act_inference",
            "conv2d_forward_unchecked", "conv2d_input_grad_unchecked", "conv2d_weight_grad_unchecked", "moments",
            "running_update"]

@@ -5,6 +5,8 @@ Backends:
   cpu        C++ kernels of fusedres._C, CPU tensors
   cuda       CUDA kernels of fusedres._C, CUDA tensors
   triton     Triton kernels, CUDA tensors (CPU tensors too under TRITON_INTERPRET=1)
+  onednn     oneDNN primitives through torch.ops.mkldnn (kernels/conv_onednn.py), CPU tensors: the
+             inference conv with its post-ops fused
 Two ways in, one choice of backend:
   eager      `call` / `kernel`: the implementation resolved once per (op, device type, choice) and
              called directly (a Triton launcher, an extension op torch.ops.fusedres_kernels.<op>):
@@ -13,7 +15,7 @@ Two ways in, one choice of backend:
              and which have fake (meta) implementations: torch.compile and torch.export see one
              opaque op with known output shapes, never the launch code of a backend
 `set_backend("auto")` (the default, or FUSEDRES_BACKEND) picks, per op, the first of cuda > triton
-that implements it on a GPU, and cpu on the CPU, else reference. A backend that was asked for but
+that implements it on a GPU, and onednn > cpu on the CPU, else reference. A backend that was asked for but
 cannot run a call falls back to the reference path and warns once per (op, backend, reason).
 """
 import contextlib
@@ -28,7 +30,7 @@ import torch
 from .. import _extension, _versions
 from ..common import tracing, triton_interpreted, warn_once
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn")
 _CHOICES = ("auto",) + BACKENDS
 
 _impls: Dict[str, Dict[str, Callable]] = {}
@@ -74,7 +76,7 @@ def _check_choice(name: str, source: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Choose the kernels: "auto" | "triton" | "cuda" | "cpu" | "reference" (process-wide)."""
+    """Choose the kernels: "auto" | "triton" | "cuda" | "cpu" | "onednn" | "reference" (process-wide)."""
     global _default_backend
     _default_backend = _check_choice(name, "backend")
 
@@ -124,6 +126,12 @@ def _triton_missing() -> Optional[str]:
     return _versions.triton_too_old(triton.__version__) or None
 
 
+def _onednn_missing() -> Optional[str]:
+    from ..kernels import conv_onednn  # imports torch only
+
+    return conv_onednn.missing_reason()  # (not cached: torch.backends.mkldnn.enabled can change)
+
+
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """None if `backend` can run on `device`, else why not."""
     if backend == "reference":
@@ -140,6 +148,10 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if not _extension.built_with_cuda():
             return "fusedres._C was built without CUDA kernels"
         return None
+    if backend == "onednn":
+        if device.type != "cpu":
+            return f"the onednn backend runs CPU tensors, got a {device.type} tensor"
+        return _onednn_missing()
     if backend == "triton":
         missing = _triton_missing()
         if missing:
@@ -167,7 +179,7 @@ def backends() -> Dict[str, Dict[str, object]]:
 
 def _auto(op: str, device: torch.device) -> str:
     """The first backend, in order of preference, that implements `op` and can run on `device`."""
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    order = ("cuda", "triton") if device.type == "cuda" else ("onednn", "cpu")
     for b in order:
         if b in _impls[op] and unavailable_reason(b, device) is None:
             return b

@@ -1,0 +1,58 @@
+"""Op: the inference conv of a BN-folded unit, y = act(conv2d(x, W) + bias [+ residual]).
+
+Backends:
+  onednn     one oneDNN primitive: conv with bias, residual add and ReLU as post-ops, the weight
+             prepacked for the input's shape (kernels/conv_onednn.py); CPU, float32, channels_last
+  reference  aten's conv, then bias, residual and ReLU in float32 (float64 for float64)
+On a GPU the same unit runs on the fused conv kernels (conv2d_forward's epilogue), and on the CPU
+where oneDNN does not run it (NCHW, float64, bfloat16) as aten's conv + one bn_act_forward pass
+(fusedres.autograd picks). The op has no torch.library form: a traced graph holds aten's conv
+and the post-ops as plain tensor ops, which inductor fuses itself (fusedres.autograd).
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..common import per_channel, stats_dtype
+from ..kernels import conv_onednn
+from .registry import available_backend, register
+
+OP = "conv2d_bias_act_inference"
+Tensor = torch.Tensor
+
+
+@register(OP, "reference")
+def conv2d_bias_act_inference_reference(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
+                                        stride, padding, dilation, groups: int, relu: bool,
+                                        packed_weight: Optional[Tensor] = None) -> Tensor:
+    acc = stats_dtype(x)
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc) + per_channel(bias.to(acc), x)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return (torch.relu(z) if relu else z).to(x.dtype)
+
+
+@register(OP, "onednn")
+def conv2d_bias_act_inference_onednn(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
+                                     stride, padding, dilation, groups: int, relu: bool,
+                                     packed_weight: Optional[Tensor] = None) -> Tensor:
+    """packed_weight: weight from pack_weight for x's shape (None: the plain weight, which oneDNN
+    reorders on every call, as aten's conv does)."""
+    w = packed_weight if packed_weight is not None else weight
+    return conv_onednn.conv_bias_act(x, w, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def onednn_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
+    """None if the onednn backend runs this inference conv under the current backend choice,
+    else why not (the caller keeps aten's conv and one bn_act_forward pass)."""
+    backend = available_backend(OP, x.device)
+    if backend != "onednn":
+        return f"the onednn backend is not chosen for {x.device.type} tensors (got {backend})"
+    return conv_onednn.unsupported_reason(x, weight)
+
+
+def pack_weight(weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int, input_shape: Sequence[int]) -> Tensor:
+    """weight prepacked for inputs of input_shape (kernels/conv_onednn.pack_weight); float32."""
+    return conv_onednn.pack_weight(weight, stride, padding, dilation, groups, input_shape)
