@@ -6,6 +6,10 @@
 
 On the CPU it runs small sizes (and the C++ kernels; the Triton interpreter is no benchmark); on a
 GPU the full ResNet-50 sizes at batch 256 with the CUDA and Triton kernels, torch.compile included.
+The CPU models suite is real ResNet-50 in float32 on torch's threads, every variant (stock eager,
+stock torch.compile, ONNX Runtime, fusedres, fusedres + torch.compile) interleaved in one process:
+eval at batch 1 and 8 (224x224), train step at batch 8 (112x112); torch.compile on unless
+--no-compile (bench_models.run_cpu).
 """
 import argparse
 import copy
@@ -92,7 +96,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="include torch.compile baselines (default: on a GPU only)")
+                        help="include torch.compile baselines (default: on a GPU, and in the CPU models suite)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--blocks", default="", help="only the blocks whose name contains this (e.g. resnet50, g32)")
     parser.add_argument("--compile-mode", default="default",
@@ -102,9 +106,10 @@ def main(argv=None):
     parser.add_argument("--dense-batches", default="",
                         help="batch sizes of the dense suite (default: 64,256 on a GPU, 4 on the CPU)")
     parser.add_argument("--models", default="", help="models of the models suite (default: the full list on a GPU, "
-                                                       "resnet18,resnet50 on the CPU)")
+                                                       "resnet50 on the CPU)")
     parser.add_argument("--model-batches", default="", help="batch sizes of the models suite (default: 32,256 on a "
-                                                           "GPU, 4 on the CPU)")
+                                                           "GPU; on the CPU the eval batches, 1,8, the train step "
+                                                           "being batch 8)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,11 +186,35 @@ def main(argv=None):
         print(table(rows, ["model", "dtype", "batch", "impl", "ms", "images_per_s", "time_vs_stock", "peak_MB",
                            "saved_MB", "memory_vs_memory_efficient"]), flush=True)
 
-    if "models" in suites:
-        small = device.type == "cpu"
+    if "models" in suites and device.type == "cpu":
+        # every variant side by side in one process, interleaved; torch.compile on unless --no-compile
         archs = tuple(a for a in args.models.split(",") if a) or None
-        batches = [int(b) for b in args.model_batches.split(",") if b] or ([4] if small else [32, 256])
-        size = 64 if small else 224
+        batches = [int(b) for b in args.model_batches.split(",") if b] or [1, 8]
+        compile_models = args.compile if args.compile is not None else True
+        cpu = bench_models.run_cpu(archs, eval_batches=batches, train_batch=8, quick=args.quick,
+                                   compile_variants=compile_models, compile_mode=args.compile_mode,
+                                   progress=lambda m: print(m, file=sys.stderr, flush=True))
+        rows = cpu["rows"]
+        results["models"] = rows
+        results["models_cpu"] = cpu["info"]
+        info = cpu["info"]
+        print(f"\n== models (CPU, {info['threads']} threads, float32, channels_last, variants interleaved in "
+              f"{info['rounds']} rounds): eval (no_grad) at {info['eval_size']}x{info['eval_size']}, train step "
+              f"(fwd + bwd + SGD) at {info['train_size']}x{info['train_size']}; median ms per call, "
+              "x = stock eager ms / variant ms")
+        print(bench_models.cpu_table(rows), flush=True)
+        print(table(rows, ["model", "mode", "batch", "impl", "ms", "speedup_vs_eager", "calls", "build_s", "warmup_s",
+                           "max_abs_diff", "ref_max_abs", "grad_max_abs_diff", "ref_grad_max_abs", "note"]), flush=True)
+        print(f"fusedres backends: {cpu['info']['fusedres_backends']}", flush=True)
+        print("load average (1, 5, 15 min) before / after: "
+              f"{', '.join(f'{v:.2f}' for v in cpu['info']['loadavg_before'])} / "
+              f"{', '.join(f'{v:.2f}' for v in cpu['info']['loadavg_after'])} (above the thread count: other "
+              "processes competed for the cores, and torch's OpenMP threads slow down far more than in proportion)",
+              flush=True)
+    elif "models" in suites:
+        archs = tuple(a for a in args.models.split(",") if a) or None
+        batches = [int(b) for b in args.model_batches.split(",") if b] or [32, 256]
+        size = 224
         rows = bench_models.run(device, dtypes, batches, args.quick, compile_baseline, args.compile_mode, archs,
                                 image_size=size, progress=lambda m: print(m, file=sys.stderr, flush=True))
         results["models"] = rows

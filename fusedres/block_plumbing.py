@@ -187,14 +187,27 @@ def train_choices() -> Dict[tuple, TrainPathChoice]:
 
 
 def _structure(module: nn.Module) -> tuple:
-    """What a block computes besides its input: its convs' and norms' types and arguments."""
-    parts = [type(module).__name__]
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Conv2d):
-            parts.append((name, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, m.bias is not None))
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            parts.append((name, type(m).__name__, m.training, m.track_running_stats, m.affine))
-    return tuple(parts)
+    """(what a block computes besides its input: its convs' and norms' types and arguments; its
+    norm layers), found once per set of submodules (as cached_fallback_reason)."""
+    key = []
+    for child in module._modules.values():
+        key.append(child)
+        if child is not None:
+            key.extend(child._modules.values())
+    key = tuple(key)
+    cached = module.__dict__.get("_fusedres_structure")
+    if cached is None or cached[0] != key:
+        parts, norms = [type(module).__name__], []
+        for name, m in module.named_modules():
+            if isinstance(m, nn.Conv2d):
+                parts.append((name, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups,
+                              m.bias is not None))
+            elif isinstance(m, nn.modules.batchnorm._NormBase):
+                parts.append((name, type(m).__name__, m.track_running_stats, m.affine))
+                norms.append(m)
+        cached = (key, tuple(parts), tuple(norms))
+        module.__dict__["_fusedres_structure"] = cached
+    return cached[1], cached[2]
 
 
 def _median_ms(times) -> float:
@@ -221,7 +234,9 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
     if forced != "measure":
         return forced == "fused"
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    key = (_structure(module), tuple(x.shape), x.dtype, x.stride(), autocast, x.requires_grad)
+    structure, norms = _structure(module)
+    key = (structure, tuple(n.training for n in norms), tuple(x.shape), x.dtype, x.stride(), autocast,
+           x.requires_grad)
     choice = _train_choices.get(key)
     if choice is None:
         with _choice_lock:

@@ -50,6 +50,10 @@ pip_quiet "$PY" setuptools wheel ninja packaging numpy pytest
 # Plots of the benchmark report; optional (offline machines run the report without them).
 "$PY" -c "import matplotlib" >/dev/null 2>&1 || pip_quiet "$PY" matplotlib \
   || echo "setup: matplotlib not installed; the benchmark report will skip its plots" >&2
+# ONNX Runtime, the CPU models suite's inference baseline; optional (without it that row says why).
+# Installed only when it does not import; neither package depends on torch, so torch stays as it is.
+"$PY" -c "import onnxruntime, onnx" >/dev/null 2>&1 || pip_quiet "$PY" onnxruntime onnx \
+  || echo "setup: onnxruntime not installed; the CPU models suite will skip its ONNX Runtime rows" >&2
 
 LOG="$(mktemp -t fusedres-build.XXXXXX)"
 if ! "$PY" -m pip install -v --no-build-isolation --no-deps . >"$LOG" 2>&1; then
