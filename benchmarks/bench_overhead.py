@@ -153,6 +153,9 @@ def _chain_rows_interpreted(quick: bool) -> List[Dict]:
 def run(device: torch.device, quick: bool = False) -> List[Dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # the fused units' own overhead, not the CPU's measured training choice (which may run stock)
+    train_path = os.environ.get("FUSEDRES_CPU_TRAIN_PATH")
+    os.environ["FUSEDRES_CPU_TRAIN_PATH"] = "fused"
     try:
         rows = measure("core", device, torch.channels_last if device.type == "cuda" else torch.contiguous_format, quick)
         if device.type == "cuda":
@@ -161,6 +164,10 @@ def run(device: torch.device, quick: bool = False) -> List[Dict]:
             rows += _chain_rows_interpreted(quick)
     finally:
         torch.set_num_threads(threads)
+        if train_path is None:
+            os.environ.pop("FUSEDRES_CPU_TRAIN_PATH", None)
+        else:
+            os.environ["FUSEDRES_CPU_TRAIN_PATH"] = train_path
     return rows
 
 

@@ -227,12 +227,15 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
     torch.autograd.grad (nothing accumulates into .grad) and the norm layers' buffers restored
     afterwards (the measuring runs do not count as batches). Not measured: while tracing (the
     traced graph decides), under a synchronized norm in a distributed run (every process must
-    take the same path), or where FUSEDRES_CPU_TRAIN_PATH forces a path."""
+    take the same path), under torch.use_deterministic_algorithms(True) (the fused units: a
+    choice by timing could differ between runs), or where FUSEDRES_CPU_TRAIN_PATH forces one."""
     if x.device.type != "cpu" or tracing():
         return True
     forced = cpu_train_path()
     if forced != "measure":
         return forced == "fused"
+    if torch.are_deterministic_algorithms_enabled():  # a choice by timing could differ between runs
+        return True
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     structure, norms = _structure(module)
     key = (structure, tuple(n.training for n in norms), tuple(x.shape), x.dtype, x.stride(), autocast,

@@ -235,6 +235,15 @@ def test_measured_choice_is_per_shape_and_never_while_forced(measure, monkeypatc
         block(activation((4, 8, 5, 5), memory_format=CL))
         assert ran == [1], forced
     assert len(block_plumbing.train_choices()) == 3
+    monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", "measure")
+    ran = []
+    monkeypatch.setattr(block, "_core_forward", lambda x, *a, f=block._core_forward: ran.append(1) or f(x, *a))
+    torch.use_deterministic_algorithms(True)
+    try:
+        block(activation((5, 8, 5, 5), memory_format=CL))  # deterministic: the fused units, not measured
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ran == [1] and len(block_plumbing.train_choices()) == 3
     monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", "fastest")
     with pytest.raises(ValueError, match="FUSEDRES_CPU_TRAIN_PATH"):
         block(activation((4, 8, 5, 5), memory_format=CL))
