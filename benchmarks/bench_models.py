@@ -29,7 +29,7 @@ import torch
 
 import fusedres
 
-from common import bench, model_factory, peak_mb, train_step
+from common import bench, environment, model_factory, peak_mb, train_step
 
 GPU_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
               "resnext101_32x8d", "wide_resnet50_2", "densenet121")
@@ -163,6 +163,19 @@ def _interleaved(calls: Dict[str, List[Callable[[], object]]], rounds: int,
     return times
 
 
+def _cpu_model() -> str:
+    """The CPU's model name and vector extensions (what oneDNN and MLAS pick their kernels by)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(isa)})"
+
+
 def run_cpu(archs: Optional[Sequence[str]] = None, eval_batches: Sequence[int] = (1, 8), train_batch: int = 8,
             eval_size: int = 224, train_size: int = 112, quick: bool = False, compile_variants: bool = True,
             compile_mode: str = "default", onnx: bool = True, rounds: Optional[int] = None,
@@ -186,7 +199,8 @@ def run_cpu(archs: Optional[Sequence[str]] = None, eval_batches: Sequence[int] =
                 train_batch=train_batch, train_size=train_size,
                 compile=dict(enabled=compile_variants, mode=compile_mode, dynamic=False),
                 fusedres_backends=fusedres.backends(), timing="median per-call ms over interleaved rounds",
-                models={}, loadavg_before=os.getloadavg())  # other processes' load makes torch's threads wait
+                models={}, loadavg_before=os.getloadavg(), environment=environment(),
+                cpu_model=_cpu_model())  # other processes' load makes torch's threads wait
     rows: List[Dict[str, object]] = []
     modes = [("eval", b, eval_size) for b in eval_batches]
     if train_batch:

@@ -76,3 +76,27 @@ def test_headline_figures_against_targets(tmp_path):
     assert "old" not in text and "| ResNet-50 training images/s vs stock eager | 1.60x | >= 1.5x | yes |" in text
     assert "| ResNet-50 inference images/s vs stock eager | 1.20x | >= 1.3x | **no** |" in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_cpu_models_suite_runs_every_variant_side_by_side():
+    """The CPU models suite's plumbing at a toy size (ResNet-50, eval 32x32, train batch 4 at
+    64x64, one round, no compile): a row per variant and mode, timed or with a note saying why
+    not, ratios against stock eager from the same run, and fused / ONNX Runtime outputs that match
+    stock's. (Not smaller for training: batch 2 at 32x32 leaves layer4's BatchNorm two values per
+    channel, whose normalization amplifies rounding ~1e8-fold, stock's and fused's alike.)"""
+    import bench_models
+
+    out = bench_models.run_cpu(eval_batches=(1,), train_batch=4, eval_size=32, train_size=64, quick=True,
+                               compile_variants=False, rounds=1, n_inputs=2, progress=lambda m: None)
+    rows = out["rows"]
+    assert {(r["mode"], r["impl"].split(" (")[0]) for r in rows} >= {("eval", "fusedres"), ("train", "fusedres")}
+    for r in rows:
+        assert (r.get("ms") is not None) != bool(r.get("note")), r  # timed, or says why not
+        if r.get("ms") is not None:
+            assert r["speedup_vs_eager"] > 0
+            if r.get("max_abs_diff") is not None:
+                assert r["max_abs_diff"] <= 1e-3 * max(1.0, r["ref_max_abs"]), r
+    ort = [r for r in rows if r["impl"].startswith("onnxruntime") and r["mode"] == "eval"]
+    assert len(ort) == 1
+    assert out["info"]["fusedres_backends"]["onednn"]["cpu"] is not None
+    assert out["info"]["environment"]["date"]
