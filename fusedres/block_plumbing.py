@@ -198,6 +198,11 @@ def _structure(module: nn.Module) -> tuple:
     cached = module.__dict__.get("_fusedres_structure")
     if cached is None or cached[0] != key:
         parts, norms = [type(module).__name__], []
+        original = module.__dict__.get("original")  # FusedResidual: its original block and wiring
+        if original is not None:
+            parts.append((type(original).__qualname__, getattr(module, "unit_names", None),
+                          getattr(module, "shortcut_names", None), getattr(module, "shortcut_pools", None),
+                          getattr(module, "_final_relu", None)))
         for name, m in module.named_modules():
             if isinstance(m, nn.Conv2d):
                 parts.append((name, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups,
@@ -208,6 +213,10 @@ def _structure(module: nn.Module) -> tuple:
         cached = (key, tuple(parts), tuple(norms))
         module.__dict__["_fusedres_structure"] = cached
     return cached[1], cached[2]
+
+
+def _same(t):
+    return t
 
 
 def _median_ms(times) -> float:
@@ -228,7 +237,10 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
     afterwards (the measuring runs do not count as batches). Not measured: while tracing (the
     traced graph decides), under a synchronized norm in a distributed run (every process must
     take the same path), under torch.use_deterministic_algorithms(True) (the fused units: a
-    choice by timing could differ between runs), or where FUSEDRES_CPU_TRAIN_PATH forces one."""
+    choice by timing could differ between runs), with hooks on the block's modules or parameters
+    (the stock forward, which calls them), re-entered while measuring (the fused units), past
+    MAX_MEASURED_SHAPES shapes of one structure (its last choice), or where
+    FUSEDRES_CPU_TRAIN_PATH forces one."""
     if x.device.type != "cpu" or tracing():
         return True
     forced = cpu_train_path()
@@ -236,17 +248,60 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
         return forced == "fused"
     if torch.are_deterministic_algorithms_enabled():  # a choice by timing could differ between runs
         return True
+    if getattr(_measuring, "active", False):  # re-entered while measuring (e.g. a checkpoint's recompute)
+        return True
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     structure, norms = _structure(module)
     key = (structure, tuple(n.training for n in norms), tuple(x.shape), x.dtype, x.stride(), autocast,
-           x.requires_grad)
+           x.requires_grad, torch.is_grad_enabled())
     choice = _train_choices.get(key)
     if choice is None:
-        with _choice_lock:
+        with _choice_lock:  # (held while measuring: two threads measure one block once, not twice at once)
             choice = _train_choices.get(key)
             if choice is None:
-                choice = _train_choices[key] = _measure(module, x, fused, stock, repeats)
+                choice = _train_choices[key] = _choose(module, structure, x, fused, stock, repeats)
     return choice.path == "fused"
+
+
+_measuring = threading.local()
+_measured_per_structure: Dict[tuple, list] = {}
+MAX_MEASURED_SHAPES = 4  # per block structure; then its last choice is reused (variable input sizes)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether hooks would observe the measuring runs (or tell the paths apart: the fused units
+    call no child module, so children's hooks fire on the stock forward only)."""
+    from torch.nn.modules import module as module_globals
+
+    if any(getattr(module_globals, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return True
+    for m in module.modules():
+        if m is not module and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                or getattr(m, "_backward_pre_hooks", None)):
+            return True
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
+
+
+def _choose(module, structure, x, fused, stock, repeats) -> TrainPathChoice:
+    if _has_hooks(module):
+        return TrainPathChoice("stock", None, None, "hooks on the block's modules or parameters: the stock "
+                                                    "forward, which calls them, not measured")
+    if _synchronized(module):
+        return TrainPathChoice("fused", None, None, "synchronized norm in a distributed run: not measured")
+    earlier = _measured_per_structure.setdefault(structure, [])
+    if len(earlier) >= MAX_MEASURED_SHAPES:
+        last = earlier[-1]
+        return TrainPathChoice(last.path, None, None, f"reused: {MAX_MEASURED_SHAPES} shapes of this block "
+                                                      f"already measured")
+    _measuring.active = True
+    try:
+        choice = _measure(module, x, fused, stock, repeats)
+    finally:
+        _measuring.active = False
+    earlier.append(choice)
+    return choice
 
 
 def _synchronized(module: nn.Module) -> bool:
@@ -256,18 +311,21 @@ def _synchronized(module: nn.Module) -> bool:
 
 
 def _measure(module: nn.Module, x: torch.Tensor, fused, stock, repeats: int) -> TrainPathChoice:
-    if _synchronized(module):
-        return TrainPathChoice("fused", None, None, "synchronized norm in a distributed run: not measured")
+    """Times fused and stock on copies of x. Tensors are saved for backward plainly (no enclosing
+    saved-tensor hooks: a non-reentrant checkpoint's would recompute the block from inside it),
+    each run gets its own copy of x (a stock forward may add into its input in place), and the
+    buffers are restored whatever happens."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     params = [p for p in module.parameters() if p.requires_grad]
-    probe = x.detach().requires_grad_(x.requires_grad)
-    inputs = params + ([probe] if probe.requires_grad else [])
     times = {"fused": [], "stock": []}
     try:
         for i in range(repeats + 1):
             for name, fn in (("fused", fused), ("stock", stock)):
+                probe = x.detach().clone().requires_grad_(x.requires_grad)
+                inputs = params + ([probe] if probe.requires_grad else [])
                 start = time.perf_counter()
-                y = fn(probe)
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    y = fn(probe)
                 if inputs and y.requires_grad:
                     torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
                 if i:  # the first round is a warm-up (allocator, oneDNN primitive caches)

@@ -26,6 +26,8 @@ layers are not plain nn.Conv2d / nn.BatchNorm2d / SyncBatchNorm2d / nn.SyncBatch
 norm_layer, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference torchvision
 forward instead and says so once.
 """
+import collections
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -42,25 +44,39 @@ from .ops import fold_bn, kernel_unsupported_reason, pack_weight
 
 class PackedWeights:
     """A folded weight prepacked for oneDNN (ops.pack_weight), one pack per input shape: a pack
-    is fast for its own shape only (kernels/conv_onednn.py). At most MAX_SHAPES kept (serving
-    alternates a few batch sizes; each pack is the weight's size again), the oldest dropped."""
+    is fast for its own shape only (kernels/conv_onednn.py). At most MAX_SHAPES kept, least
+    recently used dropped first (serving alternates a few batch sizes; each pack is the weight's
+    size again). Packs are opaque oneDNN tensors, which cannot be copied or pickled: a deep copy
+    or a pickle of a block gets an empty PackedWeights (packed again on first use)."""
 
     MAX_SHAPES = 4
 
     def __init__(self) -> None:
-        self._packs = {}
+        self._packs = collections.OrderedDict()
+        self._lock = threading.Lock()  # inference threads may share a model
 
     def get(self, weight: torch.Tensor, conv, input_shape) -> torch.Tensor:
         """weight, the fold this object belongs to, packed for conv (a ConvSpec) and input_shape."""
-        packed = self._packs.get(input_shape)
-        if packed is None:
-            if len(self._packs) >= self.MAX_SHAPES:
-                del self._packs[next(iter(self._packs))]
-            packed = self._packs[input_shape] = pack_weight(weight, *conv, input_shape)
+        with self._lock:
+            packed = self._packs.get(input_shape)
+            if packed is not None:
+                self._packs.move_to_end(input_shape)
+                return packed
+        packed = pack_weight(weight, *conv, input_shape)
+        with self._lock:
+            self._packs[input_shape] = packed
+            while len(self._packs) > self.MAX_SHAPES:
+                self._packs.popitem(last=False)
         return packed
 
     def __len__(self) -> int:
         return len(self._packs)
+
+    def __deepcopy__(self, memo) -> "PackedWeights":
+        return PackedWeights()
+
+    def __reduce__(self):
+        return (PackedWeights, ())
 
 
 class _FusedBlockBase(nn.Module):
@@ -86,7 +102,7 @@ class _FusedBlockBase(nn.Module):
             weight, bias, packs = self._folded(conv, bn)
             out = conv_bias_act_inference_unchecked(out, weight, bias, residual if i == last else None,
                                                     conv_args(conv).spec, relu if i == last else True, conv_kernels,
-                                                    packs.get)
+                                                    packs.get if packs is not None else None)
         return out
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -151,12 +167,12 @@ class _FusedBlockBase(nn.Module):
         """(weight, bias, packs): BN folded into conv, cached until any of the tensors involved
         changes (in-place updates bump _version), with the folded weight's oneDNN packs
         (PackedWeights, dropped with the fold); recomputed in a traced graph (torch.compile /
-        export), where the fold is part of the graph and nothing is packed."""
+        export), where the fold is part of the graph and nothing is packed (packs None)."""
         c, b = conv._parameters, bn._parameters
         tensors = (c["weight"], c.get("bias"), b.get("weight"), b.get("bias"), bn._buffers.get("running_mean"),
                    bn._buffers.get("running_var"))
         if tracing():
-            return (*fold_bn(*tensors, bn.eps), PackedWeights())
+            return (*fold_bn(*tensors, bn.eps), None)
         # (a new dtype or device is new memory: data_ptr changes)
         key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
         cache = self.__dict__.setdefault("_fold_cache", {})

@@ -36,6 +36,15 @@ def test_onednn_disabled_is_the_reason(monkeypatch):
     assert "disabled" in fusedres.backends()["onednn"]["cpu"]
 
 
+def test_onednn_choice_runs_cpu_kernels_for_the_other_ops():
+    """use_backend("onednn") means the C++ kernels for every op oneDNN does not implement."""
+    from fusedres.ops.registry import resolve
+
+    with fusedres.use_backend("onednn"):
+        assert resolve("bn_act_forward", torch.device("cpu"))[0] == "cpu"
+        assert resolve(conv_inference.OP, torch.device("cpu"))[0] == ("onednn" if ONEDNN else "reference")
+
+
 CONVS = [  # (C_in, C_out, kernel, stride, padding, dilation, groups, H, W)
     (8, 16, 1, 1, 0, 1, 1, 7, 5),
     (6, 10, 3, 1, 1, 1, 1, 9, 7),
@@ -152,6 +161,36 @@ def test_packs_per_fold_are_bounded():
     for n in range(1, 7):
         packs.get(weight, spec, torch.Size((n, 3, 5, 5)))
     assert len(packs) == PackedWeights.MAX_SHAPES
+
+
+@needs_onednn
+def test_oneDNN_switched_off_after_use_is_honoured(onednn_calls):
+    block = _fused(randomize_bn(_blocks()[0])).eval().to(memory_format=CL)
+    x = activation((2, 8, 5, 5), memory_format=CL)
+    with torch.no_grad():
+        expected = block(x)
+        assert onednn_calls["conv"] == 2
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert_close_scaled(block(x), expected, 2e-6)
+        assert onednn_calls["conv"] == 2
+
+
+@needs_onednn
+def test_block_copies_and_pickles_after_packing():
+    """Packs are opaque oneDNN tensors: copies and pickles of a block that has packed get none
+    (packed again on first use) and compute the same."""
+    import io
+    import pickle
+
+    block = _fused(randomize_bn(_blocks()[1])).eval().to(memory_format=CL)
+    x = activation((2, 8, 9, 7), memory_format=CL)
+    with torch.no_grad():
+        expected = block(x)
+        buffer = io.BytesIO()
+        torch.save(block, buffer)
+        for other in (copy.deepcopy(block), pickle.loads(pickle.dumps(block)),
+                      torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+            torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["nchw", "float64"])
@@ -288,3 +327,77 @@ def test_traced_cpu_graph_has_no_opaque_ops():
         code = "\n".join(g.code for g in backend.graphs)
         assert "torch.ops.fusedres" not in code, mode
         assert code.count("batch_norm(") == 4, mode  # the block's three and the downsample's
+
+
+def test_measuring_inside_a_checkpoint_returns(measure):
+    """Under torch.utils.checkpoint (non-reentrant), measuring's backward must not recompute the
+    block through the checkpoint's hooks (that re-entered the choice and deadlocked)."""
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    stock = randomize_bn(_blocks()[1]).train().to(memory_format=CL)
+    fused = _fused(stock).train()
+    x = activation((2, 8, 9, 7), memory_format=CL).requires_grad_()
+    result = {}
+
+    def run():
+        y = checkpoint(fused, x, use_reentrant=False)
+        y.sum().backward()
+        result["y"] = y
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "measuring under checkpoint did not return"
+    assert_close_scaled(result["y"], stock(x.detach()), 2e-5)
+
+
+def test_hooks_take_the_stock_forward_unmeasured(measure):
+    """Hooks on a child would fire during measuring (and on the stock path only): the block takes
+    its stock forward, which calls them, without measuring."""
+    block = _fused(_blocks()[0]).train().to(memory_format=CL)
+    fired = []
+    block.bn1.register_forward_hook(lambda *a: fired.append(1))
+    block(activation((2, 8, 5, 5), memory_format=CL).requires_grad_())
+    (choice,) = block_plumbing.train_choices().values()
+    assert choice.path == "stock" and choice.fused_ms is None and "hooks" in choice.why
+    assert fired == [1]
+
+
+def test_measurements_per_structure_are_capped(measure, monkeypatch):
+    monkeypatch.setattr(block_plumbing, "_measured_per_structure", {})
+    monkeypatch.setattr(block_plumbing, "MAX_MEASURED_SHAPES", 2)
+    block = _fused(_blocks()[0]).train().to(memory_format=CL)
+    for n in (1, 2, 3, 4):
+        block(activation((n, 8, 5, 5), memory_format=CL))
+    measured = [c for c in block_plumbing.train_choices().values() if c.fused_ms is not None]
+    reused = [c for c in block_plumbing.train_choices().values() if c.why.startswith("reused")]
+    assert len(measured) == 2 and len(reused) == 2
+
+
+def test_forced_stock_runs_the_original_blocks_and_trains_like_stock(monkeypatch):
+    """FUSEDRES_CPU_TRAIN_PATH=stock: a fuse()d model's blocks run their original forward
+    (FusedResidual._stock_forward), with stock's outputs, gradients and running statistics."""
+    from helpers import SmallResNet
+
+    from fusedres.modules import FusedResidual
+
+    monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", "stock")
+    stock = randomize_bn(SmallResNet(classes=5)).to(memory_format=CL)
+    fused = fusedres.fuse(stock)
+    ran = []
+    original = FusedResidual._stock_forward
+    monkeypatch.setattr(FusedResidual, "_stock_forward", lambda self, x: ran.append(1) or original(self, x))
+    opt_s, opt_f = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (stock, fused))
+    for step in range(2):
+        x = activation((4, 3, 9, 9), memory_format=CL)
+        ys, yf = stock(x), fused(x)
+        torch.testing.assert_close(yf, ys, rtol=0, atol=0)
+        ys.square().sum().backward(), yf.square().sum().backward()
+        for (n, a), b in zip(fused.named_parameters(), stock.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
+        opt_s.step(), opt_f.step(), opt_s.zero_grad(), opt_f.zero_grad()
+    assert len(ran) == 4  # two blocks, two steps
+    for (n, a), b in zip(fused.named_buffers(), stock.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

@@ -18,6 +18,7 @@ and 11.6 instead of 13.6 ms at batch 8. A weight packed for ANOTHER shape can be
 no packing (packed for batch 8, run at batch 1: 9.5 ms against 0.69 for the 1024->256 1x1), so a
 pack is keyed by the input's shape.
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +32,13 @@ def missing_reason() -> Optional[str]:
         return "this torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
     if not torch.backends.mkldnn.enabled:
         return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    return _ops_missing()
+
+
+@functools.lru_cache(maxsize=None)
+def _ops_missing() -> Optional[str]:
+    """None if the ops exist and take the arguments this file passes (one tiny call of each, once
+    per process: a signature that changed in some torch would otherwise raise mid-forward)."""
     mkldnn = torch.ops.mkldnn
     for name, overload in (("_convolution_pointwise", "default"), ("_convolution_pointwise", "binary"),
                            ("_reorder_convolution_weight", "default")):
@@ -38,6 +46,16 @@ def missing_reason() -> Optional[str]:
             getattr(getattr(mkldnn, name), overload)
         except (AttributeError, RuntimeError):
             return f"torch {torch.__version__} has no torch.ops.mkldnn.{name}.{overload}"
+    try:
+        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 2, 1, 1)
+        packed = pack_weight(w, (1, 1), (0, 0), (1, 1), 1, x.shape)
+        y = conv_bias_act(x, packed, torch.zeros(2), None, (1, 1), (0, 0), (1, 1), 1, True)
+        y = conv_bias_act(x, packed, torch.zeros(2), y, (1, 1), (0, 0), (1, 1), 1, True)
+    except (RuntimeError, TypeError) as e:
+        return f"torch {torch.__version__}'s oneDNN conv ops did not take fusedres's arguments: {e}"
+    if not torch.equal(y, torch.full_like(y, 4.0)):
+        return f"torch {torch.__version__}'s oneDNN conv ops gave a wrong result on a probe"
     return None
 
 

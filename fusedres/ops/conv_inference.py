@@ -49,6 +49,8 @@ def onednn_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
     backend = available_backend(OP, x.device)
     if backend != "onednn":
         return f"the onednn backend is not chosen for {x.device.type} tensors (got {backend})"
+    if not torch.backends.mkldnn.enabled:  # (asked per call: torch.backends.mkldnn.flags() toggles it)
+        return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
     return conv_onednn.unsupported_reason(x, weight)
 
 

@@ -186,6 +186,16 @@ def _auto(op: str, device: torch.device) -> str:
     return "reference"
 
 
+def _chosen(op: str, device: torch.device, choice: str) -> str:
+    """The backend `choice` means for `op`: auto's pick; "onednn" (which implements the inference
+    conv only) means cpu for every other op."""
+    if choice == "auto":
+        return _auto(op, device)
+    if choice == "onednn" and "onednn" not in _impls[op]:
+        return "cpu"
+    return choice
+
+
 _available: Dict[tuple, Optional[str]] = {}  # (op, device type, choice) -> available_backend's answer
 
 
@@ -197,7 +207,7 @@ def available_backend(op: str, device: torch.device) -> Optional[str]:
     key = (op, device.type, choice)
     if key in _available:
         return _available[key]
-    backend = _auto(op, device) if choice == "auto" else choice
+    backend = _chosen(op, device, choice)
     if backend not in _impls[op] or unavailable_reason(backend, device) is not None:
         backend = None
     _available[key] = backend
@@ -208,7 +218,7 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
     """(backend, implementation) that runs `op` on `device` under the current choice."""
     impls = _impls[op]
     choice = get_backend()
-    backend = _auto(op, device) if choice == "auto" else choice
+    backend = _chosen(op, device, choice)
     why = unavailable_reason(backend, device)
     if why is None and backend not in impls:
         why = f"{op} has no {backend} implementation"
