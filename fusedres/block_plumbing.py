@@ -16,21 +16,26 @@ from .batchnorm import SyncBatchNorm2d
 from .common import tracing, warn_once
 
 
-def cached_fallback_reason(module: nn.Module, fallback_reason: Callable[[], Optional[str]]) -> Optional[str]:
-    """fallback_reason(), found once per set of `module`'s submodules (replacing one finds it
-    again), not on every forward. The key: the children and grandchildren (a block's convs and
-    norms, a downsample's; a dense block's layers and theirs), by identity."""
+def cached_per_submodules(module: nn.Module, name: str, compute: Callable[[], object]):
+    """compute(), found once per set of `module`'s submodules (replacing one finds it again), not
+    on every forward; kept in module.__dict__[name]. The key: the children and grandchildren (a
+    block's convs and norms, a downsample's; a dense block's layers and theirs), by identity."""
     key = []
     for child in module._modules.values():
         key.append(child)
         if child is not None:
             key.extend(child._modules.values())
     key = tuple(key)
-    cached = module.__dict__.get("_fusedres_fallback")
+    cached = module.__dict__.get(name)
     if cached is None or cached[0] != key:
-        cached = (key, fallback_reason())
-        module.__dict__["_fusedres_fallback"] = cached
+        cached = (key, compute())
+        module.__dict__[name] = cached
     return cached[1]
+
+
+def cached_fallback_reason(module: nn.Module, fallback_reason: Callable[[], Optional[str]]) -> Optional[str]:
+    """fallback_reason(), found once per set of `module`'s submodules (cached_per_submodules)."""
+    return cached_per_submodules(module, "_fusedres_fallback", fallback_reason)
 
 
 def runs_reference(x: torch.Tensor, module: nn.Module, owner: str, fallback_reason: Callable[[], Optional[str]]) -> bool:
@@ -188,15 +193,8 @@ def train_choices() -> Dict[tuple, TrainPathChoice]:
 
 def _structure(module: nn.Module) -> tuple:
     """(what a block computes besides its input: its convs' and norms' types and arguments; its
-    norm layers), found once per set of submodules (as cached_fallback_reason)."""
-    key = []
-    for child in module._modules.values():
-        key.append(child)
-        if child is not None:
-            key.extend(child._modules.values())
-    key = tuple(key)
-    cached = module.__dict__.get("_fusedres_structure")
-    if cached is None or cached[0] != key:
+    norm layers), found once per set of submodules (cached_per_submodules)."""
+    def compute():
         parts, norms = [type(module).__name__], []
         original = module.__dict__.get("original")  # FusedResidual: its original block and wiring
         if original is not None:
@@ -210,9 +208,9 @@ def _structure(module: nn.Module) -> tuple:
             elif isinstance(m, nn.modules.batchnorm._NormBase):
                 parts.append((name, type(m).__name__, m.track_running_stats, m.affine))
                 norms.append(m)
-        cached = (key, tuple(parts), tuple(norms))
-        module.__dict__["_fusedres_structure"] = cached
-    return cached[1], cached[2]
+        return tuple(parts), tuple(norms)
+
+    return cached_per_submodules(module, "_fusedres_structure", compute)
 
 
 def _same(t):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..common import dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
 from ..ops import direct
+from ..ops.conv_inference import conv2d_bias_act_inference_reference
 from ..ops.bn_finalize import scale_shift as bn_scale_shift  # noqa: F401  (re-exported)
 from ..ops.direct import BatchNormStats
 
@@ -449,11 +450,7 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
 
 
 def _conv_bias_act_traced(x, weight, bias, residual, conv: ConvSpec, relu: bool) -> torch.Tensor:
-    """The traced form: aten's conv, then bias, residual and ReLU in the statistics dtype, rounded
-    once to x's dtype (as the eager epilogue rounds), as tensor ops for inductor to fuse."""
-    acc = stats_dtype(x)
-    z = F.conv2d(x, weight, None, *conv)
-    z = z.to(acc) + bias.view(1, -1, 1, 1)
-    if residual is not None:
-        z = z + residual.to(acc)
-    return (torch.relu(z) if relu else z).to(x.dtype)
+    """The traced form: the op's reference (aten's conv, then bias, residual and ReLU in the
+    statistics dtype, rounded once to x's dtype, as the eager epilogue rounds), as tensor ops for
+    inductor to fuse."""
+    return conv2d_bias_act_inference_reference(x, weight, bias, residual, *conv, relu)
