@@ -13,7 +13,8 @@
 #
 # Stage 1's budgets, seconds (BUDGET_<part>=N overrides one): build 150, kernels 75, convs 75,
 # bottleneck 30, resnet50 140 = 470, plus ~10 for the environment. A part that runs out of time is
-# killed; its JSON keeps what it measured ("finished": false) and the next part runs.
+# killed; its JSON keeps what it measured ("finished": false; written before the part starts, so
+# there is one whenever it is killed) and the next part runs.
 # $OUT/stage1_summary.json lists every part: rc, seconds, timed_out.
 # If the CUDA build fails, stage 1 says so (build.log, the summary), and goes on with the Triton
 # kernels from the source tree (auto picks Triton where the CUDA kernels are missing).
@@ -39,6 +40,15 @@ data["total_s"] = sum(p["seconds"] for p in data["parts"])
 data["ok"] = all(p["rc"] == 0 for p in data["parts"])
 json.dump(data, open(path, "w"), indent=1)
 EOF
+}
+
+part_record() {  # part budget: the part's JSON before it starts ("finished": false), written by
+  # the shell, so a part killed at any moment, even before Python has imported torch and written
+  # its own (a loaded machine can take longer than a short budget for that), leaves one
+  local dry=false
+  [ "$DRY_RUN" = 1 ] && dry=true
+  printf '{"part": "%s", "budget_s": %s, "dry_run": %s, "finished": false, "rows": [], "started": "%s", "note": "written by gpu_check.sh before the part started"}\n' \
+    "$1" "$2" "$dry" "$(date -u +%FT%TZ)" > "$OUT/stage1_$1.json"
 }
 
 budget() {  # part default
@@ -87,6 +97,7 @@ if [[ $STAGES == *,1,* ]]; then
     part="${spec%%:*}"
     b=$(budget "$part" "${spec##*:}")
     echo "== stage 1: $part (budget ${b}s)"
+    part_record "$part" "$b"
     SECONDS=0
     # -k: a part that ignores the TERM (a kernel in flight) is killed 5 s later
     FUSEDRES_PART_BUDGET="$b" PYTHONSAFEPATH=1 timeout -k 5 "$b" "$PY" benchmarks/gpu_stage1.py "$part" --out "$OUT" "${DRY[@]}" \

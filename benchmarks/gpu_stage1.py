@@ -20,7 +20,8 @@ Parts, in order, with their time budgets (seconds, on a cold H200; gpu_check.sh 
 The fused convs run their default configurations (FUSEDRES_AUTOTUNE=0) except where the convs
 part tunes three on purpose: tuning a whole model compiles and times ~10 candidates per kernel.
 Each part writes DIR/stage1_<part>.json after every row, so a part killed at its budget still
-leaves what it measured, with "finished": false. The Triton variants a part launches are compiled
+leaves what it measured, with "finished": false (gpu_check.sh writes a first one before the part
+starts, so a part killed before it got to write its own leaves that). The Triton variants a part launches are compiled
 first on every CPU core (triton_variants.warm_cache), not one by one as the launches meet them.
 
 --dry-run (CI, no GPU): the same plumbing on the CPU at toy sizes, Triton under the interpreter, no
@@ -53,8 +54,9 @@ class Part:
         self.budget = int(os.environ.get("FUSEDRES_PART_BUDGET", PARTS[name]))  # gpu_check.sh's
         self.data = dict(part=name, budget_s=self.budget, dry_run=dry_run, finished=False, rows=[],
                          started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                         environment=_environment())
-        self.save()
+                         environment=None)
+        self.save()  # first, before the imports _environment makes (seconds on a loaded machine)
+        self.set(environment=_environment())
 
     def row(self, **row):
         row["t_s"] = round(time.perf_counter() - self.t0, 1)

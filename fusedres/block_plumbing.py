@@ -6,6 +6,7 @@ training the choice between the fused units and the stock forward (measured once
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
@@ -57,27 +58,103 @@ def inference(x: torch.Tensor, *modules: nn.Module) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
+class DerivedCache:
+    """Values derived from a module's tensors (a BatchNorm folded into its conv, with the fold's
+    oneDNN packs; a BatchNorm's eval statistics), each kept until anything it came from may have
+    changed, so an eval forward pays no per-channel ops and no weight-sized fold.
+
+    A value is reused only while every tensor it came from is the same tensor object, on the same
+    live storage at the same address, with the same dtype, strides and version counter, and the
+    plain arguments (eps, the conv's geometry, ...) are equal. That covers every way a fold goes
+    stale: an in-place write or an optimizer step (the version), load_state_dict (copy_, the
+    version; assign=True, a new object), a dtype, device or memory-format move (`param.data = ...`
+    keeps the object and its version but swaps the storage; a storage freed and another allocated
+    at its address fails the storage check), and a training forward. The last needs the norm's
+    num_batches_tracked among the tensors: aten's BatchNorm writes the running statistics through
+    their pointers without bumping their versions, but nn.BatchNorm2d.forward counts every batch
+    it folds into them in num_batches_tracked (an in-place add_, which bumps); fusedres's own
+    kernels bump the statistics' versions too (ops.mark_running_written). So callers pass
+    num_batches_tracked, and a norm with running statistics but no num_batches_tracked is not
+    cached at all (`cacheable=False`: computed on every call). Inference tensors (made under
+    torch.inference_mode) have no version counter: never cached either.
+
+    A deep copy or a pickle gets an empty cache (the values are derived, and rebuilt on first use;
+    the entries hold weak references, which neither copies)."""
+
+    __slots__ = ("_entries",)
+    # values reused and computed, over every cache of the process (tests check that eval forwards
+    # reuse folds, so the invalidation is exercised rather than bypassed)
+    counts = {"reused": 0, "computed": 0}
+
+    def __init__(self) -> None:
+        self._entries = {}
+
+    def get(self, key, tensors, extra, compute: Callable[[], object], cacheable: bool = True):
+        """compute(), or what it returned for `key` while `tensors` (None allowed) and `extra` were
+        as they are now."""
+        if not cacheable or tracing():
+            return compute()
+        try:
+            state = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+        except RuntimeError:  # an inference tensor: no version counter says it is unchanged
+            return compute()
+        entry = self._entries.get(key)
+        if (entry is not None and entry[2] == state and entry[3] == extra
+                and all(r is None if t is None else r() is t for r, t in zip(entry[0], tensors))
+                and all(s is None or s() is not None for s in entry[1])):
+            DerivedCache.counts["reused"] += 1
+            return entry[4]
+        DerivedCache.counts["computed"] += 1
+        value = compute()
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        storages = tuple(None if t is None else weakref.ref(t.untyped_storage()) for t in tensors)
+        self._entries[key] = (refs, storages, state, extra, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __deepcopy__(self, memo) -> "DerivedCache":
+        return DerivedCache()
+
+    def __reduce__(self):
+        return (DerivedCache, ())
+
+
+def derived_cache(owner: nn.Module, name: str) -> DerivedCache:
+    """owner's DerivedCache called `name` (kept in owner.__dict__, not a submodule or state)."""
+    cache = owner.__dict__.get(name)
+    if not isinstance(cache, DerivedCache):  # (a module pickled by an older fusedres held a dict)
+        cache = owner.__dict__[name] = DerivedCache()
+    return cache
+
+
+def bn_state_tensors(bn: nn.Module) -> tuple:
+    """The tensors a BatchNorm's eval result derives from, with num_batches_tracked (what tells a
+    training forward's update of the running statistics: DerivedCache), and whether a cache keyed
+    on them can see every change (False: running statistics without num_batches_tracked)."""
+    params, buffers = bn._parameters, bn._buffers
+    running_mean, tracked = buffers.get("running_mean"), buffers.get("num_batches_tracked")
+    tensors = (params.get("weight"), params.get("bias"), running_mean, buffers.get("running_var"), tracked)
+    return tensors, running_mean is None or tracked is not None
+
+
 def eval_bn_stats(owner: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> BatchNormStats:
     """`bn` with its running statistics as (mean, invstd, scale, shift) in x's statistics dtype,
-    cached on `owner` until a tensor involved changes (in-place updates bump _version): no
-    per-channel ops per eval forward. Recomputed while tracing."""
-    tensors = (bn._buffers.get("running_mean"), bn._buffers.get("running_var"), bn._parameters.get("weight"),
-               bn._parameters.get("bias"))
+    cached on `owner` until anything involved changes (DerivedCache): no per-channel ops per eval
+    forward. Recomputed while tracing."""
+    tensors, cacheable = bn_state_tensors(bn)
 
     def compute():
         with torch.no_grad():
-            mean, invstd = running_stats(tensors[0], tensors[1], bn.eps, x)
-            return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, tensors[2], tensors[3]))
+            mean, invstd = running_stats(tensors[2], tensors[3], bn.eps, x)
+            return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, tensors[0], tensors[1]))
 
-    if tracing():
-        return compute()
-    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)  # a new dtype or
-    key += (bn.eps, x.dtype == torch.float64)  # device is new memory
-    cache = owner.__dict__.setdefault("_eval_bn_cache", {})
-    hit = cache.get(id(bn))
-    if hit is None or hit[0] != key:
-        hit = cache[id(bn)] = (key, compute())
-    return hit[1]
+    return derived_cache(owner, "_eval_bn_cache").get(id(bn), tensors, (bn.eps, x.dtype == torch.float64), compute,
+                                                      cacheable)
 
 
 def _is_plain(module: nn.Module, cls) -> bool:

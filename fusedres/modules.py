@@ -33,10 +33,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .autograd import Unit, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units
+from .autograd import (Unit, autocast_dtype, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain,
+                       conv_bn_units)
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
-from .block_plumbing import (check_block_input, conv_args, grad_needed, runs_reference, unfusable_reason,
-                             uses_fused_training)
+from .block_plumbing import (bn_state_tensors, check_block_input, conv_args, derived_cache, grad_needed,
+                             runs_reference, unfusable_reason, uses_fused_training)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
@@ -153,8 +154,7 @@ class _FusedBlockBase(nn.Module):
     @staticmethod
     def _traced_on_aten(x: torch.Tensor, units) -> bool:
         """Whether this block's convs run on aten's conv (not the fused conv kernels)."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        return kernel_unsupported_reason(x, units[0][0].weight, dtype) is not None
+        return kernel_unsupported_reason(x, units[0][0].weight, autocast_dtype(x)) is not None
 
     def _core_forward(self, x: torch.Tensor, units=None) -> torch.Tensor:
         """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference)."""
@@ -166,24 +166,26 @@ class _FusedBlockBase(nn.Module):
         return self._core_units(units, x, identity, self._final_relu, conv_kernels)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        """(weight, bias, packs): BN folded into conv, cached until any of the tensors involved
-        changes (in-place updates bump _version), with the folded weight's oneDNN packs
-        (PackedWeights, dropped with the fold); recomputed in a traced graph (torch.compile /
-        export), where the fold is part of the graph and nothing is packed (packs None)."""
-        c, b = conv._parameters, bn._parameters
-        tensors = (c["weight"], c.get("bias"), b.get("weight"), b.get("bias"), bn._buffers.get("running_mean"),
-                   bn._buffers.get("running_var"))
+        """(weight, bias, packs): BN folded into conv, cached until anything it derives from changes
+        (block_plumbing.DerivedCache: the conv's and the norm's tensors, num_batches_tracked for a
+        training forward's update of the running statistics, eps, the conv's geometry), with the
+        folded weight's oneDNN packs (PackedWeights, dropped with the fold); recomputed in a traced
+        graph (torch.compile / export), where the fold is part of the graph and nothing is packed
+        (packs None)."""
+        c = conv._parameters
+        bn_tensors, cacheable = bn_state_tensors(bn)
+        gamma, beta, running_mean, running_var, _ = bn_tensors
         if tracing():
-            return (*fold_bn(*tensors, bn.eps), None)
-        # (a new dtype or device is new memory: data_ptr changes)
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
-        cache = self.__dict__.setdefault("_fold_cache", {})
-        hit = cache.get(id(conv))
-        if hit is None or hit[0] != key:
+            return (*fold_bn(c["weight"], c.get("bias"), gamma, beta, running_mean, running_var, bn.eps), None)
+
+        def compute():
             with torch.no_grad():
-                hit = (key, (*fold_bn(*tensors, bn.eps), PackedWeights()))
-            cache[id(conv)] = hit
-        return hit[1]
+                return (*fold_bn(c["weight"], c.get("bias"), gamma, beta, running_mean, running_var, bn.eps),
+                        PackedWeights())
+
+        extra = (bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return derived_cache(self, "_fold_cache").get(id(conv), (c["weight"], c.get("bias")) + bn_tensors, extra,
+                                                      compute, cacheable)
 
     def _fusable_downsample(self):
         ds = self._modules.get("downsample")

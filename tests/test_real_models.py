@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import fusedres
-from helpers import HAS_CUDA, backend, randomize_bn
+from helpers import HAS_CUDA, assert_close_scaled, backend, randomize_bn
+from stateful import ModelsMachine, assert_exercised, run
 
 import timm  # conftest collects this file only where both import (and fails where they must)
 import torchvision
@@ -203,3 +204,50 @@ def test_end_to_end_example_trains_through_torchvisions_image_folder_and_data_lo
     assert max(first) - min(first) < 1e-4, f"same weights, same batch: {first}"
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert lines[0] == "id,p_dog" and len(lines) == 1 + result["held_out"]
+
+
+# -------------------------------------------------------------------------------------------------
+# A fused torchvision ResNet-18 equals stock under any sequence of user actions (issue 22;
+# tests/stateful.py): the CPU backends (oneDNN's fused inference conv with prepacked weights, the
+# C++ BatchNorm kernels), on the fused units and on the stock forward in training.
+class TorchvisionResNet18(ModelsMachine):
+    make_stock = staticmethod(lambda: randomize_bn(torchvision.models.resnet18(num_classes=10)))
+    input_shape = (3, 3, 40, 40)  # layer4 at 2x2: 12 values per channel for its BatchNorms
+    freeze_groups = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc", "layer4.1.bn")
+
+
+@pytest.mark.parametrize("path", ["fused", "stock"])
+def test_resnet18_equals_stock_under_any_sequence(path, monkeypatch):
+    from fusedres.modules import PackedWeights
+
+    monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", path)
+    packs = []
+    original_get = PackedWeights.get
+    monkeypatch.setattr(PackedWeights, "get", lambda self, *a: packs.append(1) or original_get(self, *a))
+    stats = run(TorchvisionResNet18, examples=12, steps=12)
+    assert_exercised(stats)
+    assert packs, "no eval forward ran oneDNN's fused conv with a packed weight"
+
+
+@pytest.mark.parametrize("path", ["fused", "stock", "measure"])
+def test_eval_after_a_train_forward_without_a_step_is_stock(path, monkeypatch):
+    """Issue 22's sequence: a validation pass, a train forward + backward with no optimizer step,
+    eval again. The fold cached by the first eval must not survive the running statistics' update
+    (it did: 0.6-0.9 relative off stock)."""
+    monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", path)
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18()
+    fused = fusedres.fuse(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 64, 64)
+    outs = []
+    for m in (ref, fused):
+        m.eval()
+        with torch.no_grad():
+            m(x)
+        for _ in range(2):
+            m.train()
+            m(x).sum().backward()
+        m.eval()
+        with torch.no_grad():
+            outs.append(m(x))
+    assert_close_scaled(outs[1], outs[0], 2e-5, msg=f"eval after train forwards, path {path}")

@@ -126,7 +126,7 @@ def epilogue_bn(z, a, b, c, bn: BNArgs):
 
 def chain_unsupported_reason(x: torch.Tensor, convs: Sequence[ConvArgs]) -> Optional[str]:
     """None if conv_bn_chain runs every conv of `convs` on the fused conv kernels, else why not."""
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     for conv in convs:
         why = ops.kernel_unsupported_reason(x, conv.weight, dtype)
         if why is not None:
@@ -145,7 +145,7 @@ def conv_bn_chain(x: torch.Tensor, units: Sequence[Tuple[ConvArgs, BNArgs]], res
     """
     if not units:
         raise ValueError("fusedres: conv_bn_chain needs at least one (conv, bn) unit")
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     if dtype is not None:
         x = x.to(dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():

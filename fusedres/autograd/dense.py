@@ -325,7 +325,7 @@ def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
 def dense_block_unsupported_reason(x: torch.Tensor, layers: Sequence[DenseLayerArgs]) -> Optional[str]:
     """None if every conv of the block runs on the fused conv kernels, else why not (the block then
     runs aten's convs with the BatchNorm ops, still over one buffer)."""
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     for layer in layers:
         for conv in (unit.conv for unit in layer.units):
             why = ops.kernel_unsupported_reason(x, conv.weight, dtype)
@@ -360,7 +360,7 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
                              f"layer 1 adds {growth}: every layer of a block adds the same growth rate")
         c += growth
     dropout = tuple(bool(d) for d in dropout) or (False,) * len(layers)
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     fused = dense_block_unsupported_reason(x, layers) is None
     params, running = [], []
     for layer in layers:
@@ -373,7 +373,9 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerArgs], dropout: Sequ
                  tuple(float(layer.drop_rate) for layer in layers), growth, fused)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         buffer, mean, var = DenseBlockFunction.apply(x, plan, dropout, dtype or x.dtype, *params, *running)
-    if mean.numel() and not tracing():  # a compiled graph recomputes the transition's statistics
+    # a compiled graph recomputes the transition's statistics; an inference tensor (under
+    # torch.inference_mode) has no version counter to say it is unchanged
+    if mean.numel() and not tracing() and not buffer.is_inference():
         setattr(buffer, STATS_ATTR, (buffer._version, mean, var, buffer.numel() // buffer.shape[1]))
     return buffer
 
@@ -383,7 +385,7 @@ def channel_stats(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor,
     if tracing():
         return None
     record = getattr(x, STATS_ATTR, None)
-    if record is None or record[0] != x._version:
+    if record is None or x.is_inference() or record[0] != x._version:
         return None
     return record[1:]
 
@@ -409,7 +411,7 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: Optiona
     prologue (the normalized input never exists, forward or backward); elsewhere one
     normalize-activate pass, then aten's conv.
     """
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
     conv_dtype = weight.dtype
     recorded = channel_stats(x) if bn.batch_stats else None

@@ -321,7 +321,7 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
     BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
     path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
     (checked when built). Under autocast the convs run in the autocast dtype; BN math is float32."""
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     specs, tensors = [], []
     last = len(units) - 1
     for k, (conv, bn) in enumerate(units):
@@ -359,8 +359,12 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return bn_act(x, weight, bias, stats, batch_stats=True, relu=False, sync=sync, count=count)
 
 
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs convs on x in: None where autocast is off for x's device, or where it
+    leaves x as it is (float64, as autocast's own cast does: a float64 model under autocast runs in
+    float64)."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -383,7 +387,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             nn.SyncBatchNorm (ops.sync_group makes one).
     Under autocast the conv runs in the autocast dtype, as F.conv2d would; BN math stays float32.
     """
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     stride, padding, dilation = ops.check_conv(x, weight if dtype is None else weight.to(x.dtype), bias, stride,
                                                padding, dilation, groups)
     return conv_bn_act_unchecked(x, ConvArgs(weight, bias, stride, padding, dilation, groups),
@@ -407,7 +411,7 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     the conv's epilogue: one pass. Otherwise aten's conv runs without its bias and bias, residual
     and ReLU are one bn_act_forward pass after it.
     """
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     stride, padding, dilation = ops.check_conv(x, weight if dtype is None else weight.to(x.dtype), None, stride,
                                                padding, dilation, groups)
     if residual is not None:
@@ -430,7 +434,7 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
     (one primitive, post-ops fused; ops.conv_inference); else aten's conv + one bn_act_forward
     pass. While torch.compile / export trace, the aten path's epilogue is plain tensor ops, which
     inductor fuses into the conv's consumer itself (an opaque op there would stop it)."""
-    dtype = autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         conv_kernels = None

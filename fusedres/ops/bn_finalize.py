@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..common import stats_dtype
+from ..common import stats_dtype, tracing
 from .registry import kernel, register, register_loader
 
 Tensor = torch.Tensor
@@ -71,6 +71,17 @@ def running_update(running_mean: Optional[Tensor], running_var: Optional[Tensor]
         running_mean.copy_((running_mean.to(acc) * (1 - momentum) + mean * momentum).to(running_mean.dtype))
         running_var.copy_((running_var.to(acc) * (1 - momentum) + var * (momentum * count / (count - 1)))
                           .to(running_var.dtype))
+
+
+def mark_running_written(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    """Bump the running statistics' version counters after a kernel wrote them in place through
+    their pointers (the C++, CUDA and Triton kernels), as aten's in-place ops bump theirs: what
+    is derived from them and keyed on their versions (a fused module's BatchNorm fold, its oneDNN
+    packs, its eval statistics) then sees the update. Not while tracing (the custom ops declare
+    the mutation to the compiler). An inference tensor has no counter and is left as it is."""
+    if running_mean is None or tracing():
+        return
+    torch.autograd.graph.increment_version((running_mean, running_var))
 
 
 def finalize_from_moments(mean: Tensor, var: Tensor, count, eps: float, gamma: Optional[Tensor],
@@ -147,8 +158,10 @@ def bn_forward_finalize(partials: StatsPartials, eps: float = 1e-5, gamma: Optio
     acc = sums.dtype
     gamma = None if gamma is None else gamma.detach().to(acc).contiguous()
     beta = None if beta is None else beta.detach().to(acc).contiguous()
-    return kernel("bn_forward_finalize", sums.device)(rows, sums, m2s, count, float(eps), gamma, beta, running_mean,
-                                                      running_var, float(momentum))
+    result = kernel("bn_forward_finalize", sums.device)(rows, sums, m2s, count, float(eps), gamma, beta,
+                                                        running_mean, running_var, float(momentum))
+    mark_running_written(running_mean, running_var)
+    return result
 
 
 def bn_backward_finalize(sum_dz: Tensor, sum_dz_xmu: Tensor, invstd: Tensor, scale: Tensor, count,

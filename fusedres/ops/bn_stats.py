@@ -9,7 +9,7 @@ import torch
 
 from . import validate
 from ..common import channel_view, dense, stats_dtype
-from .bn_finalize import running_update
+from .bn_finalize import mark_running_written, running_update
 from .registry import call, dispatch, register, register_fake, register_loader
 
 
@@ -80,7 +80,9 @@ def bn_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Te
     if running_mean is not None and count < 2:
         raise ValueError("fusedres: the running variance needs more than 1 value per channel, "
                          f"got input size {tuple(x.shape)}")
-    return call("bn_stats", x.device, x, float(eps), running_mean, running_var, float(momentum))
+    result = call("bn_stats", x.device, x, float(eps), running_mean, running_var, float(momentum))
+    mark_running_written(running_mean, running_var)
+    return result
 
 
 def bn_stats_from_moments(mean: torch.Tensor, var: torch.Tensor, count, eps: float = 1e-5,

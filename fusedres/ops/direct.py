@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..common import tracing
-from .bn_finalize import StatsPartials, bn_backward_finalize_reference, finalize_from_moments, running_update
+from .bn_finalize import (StatsPartials, bn_backward_finalize_reference, finalize_from_moments, mark_running_written,
+                          running_update)
 from .conv import (ChannelMoments, conv2d_forward_unchecked, conv2d_input_grad_unchecked,  # noqa: F401
                    conv2d_weight_grad_unchecked)
 from .conv import as_moments as moments  # merged (mean, biased var) of a conv epilogue's statistics
@@ -41,8 +42,10 @@ class BatchNormStats(NamedTuple):
 def bn_stats(x: Tensor, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
              momentum: float) -> Tuple[Tensor, Tensor]:
     """(mean, invstd) of x's batch, running statistics updated: one statistics pass, the
-    bookkeeping inside it."""
-    return call("bn_stats", x.device, x, eps, running_mean, running_var, momentum)
+    bookkeeping inside it (the running statistics' versions bumped: mark_running_written)."""
+    result = call("bn_stats", x.device, x, eps, running_mean, running_var, momentum)
+    mark_running_written(running_mean, running_var)
+    return result
 
 
 def bn_act_forward(x: Tensor, mean: Optional[Tensor], scale: Optional[Tensor], shift: Tensor,
@@ -90,6 +93,7 @@ def bn_forward_finalize(stats: Union[StatsPartials, ChannelMoments], count, eps:
     if isinstance(stats, StatsPartials) and not tracing():
         mean, var, invstd, scale, shift = kernel("bn_forward_finalize", stats.sum.device)(
             stats.rows, stats.sum, stats.m2, count, eps, gamma, beta, running_mean, running_var, momentum)
+        mark_running_written(running_mean, running_var)
     else:
         stats = moments(stats)
         mean, var, invstd, scale, shift = finalize_from_moments(stats.mean, stats.var, count, eps, gamma, beta,
