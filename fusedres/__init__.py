@@ -20,7 +20,7 @@ _versions.check_torch(_torch.__version__)
 from . import _extension  # noqa: E402
 from .autograd import conv_bias_act_inference, conv_bn_act  # noqa: F401,E402
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition  # noqa: F401,E402
-from .fuse import FuseReport, fuse, fuse_report, unfuse  # noqa: F401,E402
+from .fuse import FuseReport, fuse, fuse_report, refresh, unfuse  # noqa: F401,E402
 from .batchnorm import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401,E402
 from .block_plumbing import train_choices as cpu_train_choices  # noqa: F401,E402
 from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual  # noqa: F401,E402
@@ -28,7 +28,7 @@ from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401,E
 
 __version__ = "0.1.0"
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedDenseLayer", "FusedDenseBlock",
-           "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse",
+           "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse", "refresh",
            "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded", "cpu_train_choices"]
 

@@ -3,6 +3,7 @@ input checks, the fallback to the reference forward (its reason found once per s
 submodules, warned once), whether gradients are needed, the conv's arguments, and on the CPU in
 training the choice between the fused units and the stock forward (measured once per shape).
 """
+import operator
 import os
 import threading
 import time
@@ -58,28 +59,36 @@ def inference(x: torch.Tensor, *modules: nn.Module) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
+def _no_tensor() -> None:
+    """The weak reference of an absent tensor (None): DerivedCache calls every reference alike."""
+    return None
+
+
 class DerivedCache:
     """Values derived from a module's tensors (a BatchNorm folded into its conv, with the fold's
     oneDNN packs; a BatchNorm's eval statistics), each kept until anything it came from may have
     changed, so an eval forward pays no per-channel ops and no weight-sized fold.
 
-    A value is reused only while every tensor it came from is the same tensor object, on the same
-    live storage at the same address, with the same dtype, strides and version counter, and the
-    plain arguments (eps, the conv's geometry, ...) are equal. That covers every way a fold goes
-    stale: an in-place write or an optimizer step (the version), load_state_dict (copy_, the
-    version; assign=True, a new object), a dtype, device or memory-format move (`param.data = ...`
-    keeps the object and its version but swaps the storage; a storage freed and another allocated
-    at its address fails the storage check), and a training forward. The last needs the norm's
-    num_batches_tracked among the tensors: aten's BatchNorm writes the running statistics through
-    their pointers without bumping their versions, but nn.BatchNorm2d.forward counts every batch
-    it folds into them in num_batches_tracked (an in-place add_, which bumps); fusedres's own
-    kernels bump the statistics' versions too (ops.mark_running_written). So callers pass
-    num_batches_tracked, and a norm with running statistics but no num_batches_tracked is not
-    cached at all (`cacheable=False`: computed on every call). Inference tensors (made under
-    torch.inference_mode) have no version counter: never cached either.
+    A value is reused only while every tensor it came from is the same tensor object (alive: a
+    weak reference), at the same address, with the same version counter, and the plain arguments
+    (eps, the conv's geometry, ...) are equal. What changes a value, and what tells:
+      - an in-place write, an optimizer step, load_state_dict (copy_): the version counter;
+      - load_state_dict(assign=True), a parameter or buffer replaced: another tensor object;
+      - `param.data = other` (a move: the same object and version, new memory): the address;
+        module moves (.to, .double, .cuda, ...) also drop the cache (CachesDerivedValues);
+      - a training forward: aten's BatchNorm writes the running statistics through their pointers
+        without bumping their versions, but nn.BatchNorm2d.forward counts each batch it adds to
+        them in num_batches_tracked (an in-place add_, which bumps), so callers pass that tensor
+        too (bn_state_tensors); fusedres's own kernels bump the statistics' versions as well
+        (ops.mark_running_written). A norm with running statistics but no num_batches_tracked is
+        not cached (`cacheable=False`: computed on every call).
+    Not seen: writes through `.data` (PyTorch's version counters do not count them, by design);
+    a mode change (train() / eval()) of the fused module drops the cache, and fusedres.refresh
+    drops it on demand. Inference tensors (made under torch.inference_mode) have no version
+    counter: never cached.
 
-    A deep copy or a pickle gets an empty cache (the values are derived, and rebuilt on first use;
-    the entries hold weak references, which neither copies)."""
+    A lookup costs ~0.5 us per tensor (version, address, weak reference). A deep copy or a pickle
+    gets an empty cache (the values are derived, and rebuilt on first use)."""
 
     __slots__ = ("_entries",)
     # values reused and computed, over every cache of the process (tests check that eval forwards
@@ -95,20 +104,17 @@ class DerivedCache:
         if not cacheable or tracing():
             return compute()
         try:
-            state = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+            state = [(t._version, t.data_ptr()) if t is not None else None for t in tensors]
         except RuntimeError:  # an inference tensor: no version counter says it is unchanged
             return compute()
         entry = self._entries.get(key)
-        if (entry is not None and entry[2] == state and entry[3] == extra
-                and all(r is None if t is None else r() is t for r, t in zip(entry[0], tensors))
-                and all(s is None or s() is not None for s in entry[1])):
+        if (entry is not None and entry[1] == state and entry[2] == extra
+                and all(map(operator.is_, [ref() for ref in entry[0]], tensors))):
             DerivedCache.counts["reused"] += 1
-            return entry[4]
+            return entry[3]
         DerivedCache.counts["computed"] += 1
         value = compute()
-        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        storages = tuple(None if t is None else weakref.ref(t.untyped_storage()) for t in tensors)
-        self._entries[key] = (refs, storages, state, extra, value)
+        self._entries[key] = ([weakref.ref(t) if t is not None else _no_tensor for t in tensors], state, extra, value)
         return value
 
     def __len__(self) -> int:
@@ -122,6 +128,29 @@ class DerivedCache:
 
     def __reduce__(self):
         return (DerivedCache, ())
+
+
+def drop_derived(module: nn.Module) -> None:
+    """Empties every DerivedCache `module` holds."""
+    for value in module.__dict__.values():
+        if isinstance(value, DerivedCache):
+            value.clear()
+
+
+class CachesDerivedValues:
+    """Mixin of the fused modules that keep DerivedCaches: a change of mode (train() / eval() that
+    flips the module's flag; a repeated model.eval() per request keeps the cache) and a move
+    (.to, .double, .cuda, ...: nn.Module._apply) drop them, so even writes that PyTorch does not
+    count (through `.data`) are seen by the next validation after training."""
+
+    def train(self, mode: bool = True):
+        if bool(mode) != self.training:
+            drop_derived(self)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        drop_derived(self)
+        return super()._apply(fn, *args, **kwargs)
 
 
 def derived_cache(owner: nn.Module, name: str) -> DerivedCache:

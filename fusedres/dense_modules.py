@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from .autograd import DenseLayerArgs, Unit, bn_relu_conv_inference, bn_relu_conv_pool, dense_block
 from .batchnorm import bn_args
-from .block_plumbing import (cached_fallback_reason, check_block_input, conv_args, eval_bn_stats, inference,
-                             norm_relu_conv_reason, norm_with_relu, runs_reference)
+from .block_plumbing import (CachesDerivedValues, cached_fallback_reason, check_block_input, conv_args, eval_bn_stats,
+                             inference, norm_relu_conv_reason, norm_with_relu, runs_reference)
 from .common import warn_once
 from .models.densenet import DenseBlock, DenseLayer, Transition, rename_legacy_keys_hook
 
@@ -47,7 +47,7 @@ def _shared_children(source: nn.Module, names):
     return found, missing
 
 
-class FusedDenseLayer(DenseLayer):
+class FusedDenseLayer(CachesDerivedValues, DenseLayer):
     """torchvision.models.densenet._DenseLayer, fused: norm1-relu1-conv1 (1x1 to bn_size * growth)
     over the concatenated features, norm2-relu2-conv2 (3x3 to growth), dropout.
     bottleneck=False: norm1-relu1-conv1 (3x3 with bias, to growth) only. The reference DenseLayer's
@@ -162,7 +162,7 @@ class FusedDenseBlock(DenseBlock):
         return fused
 
 
-class FusedTransition(Transition):
+class FusedTransition(CachesDerivedValues, Transition):
     """torchvision.models.densenet._Transition, fused: norm-relu-conv (1x1)-pool (2x2 average). The
     reference Transition's constructor and submodules; only forward differs."""
 

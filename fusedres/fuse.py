@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import norm_with_relu, unfusable_reason
+from .block_plumbing import drop_derived, norm_with_relu, unfusable_reason
 from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual
 
 _FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
@@ -506,3 +506,17 @@ def _unswap(module: nn.Module) -> nn.Module:
         original.training = module.training
         return _unswap(original)
     return _map_children(module, lambda name, child: _unswap(child))
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Drops what the fused modules in `model` derived from its tensors (BatchNorm folded into the
+    convs, oneDNN weight packs, eval statistics); the next eval forward derives it anew. Needed
+    only after writes PyTorch does not count as changes: through `.data` (e.g.
+    `conv.weight.data.copy_(w)`) while the model stays in eval mode. Every counted change (in-place
+    ops, optimizer steps, load_state_dict, training forwards, moves, a train() / eval() flip) is
+    seen without it. Returns `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.refresh: model must be an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        drop_derived(module)
+    return model

@@ -36,8 +36,8 @@ import torch.nn as nn
 from .autograd import (Unit, autocast_dtype, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain,
                        conv_bn_units)
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
-from .block_plumbing import (bn_state_tensors, check_block_input, conv_args, derived_cache, grad_needed,
-                             runs_reference, unfusable_reason, uses_fused_training)
+from .block_plumbing import (CachesDerivedValues, bn_state_tensors, check_block_input, conv_args, derived_cache,
+                             grad_needed, runs_reference, unfusable_reason, uses_fused_training)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
@@ -80,7 +80,7 @@ class PackedWeights:
         return (PackedWeights, ())
 
 
-class _FusedBlockBase(nn.Module):
+class _FusedBlockBase(CachesDerivedValues, nn.Module):
     """forward() plumbing shared by the fused blocks; subclasses define `_units()` (the main path's
     (conv, bn) units, ReLU between them) and may override `_shortcut()` and `_final_relu`."""
 
