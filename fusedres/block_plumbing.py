@@ -70,12 +70,15 @@ class DerivedCache:
     changed, so an eval forward pays no per-channel ops and no weight-sized fold.
 
     A value is reused only while every tensor it came from is the same tensor object (alive: a
-    weak reference), at the same address, with the same version counter, and the plain arguments
-    (eps, the conv's geometry, ...) are equal. What changes a value, and what tells:
+    weak reference), on the same storage (alive: a weak reference) at the same address, with the
+    same version counter, and the plain arguments (eps, the conv's geometry, ...) are equal. What
+    changes a value, and what tells:
       - an in-place write, an optimizer step, load_state_dict (copy_): the version counter;
       - load_state_dict(assign=True), a parameter or buffer replaced: another tensor object;
-      - `param.data = other` (a move: the same object and version, new memory): the address;
-        module moves (.to, .double, .cuda, ...) also drop the cache (CachesDerivedValues);
+      - `param.data = other` (the same object and version, new memory): the address, or, where
+        the new memory sits where the old did (a caching allocator hands a freed block of the
+        same size straight back: `p.data = p.data.half().float()` on a GPU), the old storage's
+        death; module moves (.to, .double, .cuda, ...) also drop the cache (CachesDerivedValues);
       - a training forward: aten's BatchNorm writes the running statistics through their pointers
         without bumping their versions, but nn.BatchNorm2d.forward counts each batch it adds to
         them in num_batches_tracked (an in-place add_, which bumps), so callers pass that tensor
@@ -87,7 +90,7 @@ class DerivedCache:
     drops it on demand. Inference tensors (made under torch.inference_mode) have no version
     counter: never cached.
 
-    A lookup costs ~0.5 us per tensor (version, address, weak reference). A deep copy or a pickle
+    A lookup costs ~0.6 us per tensor (version, address, two weak references). A deep copy or a pickle
     gets an empty cache (the values are derived, and rebuilt on first use)."""
 
     __slots__ = ("_entries",)
@@ -108,13 +111,16 @@ class DerivedCache:
         except RuntimeError:  # an inference tensor: no version counter says it is unchanged
             return compute()
         entry = self._entries.get(key)
-        if (entry is not None and entry[1] == state and entry[2] == extra
-                and all(map(operator.is_, [ref() for ref in entry[0]], tensors))):
+        if (entry is not None and entry[2] == state and entry[3] == extra
+                and all(map(operator.is_, [ref() for ref in entry[0]], tensors))
+                and None not in [ref() for ref in entry[1]]):
             DerivedCache.counts["reused"] += 1
-            return entry[3]
+            return entry[4]
         DerivedCache.counts["computed"] += 1
         value = compute()
-        self._entries[key] = ([weakref.ref(t) if t is not None else _no_tensor for t in tensors], state, extra, value)
+        present = [t for t in tensors if t is not None]
+        self._entries[key] = ([weakref.ref(t) if t is not None else _no_tensor for t in tensors],
+                              [weakref.ref(t.untyped_storage()) for t in present], state, extra, value)
         return value
 
     def __len__(self) -> int:

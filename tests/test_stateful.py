@@ -4,6 +4,7 @@ interpreter; real torchvision ResNet-18 in tests/test_real_models.py. Each test 
 its sequences exercised what it is about (every rule, cached folds reused, the path it names)."""
 import copy
 
+import numpy
 import pytest
 import torch
 import torch.nn as nn
@@ -165,3 +166,46 @@ def test_moves_and_replacements_are_seen(move):
                     conv = m.layer1[0].conv1
                     conv.weight = nn.Parameter(conv.weight.detach() * 1.25)
         assert_close_scaled(fused(x), stock(x), 2e-5, msg=move)
+
+
+def _swap_in_place(param: torch.Tensor, values) -> None:
+    """param.data replaced by a NEW tensor and storage over the SAME memory, holding `values`, the
+    old storage freed, no version bump: what a caching allocator does when it hands a freed block
+    straight back (`p.data = p.data.half().float()` on a GPU), made deterministic with a numpy
+    buffer (the CPU allocator rarely reuses an address at once)."""
+    buffer = param.__dict__.setdefault("_test_buffer", numpy.empty(param.numel(), dtype=numpy.float32))
+    buffer[:] = values.detach().reshape(-1).numpy()
+    param.data = torch.from_numpy(buffer).view(param.shape)
+
+
+def test_a_new_storage_at_the_old_address_is_seen():
+    stock, fused = _eval_pair()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for m in (stock, fused):
+            _swap_in_place(m.layer1[0].conv1.weight, m.layer1[0].conv1.weight)
+        fused(x)  # folds cached, the weight over the numpy buffer
+        for m in (stock, fused):
+            w = m.layer1[0].conv1.weight
+            address, version = w.data_ptr(), w._version
+            _swap_in_place(w, w * 1.5)
+            assert (w.data_ptr(), w._version) == (address, version)  # nothing else tells
+        assert_close_scaled(fused(x), stock(x), 2e-5, msg="after a new storage at the old address")
+
+
+@pytest.mark.skipif(HAS_CUDA or not INTERPRETED, reason="the Triton interpreter runs where no GPU is present")
+def test_triton_weight_forms_follow_a_new_storage_at_the_old_address():
+    """The Triton kernels' grouped-weight tiles are cached per weight (version, address, storage)."""
+    torch.manual_seed(0)
+    stock = randomize_bn(SmallResNet(classes=3))
+    fused = fusedres.fuse(stock)
+    x = torch.randn(2, 3, 6, 5)
+    with fusedres.use_backend("triton"):
+        for m in (stock, fused):
+            _swap_in_place(m.block2.conv2.weight, m.block2.conv2.weight)  # the grouped 3x3
+        for step in range(2):
+            outs = [m.train()(x) for m in (stock, fused)]
+            assert_close_scaled(outs[1], outs[0], 2e-5, msg=f"train forward {step}")
+            change = torch.randn(m.block2.conv2.weight.shape)  # (not a scale: the training BN after it undoes one)
+            for m in (stock, fused):
+                _swap_in_place(m.block2.conv2.weight, m.block2.conv2.weight + change)

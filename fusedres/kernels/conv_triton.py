@@ -38,6 +38,7 @@ sums in float32: deterministic, no atomics.
 """
 import os
 import threading
+import weakref
 from typing import Dict, NamedTuple, Sequence, Tuple
 
 import torch
@@ -465,9 +466,11 @@ def grouped_weight_tiles(weight: torch.Tensor, geo: ConvGeometry, block_n: int, 
 
 
 # Forms of each weight tensor the kernels read (grouped tiles, a transposed copy), while it lives:
-# {key: (version, data_ptr, form)}. A weight changes once per optimizer step (its version counter
-# moves), so a train step builds its forward and input-gradient forms once, not once per call and
-# again per autotuning candidate; eval builds them once.
+# {key: (version, data_ptr, weak reference to the storage, form)}. A weight changes once per
+# optimizer step (its version counter moves), so a train step builds its forward and
+# input-gradient forms once, not once per call and again per autotuning candidate; eval builds
+# them once. A move (`.half().float()`) swaps the weight's storage without a version bump, and the
+# new one can land where the old one was: a form whose storage died is not reused.
 _weight_forms = None
 
 
@@ -486,11 +489,11 @@ def cached_weight_form(weight: torch.Tensor, key, build):
     if forms is None:
         forms = _weight_forms[weight] = {}
     hit = forms.get(key)
-    if hit is not None and hit[0] == version and hit[1] == weight.data_ptr():
-        return hit[2]
+    if hit is not None and hit[0] == version and hit[1] == weight.data_ptr() and hit[2]() is not None:
+        return hit[3]
     with torch.no_grad():  # a copy with autograd history would keep the weight (the weak key) alive
         form = build()
-    forms[key] = (version, weight.data_ptr(), form)
+    forms[key] = (version, weight.data_ptr(), weakref.ref(weight.untyped_storage()), form)
     return form
 
 
