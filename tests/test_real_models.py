@@ -19,7 +19,7 @@ import torch
 
 import fusedres
 from helpers import HAS_CUDA, assert_close_scaled, backend, randomize_bn
-from stateful import ModelsMachine, assert_exercised, run
+from stateful import ModelsMachine, assert_exercised, eval_after_train_forwards, run
 
 import timm  # conftest collects this file only where both import (and fails where they must)
 import torchvision
@@ -234,23 +234,8 @@ def test_resnet18_equals_stock_under_any_sequence(path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["fused", "stock", "measure"])
 def test_eval_after_a_train_forward_without_a_step_is_stock(path, monkeypatch):
-    """Issue 22's sequence: a validation pass, a train forward + backward with no optimizer step,
-    eval again. The fold cached by the first eval must not survive the running statistics' update
-    (it did: 0.6-0.9 relative off stock)."""
+    """Issue 22's sequence (stateful.eval_after_train_forwards) on torchvision's ResNet-18."""
     monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", path)
     torch.manual_seed(0)
-    ref = torchvision.models.resnet18()
-    fused = fusedres.fuse(copy.deepcopy(ref))
-    x = torch.randn(4, 3, 64, 64)
-    outs = []
-    for m in (ref, fused):
-        m.eval()
-        with torch.no_grad():
-            m(x)
-        for _ in range(2):
-            m.train()
-            m(x).sum().backward()
-        m.eval()
-        with torch.no_grad():
-            outs.append(m(x))
-    assert_close_scaled(outs[1], outs[0], 2e-5, msg=f"eval after train forwards, path {path}")
+    stock_out, fused_out = eval_after_train_forwards(torchvision.models.resnet18())
+    assert_close_scaled(fused_out, stock_out, 2e-5, msg=f"eval after train forwards, path {path}")

@@ -2,8 +2,6 @@
 machines (tests/stateful.py) on the package's reference models, CPU backends and Triton under the
 interpreter; real torchvision ResNet-18 in tests/test_real_models.py. Each test also checks that
 its sequences exercised what it is about (every rule, cached folds reused, the path it names)."""
-import copy
-
 import numpy
 import pytest
 import torch
@@ -14,7 +12,7 @@ from fusedres import block_plumbing
 from fusedres.models import resnet
 from fusedres.models.densenet import DenseNet
 from helpers import HAS_CUDA, INTERPRETED, SmallResNet, assert_close_scaled, randomize_bn
-from stateful import ModelsMachine, assert_exercised, run
+from stateful import ModelsMachine, assert_exercised, eval_after_train_forwards, run
 
 
 class _FoldReuse:
@@ -99,21 +97,8 @@ def test_eval_after_a_train_forward_without_a_step_is_stock(path, monkeypatch):
     did: 0.6-0.9 relative off stock), whichever path training took."""
     monkeypatch.setenv("FUSEDRES_CPU_TRAIN_PATH", path)
     torch.manual_seed(0)
-    ref = resnet.resnet18()
-    fused = fusedres.fuse(copy.deepcopy(ref))
-    x = torch.randn(4, 3, 64, 64)
-    outs = []
-    for m in (ref, fused):
-        m.eval()
-        with torch.no_grad():
-            m(x)
-        for _ in range(2):
-            m.train()
-            m(x).sum().backward()
-        m.eval()
-        with torch.no_grad():
-            outs.append(m(x))
-    assert_close_scaled(outs[1], outs[0], 2e-5, msg=f"eval after train forwards, path {path}")
+    stock_out, fused_out = eval_after_train_forwards(resnet.resnet18())
+    assert_close_scaled(fused_out, stock_out, 2e-5, msg=f"eval after train forwards, path {path}")
 
 
 def _eval_pair():
