@@ -3,7 +3,6 @@ input checks, the fallback to the reference forward (its reason found once per s
 submodules, warned once), whether gradients are needed, the conv's arguments, and on the CPU in
 training the choice between the fused units and the stock forward (measured once per shape).
 """
-import operator
 import os
 import threading
 import time
@@ -59,20 +58,16 @@ def inference(x: torch.Tensor, *modules: nn.Module) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def _no_tensor() -> None:
-    """The weak reference of an absent tensor (None): DerivedCache calls every reference alike."""
-    return None
-
-
 class DerivedCache:
     """Values derived from a module's tensors (a BatchNorm folded into its conv, with the fold's
     oneDNN packs; a BatchNorm's eval statistics), each kept until anything it came from may have
     changed, so an eval forward pays no per-channel ops and no weight-sized fold.
 
-    A value is reused only while every tensor it came from is the same tensor object (alive: a
-    weak reference), on the same storage (alive: a weak reference) at the same address, with the
-    same version counter, and the plain arguments (eps, the conv's geometry, ...) are equal. What
-    changes a value, and what tells:
+    A value is reused only while every tensor it came from is the same tensor object (its id),
+    on the same storage (alive: a weak reference; an id can only be reused once its object died,
+    and a new tensor over the same live storage at the same address with the same version holds
+    what the old one did) at the same address, with the same version counter, and the plain
+    arguments (eps, the conv's geometry, ...) are equal. What changes a value, and what tells:
       - an in-place write, an optimizer step, load_state_dict (copy_): the version counter;
       - load_state_dict(assign=True), a parameter or buffer replaced: another tensor object;
       - `param.data = other` (the same object and version, new memory): the address, or, where
@@ -90,7 +85,7 @@ class DerivedCache:
     drops it on demand. Inference tensors (made under torch.inference_mode) have no version
     counter: never cached.
 
-    A lookup costs ~0.6 us per tensor (version, address, two weak references). A deep copy or a pickle
+    A lookup costs ~0.5 us per tensor (version, address, id, a weak reference). A deep copy or a pickle
     gets an empty cache (the values are derived, and rebuilt on first use)."""
 
     __slots__ = ("_entries",)
@@ -102,25 +97,24 @@ class DerivedCache:
         self._entries = {}
 
     def get(self, key, tensors, extra, compute: Callable[[], object], cacheable: bool = True):
-        """compute(), or what it returned for `key` while `tensors` (None allowed) and `extra` were
-        as they are now."""
-        if not cacheable or tracing():
+        """compute(), or what it returned for `key` while `tensors` (a list, no None: the caller
+        leaves out absent ones) and `extra` were as they are now. Not while tracing: the caller
+        computes in the graph itself."""
+        if not cacheable:
             return compute()
         try:
-            state = [(t._version, t.data_ptr()) if t is not None else None for t in tensors]
+            state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # an inference tensor: no version counter says it is unchanged
             return compute()
         entry = self._entries.get(key)
-        if (entry is not None and entry[2] == state and entry[3] == extra
-                and all(map(operator.is_, [ref() for ref in entry[0]], tensors))
-                and None not in [ref() for ref in entry[1]]):
+        if (entry is not None and entry[1] == state and entry[2] == extra and entry[0] == list(map(id, tensors))
+                and None not in [ref() for ref in entry[3]]):
             DerivedCache.counts["reused"] += 1
             return entry[4]
         DerivedCache.counts["computed"] += 1
         value = compute()
-        present = [t for t in tensors if t is not None]
-        self._entries[key] = ([weakref.ref(t) if t is not None else _no_tensor for t in tensors],
-                              [weakref.ref(t.untyped_storage()) for t in present], state, extra, value)
+        self._entries[key] = (list(map(id, tensors)), state, extra,
+                              [weakref.ref(t.untyped_storage()) for t in tensors], value)
         return value
 
     def __len__(self) -> int:
@@ -168,9 +162,10 @@ def derived_cache(owner: nn.Module, name: str) -> DerivedCache:
 
 
 def bn_state_tensors(bn: nn.Module) -> tuple:
-    """The tensors a BatchNorm's eval result derives from, with num_batches_tracked (what tells a
-    training forward's update of the running statistics: DerivedCache), and whether a cache keyed
-    on them can see every change (False: running statistics without num_batches_tracked)."""
+    """(weight, bias, running_mean, running_var, num_batches_tracked) of a BatchNorm (None where
+    absent): what its eval result derives from, with what tells a training forward's update of
+    the running statistics (DerivedCache); and whether a cache keyed on them can see every change
+    (False: running statistics without num_batches_tracked)."""
     params, buffers = bn._parameters, bn._buffers
     running_mean, tracked = buffers.get("running_mean"), buffers.get("num_batches_tracked")
     tensors = (params.get("weight"), params.get("bias"), running_mean, buffers.get("running_var"), tracked)
@@ -188,8 +183,10 @@ def eval_bn_stats(owner: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> Batc
             mean, invstd = running_stats(tensors[2], tensors[3], bn.eps, x)
             return BatchNormStats(mean, invstd, *bn_scale_shift(invstd, tensors[0], tensors[1]))
 
-    return derived_cache(owner, "_eval_bn_cache").get(id(bn), tensors, (bn.eps, x.dtype == torch.float64), compute,
-                                                      cacheable)
+    if tracing():
+        return compute()
+    return derived_cache(owner, "_eval_bn_cache").get(id(bn), [t for t in tensors if t is not None],
+                                                      (bn.eps, x.dtype == torch.float64), compute, cacheable)
 
 
 def _is_plain(module: nn.Module, cls) -> bool:

@@ -183,9 +183,9 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
                 return (*fold_bn(c["weight"], c.get("bias"), gamma, beta, running_mean, running_var, bn.eps),
                         PackedWeights())
 
+        tensors = [t for t in (c["weight"], c.get("bias"), *bn_tensors) if t is not None]
         extra = (bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return derived_cache(self, "_fold_cache").get(id(conv), (c["weight"], c.get("bias")) + bn_tensors, extra,
-                                                      compute, cacheable)
+        return derived_cache(self, "_fold_cache").get(id(conv), tensors, extra, compute, cacheable)
 
     def _fusable_downsample(self):
         ds = self._modules.get("downsample")

@@ -317,10 +317,14 @@ class ModelsMachine(RuleBasedStateMachine):
 
     @rule(dtype=st.sampled_from([f32, f64]))
     def to_dtype(self, dtype) -> None:
+        """The model converted, and its optimizer's state with it (Optimizer.load_state_dict casts
+        the state to the parameters' dtype; AdamW cannot step float32 moments into float64
+        weights: stock raises as fused does)."""
         self.dtype = dtype
         self.coarsen(dtype)
         for name in ("fused", "stock"):
             self.models[name].to(dtype)
+            self.opts[name].load_state_dict(self.opts[name].state_dict())
         self.count(f"to {dtype}")
 
     @rule()
