@@ -85,8 +85,9 @@ class DerivedCache:
     drops it on demand. Inference tensors (made under torch.inference_mode) have no version
     counter: never cached.
 
-    A lookup costs ~0.5 us per tensor (version, address, id, a weak reference). A deep copy or a pickle
-    gets an empty cache (the values are derived, and rebuilt on first use)."""
+    A lookup costs ~0.5 us per tensor (version, address, id, a weak reference): a fold's ~6 us in
+    all, against ~3.5 us when it was keyed on versions and addresses alone. A deep copy or a
+    pickle gets an empty cache (the values are derived, and rebuilt on first use)."""
 
     __slots__ = ("_entries",)
     # values reused and computed, over every cache of the process (tests check that eval forwards

@@ -64,7 +64,8 @@ def norm(t: torch.Tensor) -> float:
 def rss_error(actual, twin, scale: Optional[float] = None) -> float:
     """sqrt(sum ||a - twin||^2) over lists of tensors, relative to `scale` (default: the twins'
     sqrt(sum ||twin||^2))."""
-    diff = sum((a.detach().double().cpu() - t.detach().double().cpu()).pow(2).sum().item() for a, t in zip(actual, twin))
+    diff = sum((a.detach().double().cpu() - t.detach().double().cpu()).pow(2).sum().item()
+               for a, t in zip(actual, twin))
     if scale is None:
         scale = sum(norm(t) ** 2 for t in twin) ** 0.5
     return diff ** 0.5 / scale if scale > 0 else diff ** 0.5
