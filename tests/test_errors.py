@@ -173,6 +173,8 @@ def test_fuse_names_its_bad_arguments():
         fusedres.fuse(nn.Conv2d(3, 3, 3), sync_bn=1)
     with pytest.raises(ValueError, match="fuse_report: this model did not come from fusedres.fuse"):
         fusedres.fuse_report(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match="fusedres.refresh: model must be an nn.Module, got dict"):
+        fusedres.refresh({})
 
 
 def test_conv_op_names_mismatched_weight():
