@@ -1,12 +1,17 @@
 """Version checks, parsed with packaging.version (a string comparison orders "2.10" before "2.4").
 
 torch >= 2.4: torch.library.custom_op, which registers every op. triton >= 3.0: the Triton
-kernels' language features; tested on torch 2.11 / triton 3.6 and torch 2.13 / triton 3.9.
+kernels' language features. Supported (tested in CI at both ends, README "Supported versions"):
+torch 2.11 / triton 3.6 (the GPU machine's) to torch 2.14 / triton 3.9.
 """
 from packaging.version import Version
 
 MIN_TORCH = "2.4"
 MIN_TRITON = "3.0"
+SUPPORTED_TORCH = ("2.11", "2.14")  # oldest and newest minor versions CI tests
+# triton-lang/triton#9171: before 3.7 the interpreter converts one-element arrays with int(),
+# which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars")
+INTERPRETER_NUMPY_FIXED_IN = "3.7"
 
 
 def at_least(version: str, minimum: str) -> bool:
@@ -25,3 +30,11 @@ def triton_too_old(version: str) -> str:
     if at_least(version, MIN_TRITON):
         return ""
     return f"triton {version} is older than the {MIN_TRITON} the Triton kernels need"
+
+
+def triton_interpreter_clash(triton_version: str, numpy_version: str) -> str:
+    """Why triton's interpreter (TRITON_INTERPRET=1) cannot run with this numpy, or "" if it can."""
+    if at_least(triton_version, INTERPRETER_NUMPY_FIXED_IN) or not at_least(numpy_version, "2.4"):
+        return ""
+    return (f"triton {triton_version}'s interpreter fails with numpy {numpy_version} (triton-lang/triton#9171, "
+            f"fixed in triton {INTERPRETER_NUMPY_FIXED_IN}): install numpy<2.4 or triton>={INTERPRETER_NUMPY_FIXED_IN}")

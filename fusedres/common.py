@@ -89,18 +89,21 @@ def poison_outputs() -> bool:
     return os.environ.get("FUSEDRES_POISON_OUTPUTS", "0") == "1"
 
 
+# Poisoned outputs are made out of place (full_like), never with fill_: on torch 2.11 an aten
+# in-place op on the tensor an autograd.Function's forward returns makes torch.compile route that
+# output's gradient to the wrong slot (zeros reach backward; pytorch/pytorch#180642, fixed in
+# 2.12). tests/test_compile.py's DenseNet failed on 2.11 only through this poisoning.
 def new_output_like(ref: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(ref)
-    if poison_outputs() and out.numel() > 0:
-        out.fill_(float("nan"))
-    return out
+    if poison_outputs() and ref.numel() > 0:
+        return torch.full_like(ref, float("nan"))
+    return torch.empty_like(ref)
 
 
 def new_scratch(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A fresh tensor a kernel fills in whole (NaN under FUSEDRES_POISON_OUTPUTS=1)."""
     out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if poison_outputs() and out.numel() > 0:
-        out.fill_(float("nan"))
+        return torch.full_like(out, float("nan"))  # keeps the memory format
     return out
 
 

@@ -4,30 +4,45 @@
 #   scripts/setup.sh                the torch that already imports (a GPU user's CUDA build is never
 #                                   replaced); only when none imports, torch==2.13.0 (CPU) in ./.venv
 #   scripts/setup.sh --real-models  an environment where real torchvision and timm import, for
-#                                   tests/test_real_models.py: ./.venv-oracle with torch 2.14.1 (a
-#                                   CUDA 13.0 build, which runs on the CPU too), torchvision 0.29.1 and
-#                                   timm, created once and reused; fusedres is built there with its
-#                                   CUDA kernels (sm_80, sm_90) whenever nvcc is present
+#                                   tests/test_real_models.py: ./.venv-oracle with torch 2.14.1 (the
+#                                   newest supported; a CUDA 13.0 build, which runs on the CPU too),
+#                                   torchvision 0.29.1 and timm, created once and reused; fusedres is
+#                                   built there with its CUDA kernels (sm_80, sm_90) whenever nvcc is
+#                                   present
+#   scripts/setup.sh --oldest       the same for the oldest supported torch, the GPU machine's:
+#                                   ./.venv-oldest with torch 2.11.0 (CUDA 13.0 build; triton 3.6
+#                                   comes with it), torchvision 0.26.0, timm and numpy<2.4 (triton
+#                                   3.6's interpreter fails with numpy 2.4, triton-lang/triton#9171);
+#                                   CUDA kernels for sm_90 (the GPU machine's) whenever nvcc is present
 #
 # A failed build fails this script (and so both README commands), whatever build was installed before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-REAL_MODELS=0
-[ "${1:-}" = "--real-models" ] && REAL_MODELS=1
+ENV_KIND=default
+case "${1:-}" in
+  --real-models) ENV_KIND=newest ;;
+  --oldest) ENV_KIND=oldest ;;
+esac
+NUMPY=numpy
 
 pip_quiet() { "$1" -m pip install -q "${@:2}" >&2; }
 
-if [ "$REAL_MODELS" = 1 ]; then
-  [ -x .venv-oracle/bin/python ] || "$PY" -m venv .venv-oracle
-  PY="$PWD/.venv-oracle/bin/python"
-  if ! "$PY" -c "import torch, torchvision, timm; assert torch.__version__.startswith('2.14.1')" >/dev/null 2>&1; then
+if [ "$ENV_KIND" != default ]; then
+  if [ "$ENV_KIND" = newest ]; then
+    VENV=.venv-oracle TORCH=2.14.1 TORCHVISION=0.29.1 ARCHS="8.0;9.0"
+  else
+    VENV=.venv-oldest TORCH=2.11.0 TORCHVISION=0.26.0 ARCHS="9.0" NUMPY="numpy<2.4"
+  fi
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  PY="$PWD/$VENV/bin/python"
+  if ! "$PY" -c "import torch, torchvision, timm; assert torch.__version__.startswith('$TORCH')" >/dev/null 2>&1; then
     pip_quiet "$PY" --upgrade pip
     # pinned together: an unpinned torchvision would pull another torch
-    pip_quiet "$PY" torch==2.14.1 torchvision==0.29.1
+    pip_quiet "$PY" "torch==$TORCH" "torchvision==$TORCHVISION"
     pip_quiet "$PY" timm
   fi
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCHS}"
 elif ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if [ -z "${VIRTUAL_ENV:-}" ]; then
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -39,7 +54,7 @@ elif ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 # Build and test tools; triton only when none imports (CUDA torch wheels bring their own).
-pip_quiet "$PY" setuptools wheel ninja packaging numpy pytest
+pip_quiet "$PY" setuptools wheel ninja packaging "$NUMPY" pytest
 # Parallel test workers; optional (without it the suite runs in one process).
 "$PY" -c "import xdist" >/dev/null 2>&1 || pip_quiet "$PY" pytest-xdist \
   || echo "setup: pytest-xdist not installed; the tests run in one process" >&2

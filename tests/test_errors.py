@@ -209,6 +209,31 @@ def test_versions_are_compared_as_versions():
         _versions.check_torch("2.3.1")
 
 
+def test_triton_interpreter_numpy_clash_is_a_named_reason(monkeypatch):
+    """triton < 3.7's interpreter cannot run with numpy >= 2.4 (triton-lang/triton#9171): the triton
+    backend then says so, by name, instead of failing inside a kernel with numpy's TypeError."""
+    from fusedres import _versions
+    from fusedres.ops import registry
+
+    clash = _versions.triton_interpreter_clash
+    assert "numpy<2.4" in clash("3.6.0", "2.4.6") and "triton-lang/triton#9171" in clash("3.6.0", "2.4.0")
+    assert not clash("3.6.0", "2.3.5") and not clash("3.7.0", "2.4.6") and not clash("3.9.0", "2.4.6")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_versions, "INTERPRETER_NUMPY_FIXED_IN", "99.0")  # every installed triton "has" the bug
+    import numpy
+
+    registry._find_triton_interpreter_clash.cache_clear()
+    try:
+        why = registry.unavailable_reason("triton", torch.device("cpu"))
+        if _versions.at_least(numpy.__version__, "2.4"):
+            assert "numpy<2.4" in why
+        else:
+            assert why is None
+    finally:
+        monkeypatch.undo()
+        registry._find_triton_interpreter_clash.cache_clear()
+
+
 def test_unit_functions_name_their_bad_arguments():
     """fusedres.conv_bn_act and conv_bias_act_inference check their conv arguments as the ops do."""
     x = torch.randn(2, 4, 5, 5)

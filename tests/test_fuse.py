@@ -4,6 +4,9 @@ running statistics against the original model; state_dict unchanged; exact repor
 unrecognized blocks left alone with a reason; fusing twice changes nothing. Real torchvision and
 timm models: tests/test_real_models.py."""
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -404,15 +407,27 @@ def test_zoo_fused_model_trains_like_the_original(device, name, arch):
         _compare(model, fused, x, 1e-6, steps=1)
 
 
-def test_command_line_fuses_and_reports(capsys):
+def _command_line_fuse(capsys):
     from fusedres.__main__ import main
 
     assert main(["fuse", "--arch", "resnet18", "--batch", "2", "--size", "32", "--device", "cpu",
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "resnet18 (fusedres.models) on cpu" in out
-    assert "fusedres.fuse: 8 swapped, 0 left, 0 already fused" in out
+    assert "fusedres.fuse: 8 swapped, 0 left, 0 already fused" in out  # 8 basic blocks in either resnet18
     assert "largest output difference" in out and "forward + backward: original" in out
+    return out
+
+
+def test_command_line_fuses_torchvisions_model_where_it_imports(capsys):
+    """Holds in both environments: torchvision's resnet18 where torchvision imports (the GPU machine,
+    test stages 2 and 3), else the package's own."""
+    source = "torchvision" if importlib.util.find_spec("torchvision") is not None else "fusedres.models"
+    assert f"resnet18 ({source}) on cpu" in _command_line_fuse(capsys)
+
+
+def test_command_line_falls_back_to_the_package_models_without_torchvision(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` raises ImportError
+    assert "resnet18 (fusedres.models) on cpu" in _command_line_fuse(capsys)
 
 
 def test_dense_blocks_are_recognized_by_what_they_compute():

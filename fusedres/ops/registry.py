@@ -117,13 +117,37 @@ def use_backend(name: str):
         _state.override = previous
 
 
-@functools.lru_cache(maxsize=None)  # asked on every op call (resolve); the answer cannot change
-def _triton_missing() -> Optional[str]:
+# Both asked on every op call (resolve), answered once: the installed versions cannot change.
+@functools.lru_cache(maxsize=None)
+def _find_triton_missing() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     import triton
 
     return _versions.triton_too_old(triton.__version__) or None
+
+
+@functools.lru_cache(maxsize=None)
+def _find_triton_interpreter_clash() -> Optional[str]:
+    import numpy
+    import triton
+
+    return _versions.triton_interpreter_clash(triton.__version__, numpy.__version__) or None
+
+
+# While tracing, dynamo calls these once and keeps the answer (assume_constant_result; it would
+# trace through an lru_cache): torch 2.11's dynamo refuses to trace importlib.util.find_spec, a
+# graph break in every fused forward on the triton backend.
+@torch.compiler.assume_constant_result
+def _triton_missing() -> Optional[str]:
+    return _find_triton_missing()
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreter_clash() -> Optional[str]:
+    """Why triton's interpreter cannot run here (an installed triton and numpy that do not work
+    together), or None."""
+    return _find_triton_interpreter_clash()
 
 
 def _onednn_missing() -> Optional[str]:
@@ -153,7 +177,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the onednn backend runs CPU tensors, got a {device.type} tensor"
         return _onednn_missing()
     if backend == "triton":
-        missing = _triton_missing()
+        missing = _triton_missing() or (triton_interpreted() and _triton_interpreter_clash())
         if missing:
             return missing
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
