@@ -1,4 +1,4 @@
-"""fusedres: fused BatchNorm / ReLU / residual kernels and drop-in ResNet blocks for PyTorch.
+"""fusedres: fused BatchNorm / ReLU / residual kernels, drop-in ResNet blocks and conv -> BN units for PyTorch.
 
 Layers, each importing only those below it (tests/test_layering.py holds this):
   common (layout, dtypes, allocation, warn-once, tracing, the one Triton launch helper)
@@ -6,7 +6,8 @@ Layers, each importing only those below it (tests/test_layering.py holds this):
   -> ops (fusedres.ops: one registry dispatching by device and backend; ops.direct, the short path)
   -> autograd Functions (fusedres.autograd)
   -> modules: batchnorm (SyncBatchNorm2d, each forward's BN arguments) -> block_plumbing (what every
-     fused block shares) -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual) and
+     fused block shares) -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual, FusedUnits,
+     FusedSequential) and
      dense_modules (FusedDenseLayer, FusedDenseBlock, FusedTransition)
   -> fuse(model): blocks found by what they compute (torch.fx), swapped in
 The reference models (fusedres.models) import nothing of fusedres.
@@ -23,11 +24,11 @@ from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition  # 
 from .fuse import FuseReport, fuse, fuse_report, refresh, unfuse  # noqa: F401,E402
 from .batchnorm import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401,E402
 from .block_plumbing import train_choices as cpu_train_choices  # noqa: F401,E402
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual  # noqa: F401,E402
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, FusedSequential, FusedUnits  # noqa: F401,E402
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401,E402
 
 __version__ = "0.1.0"
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedDenseLayer", "FusedDenseBlock",
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedUnits", "FusedSequential", "FusedDenseLayer", "FusedDenseBlock",
            "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse", "refresh",
            "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded", "cpu_train_choices"]

@@ -132,10 +132,15 @@ class DerivedCache:
 
 
 def drop_derived(module: nn.Module) -> None:
-    """Empties every DerivedCache `module` holds."""
+    """Empties every DerivedCache `module` holds, and those of the modules it keeps outside its
+    submodules (derived_holders(): a FusedSequential's per-run views)."""
     for value in module.__dict__.values():
         if isinstance(value, DerivedCache):
             value.clear()
+    holders = getattr(module, "derived_holders", None)
+    if holders is not None:
+        for holder in holders():
+            drop_derived(holder)
 
 
 class CachesDerivedValues:

@@ -12,6 +12,11 @@ with plain nn.Conv2d / nn.BatchNorm2d modules, each used once, ReLU as a module,
 torch.relu or Tensor.relu, and nothing else (nn.Identity is skipped: timm's `aa`, `drop_path`
 when inactive). Anything else is left alone and the report says why. DenseNet's dense blocks are
 traced the same way (see _dense_match), transitions are nn.Sequential(norm, relu, conv, pool).
+
+Units outside residual blocks: a module whose traced forward is a chain conv -> bn (-> relu ->
+conv -> bn)* (-> relu) with no join becomes a FusedUnits; an nn.Sequential with a plain forward
+whose children hold such runs becomes a FusedSequential (see _sequential_runs), its other children
+fused in turn. The report lists every BatchNorm once (batchnorm_entries).
 """
 import copy
 import operator
@@ -25,9 +30,10 @@ import torch.nn.functional as F
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
 from .block_plumbing import drop_derived, norm_with_relu, unfusable_reason
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual
+from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, FusedSequential, FusedUnits
 
-_FUSED = (FusedResidual, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer, FusedTransition)
+_FUSED = (FusedResidual, FusedSequential, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
+          FusedTransition)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 REPORT_ATTR = "_fusedres_report"
@@ -41,10 +47,22 @@ class Entry(NamedTuple):
 
 
 class FuseReport:
-    """What fusedres.fuse swapped and what it left, with reasons."""
+    """What fusedres.fuse swapped and what it left, with reasons (`entries`, per module), and every
+    BatchNorm of the model once (`batchnorms`: status "fused" with the fused module that runs it,
+    or "left" with why)."""
 
-    def __init__(self, entries: List[Entry]):
+    def __init__(self, entries: List[Entry], batchnorms: Optional[List[Entry]] = None):
         self.entries = entries
+        self.batchnorms = list(batchnorms or [])
+
+    @property
+    def bn_fused(self) -> int:
+        """How many of the model's BatchNorm layers run fused."""
+        return sum(e.status == "fused" for e in self.batchnorms)
+
+    @property
+    def bn_left(self) -> List[Entry]:
+        return [e for e in self.batchnorms if e.status != "fused"]
 
     @property
     def swapped(self) -> List[Entry]:
@@ -60,9 +78,12 @@ class FuseReport:
 
     def __str__(self) -> str:
         lines = [f"fusedres.fuse: {len(self.swapped)} swapped, {len(self.left)} left, "
-                 f"{len(self.already_fused)} already fused"]
+                 f"{len(self.already_fused)} already fused; BatchNorm layers fused: {self.bn_fused} of "
+                 f"{len(self.batchnorms)}"]
         for e in self.entries:
             lines.append(f"  {e.status:13s} {e.path or '(model)'} [{e.kind}]: {e.detail}")
+        for e in self.bn_left:
+            lines.append(f"  BatchNorm left {e.path} [{e.kind}]: {e.detail}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -162,6 +183,8 @@ def _chain_back(node, block, placeholder, visited) -> Tuple[Optional[List[Tuple[
             return None, f"unrecognized op {_describe(node, block)} (not a conv, BatchNorm, ReLU or pooling on the path)"
         if kind != "relu" and (len(node.args) != 1 or node.kwargs):
             return None, f"{_describe(node, block)} is called with more than the input"
+        if kind == "bn" and norm_with_relu(block.get_submodule(node.target)):
+            ops.append(("relu", ""))  # (forward order reversed below: BN, then its ReLU)
         ops.append((kind, node.target if node.op == "call_module" else ""))
         node = node.args[0]
 
@@ -205,7 +228,7 @@ def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], st
             visited.add(join)
             join = join.args[0]
     if not _is_add(join):
-        return None, "no residual add at the end of forward"
+        return _chain_match(nodes, block, x, join, final_relu, visited)
     visited.add(join)
     branches = []
     for arg in join.args:
@@ -242,6 +265,82 @@ def _match(graph: torch.fx.Graph, block: nn.Module) -> Tuple[Optional[_Plan], st
     if len(short) == 1 and not isinstance(block.get_submodule(short[0][1]), nn.Conv2d):
         return None, "the shortcut conv is not an nn.Conv2d"
     return _Plan(tuple(units), tuple(t for _, t in short), final_relu, tuple(pools)), ""
+
+
+def _chain_match(nodes, block: nn.Module, x, last, final_relu: bool, visited) -> Tuple[Optional[_Plan], str]:
+    """The plan of a forward that is a unit chain with no residual, conv -> bn (-> relu -> conv ->
+    bn)* (-> relu), ending at `last` (shortcut None), or (None, why not)."""
+    ops, why = _chain_back(last, block, x, visited)
+    if ops is None:
+        return None, f"neither a residual add at the end of forward nor a conv -> BatchNorm chain: {why}"
+    if ops and ops[-1][0] == "relu":  # the last norm has its ReLU inside (timm's BatchNormAct2d)
+        ops.pop()
+        final_relu = True
+    units = _units(ops)
+    if not units:
+        return None, "no residual add at the end of forward, and not a conv -> bn (-> relu -> conv -> bn)* chain"
+    names = [t for k, t in ops if k in ("conv", "bn")]
+    if len(set(names)) != len(names):
+        return None, "a module is used more than once"
+    for n in nodes:
+        if n.op not in ("placeholder", "output") and n not in visited:
+            return None, f"unrecognized op {_describe(n, block)} (off the conv -> BatchNorm chain)"
+        if n.op != "output" and len(n.users) > 1:
+            return None, f"{n.name} is used more than once"
+    for conv_name, bn_name in units:  # a ReLU follows every unit's norm but the last without final_relu
+        why = unfusable_reason(block.get_submodule(conv_name), block.get_submodule(bn_name), relu_inside_ok=True)
+        if why is not None:
+            return None, why
+    if not final_relu and norm_with_relu(block.get_submodule(units[-1][1])):
+        return None, "the last norm has a ReLU inside but the chain ends without one"
+    return _Plan(tuple(units), None, final_relu), ""
+
+
+def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
+    """The runs of an nn.Sequential's children that FusedSequential runs fused: conv -> BN (-> ReLU
+    -> conv -> BN)* (-> ReLU), each child a plain nn.Conv2d / nn.BatchNorm2d (or a synchronized
+    one, or timm's BatchNormAct2d with a ReLU or nothing inside, which stands for BN -> ReLU or BN)
+    / nn.ReLU (SequentialRun fields); and (conv name, why) for each conv followed by a norm that
+    could not be fused."""
+    names = list(seq._modules)
+    children = list(seq._modules.values())
+    runs, refused = [], {}
+
+    def unit_at(i):
+        if i + 1 >= len(children) or not isinstance(children[i], nn.Conv2d):
+            return None
+        if not isinstance(children[i + 1], nn.modules.batchnorm._NormBase):
+            return None
+        why = unfusable_reason(children[i], children[i + 1], relu_inside_ok=True)
+        if why is not None:
+            refused[names[i]] = why
+            return None
+        return names[i], names[i + 1]
+
+    def relu_after(j):
+        """(whether a ReLU follows the unit whose norm is child j - 1, the index after it)"""
+        if norm_with_relu(children[j - 1]):
+            return True, j
+        if j < len(children) and type(children[j]) is nn.ReLU:
+            return True, j + 1
+        return False, j
+
+    i = 0
+    while i < len(children):
+        unit = unit_at(i)
+        if unit is None:
+            i += 1
+            continue
+        start, units = i, [unit]
+        relu, i = relu_after(i + 2)
+        while relu:
+            nxt = unit_at(i)
+            if nxt is None:
+                break
+            units.append(nxt)
+            relu, i = relu_after(i + 2)
+        runs.append((start, i, tuple(units), relu))
+    return runs, list(refused.items())
 
 
 def _timm_reason(block: nn.Module) -> Optional[str]:
@@ -404,7 +503,7 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
     kind = type(module).__name__
     if isinstance(module, _FUSED):
         entries.append(Entry(path, kind, "already fused", "kept"))
-        return module
+        return _recurse(module, path, entries) if isinstance(module, FusedSequential) else module
     if isinstance(module, nn.ModuleDict) and type(module).forward is not nn.Module.forward:
         why = _dense_reason(module)
         if why is None:
@@ -423,10 +522,31 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             entries.append(Entry(path, kind, "swapped", "FusedTransition"))
             return fused
         entries.append(Entry(path, kind, "left", f"a transition that is not fused: {why}"))
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        runs, _ = _sequential_runs(module)
+        if runs:
+            fused = FusedSequential(module, runs)
+            names = list(module._modules)
+            children = list(module._modules.values())
+            parts = []
+            for start, stop, _, relu in runs:
+                part = " -> ".join(names[start:stop])
+                if not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):
+                    # an activation the kernels do not apply yet: BN is fused into the conv, it runs after
+                    part += f", then {names[stop]} ({type(children[stop]).__name__}) as it is"
+                parts.append(part)
+            what = "; ".join(parts)
+            entries.append(Entry(path, kind, "swapped", f"FusedSequential (fused runs: {what})"))
+            return _recurse(fused, path, entries)  # its other children are fused in turn
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not any(
             isinstance(m, nn.Conv2d) for m in module.modules()):
         return _recurse(module, path, entries)
     plan, why = residual_plan(module)
+    if plan is not None and plan.shortcut is None:
+        acts = f"{len(plan.units)} unit{'s' if len(plan.units) > 1 else ''}"
+        entries.append(Entry(path, kind, "swapped", f"FusedUnits ({acts}, "
+                                                    f"{'ReLU' if plan.final_relu else 'no activation'} at the end)"))
+        return FusedUnits(module, plan.units, plan.final_relu)
     if plan is not None:
         shortcut = "->".join(plan.shortcut_pools + plan.shortcut) or "identity"
         entries.append(Entry(path, kind, "swapped", f"FusedResidual ({len(plan.units)} units, shortcut {shortcut}"
@@ -477,8 +597,113 @@ def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
         model = convert_sync_batchnorm(model, process_group)
     entries: List[Entry] = []
     fused = _swap(model, "", entries)
-    object.__setattr__(fused, REPORT_ATTR, FuseReport(entries))
+    if inplace and fused is not model:
+        fused = _become(model, fused)
+    object.__setattr__(fused, REPORT_ATTR, FuseReport(entries, batchnorm_entries(fused, entries)))
     return fused
+
+
+def _become(model: nn.Module, fused: nn.Module) -> nn.Module:
+    """`model` turned into `fused` (the fused module that replaces the model itself: an
+    nn.Sequential with a stem unit), so fuse(model, inplace=True) changes the object the caller
+    holds. The original it keeps for unfuse becomes a shallow stand-in for the model as it was
+    (its own class and attributes, the same children)."""
+    stand_in = copy.copy(model)
+    stand_in.__dict__["_modules"] = type(model._modules)(model._modules)
+    if fused.__dict__.get("original") is model:
+        fused.__dict__["original"] = stand_in
+    model.__dict__.clear()
+    model.__dict__.update(fused.__dict__)
+    model.__class__ = type(fused)
+    return model
+
+
+def _fused_norms(module: nn.Module) -> List[nn.Module]:
+    """The norm layers a fused module runs on its fused path (its own, not its children's fused
+    modules'), in order."""
+    if isinstance(module, FusedSequential):
+        views = module._views()
+        return [n for run in module.runs for n in _fused_norms(views[run.start])]
+    if isinstance(module, FusedTransition):
+        return [module._modules["norm"]]
+    if isinstance(module, FusedDenseBlock):
+        return []  # its layers are FusedDenseLayers, each counted itself
+    norms = [m for unit in module._units() for m in unit if isinstance(m, nn.modules.batchnorm._NormBase)]
+    downsample = module._fusable_downsample() if hasattr(module, "_fusable_downsample") else None
+    if downsample is not None:
+        norms.append(downsample[1])
+    return norms
+
+
+def _runs_reference_why(module: nn.Module) -> Optional[str]:
+    """Why a fused module runs its stock forward (a FusedDenseLayer inside a dense block: the block's)."""
+    if isinstance(module, FusedSequential):
+        views = module._views()
+        whys = [views[run.start]._fallback_reason() for run in module.runs]
+        return next((w for w in whys if w is not None), None)
+    return module._fallback_reason()
+
+
+def batchnorm_entries(model: nn.Module, entries: List[Entry]) -> List[Entry]:
+    """Every BatchNorm (any nn.modules.batchnorm._NormBase) of `model` once, in module order:
+    ("fused", the fused module that runs it and its kind) or ("left", why: the reason its block
+    was left, the fused module's fallback reason, or what it stands in)."""
+    claims = {}
+    parents = {}
+    for path, m in model.named_modules():
+        for name, child in m._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), (path, m, name))
+        if not isinstance(m, _FUSED):
+            continue
+        why = _runs_reference_why(m)
+        if isinstance(m, FusedDenseLayer):
+            owner = parents.get(id(m))
+            if owner is not None and isinstance(owner[1], FusedDenseBlock):
+                why = why or owner[1]._fallback_reason()
+        for norm in _fused_norms(m):
+            if why is None:
+                claims[id(norm)] = ("fused", f"in {path or '(model)'} [{type(m).__name__}]")
+            else:
+                claims[id(norm)] = ("left", f"{path or '(model)'} [{type(m).__name__}] runs its stock forward: {why}")
+    left_blocks = {e.path: e.detail for e in entries if e.status == "left"}
+    out = []
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        claim = claims.get(id(m))
+        if claim is not None:
+            out.append(Entry(path, type(m).__name__, *claim))
+            continue
+        enclosing = [p for p in left_blocks if p and (path.startswith(p + "."))]
+        if enclosing:
+            block = max(enclosing, key=len)
+            out.append(Entry(path, type(m).__name__, "left", f"in {block}, left: {left_blocks[block]}"))
+            continue
+        out.append(Entry(path, type(m).__name__, "left", _unclaimed_reason(m, parents.get(id(m)))))
+    return out
+
+
+def _unclaimed_reason(norm: nn.Module, parent) -> str:
+    """Why a BatchNorm that no fused module runs and no left block explains was not fused."""
+    if parent is None:
+        return "the model itself is a BatchNorm"
+    path, module, name = parent
+    where = f"{path or '(model)'} [{type(module).__name__}]"
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        i = names.index(name)
+        before = module._modules[names[i - 1]] if i > 0 else None
+        if isinstance(before, nn.Conv2d):
+            why = unfusable_reason(before, norm)
+            if why is not None:
+                return f"after {names[i - 1]} in {where}: {why}"
+        what = f"{names[i - 1]} ({type(before).__name__})" if before is not None else "the Sequential's input"
+        return f"in {where}, after {what}: not a conv -> BatchNorm unit"
+    if type(norm).forward is not nn.BatchNorm2d.forward and isinstance(norm, nn.BatchNorm2d):
+        return f"{type(norm).__name__} has its own forward (not a plain nn.BatchNorm2d) in {where}"
+    return (f"in {where}, whose forward fusedres does not match (not a residual block, a conv -> BatchNorm "
+            f"chain or an nn.Sequential of them)")
 
 
 def fuse_report(model: nn.Module) -> FuseReport:
@@ -500,7 +725,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def _unswap(module: nn.Module) -> nn.Module:
     original = getattr(module, "original", None) if isinstance(module, _FUSED) else None
-    if isinstance(module, FusedResidual):
+    if isinstance(module, (FusedResidual, FusedSequential)):
         return _unswap(module.unfused())
     if original is not None:
         original.training = module.training

@@ -307,7 +307,7 @@ def test_measured_path_trains_like_stock(measure):
         opt_s.step(), opt_f.step(), opt_s.zero_grad(), opt_f.zero_grad()
     for (n, a), b in zip(fused.named_buffers(), stock.buffers()):
         assert_close_scaled(a.double(), b.double(), 2e-5, msg=n)
-    assert len(block_plumbing.train_choices()) == 2  # the two blocks, one shape each
+    assert len(block_plumbing.train_choices()) == 3  # the stem's unit and the two blocks, one shape each
 
 
 def test_traced_cpu_graph_has_no_opaque_ops():
@@ -398,6 +398,6 @@ def test_forced_stock_runs_the_original_blocks_and_trains_like_stock(monkeypatch
         for (n, a), b in zip(fused.named_parameters(), stock.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
         opt_s.step(), opt_f.step(), opt_s.zero_grad(), opt_f.zero_grad()
-    assert len(ran) == 4  # two blocks, two steps
+    assert len(ran) == 6  # the stem's unit (a FusedUnits) and two blocks, two steps
     for (n, a), b in zip(fused.named_buffers(), stock.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

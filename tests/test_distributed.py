@@ -54,8 +54,9 @@ def _worker(rank, world, port, backend, fmt_name, out_dir):
     try:
         fmt = getattr(torch, fmt_name)
         model = fusedres.fuse(_model(), sync_bn=True).to(memory_format=fmt)
-        assert len(fusedres.fuse_report(model).swapped) == 2
-        assert isinstance(model.stem[1], fusedres.SyncBatchNorm2d)  # the stem's BN synchronizes on its own
+        assert len(fusedres.fuse_report(model).swapped) == 3  # two blocks and the stem's unit
+        assert isinstance(model.stem, fusedres.FusedSequential)  # its unit synchronizes the statistics
+        assert isinstance(model.stem[1], fusedres.SyncBatchNorm2d)
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=LR)
         lo = sum(SPLIT[:rank])

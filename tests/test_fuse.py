@@ -233,7 +233,7 @@ def hand_written_model():
         PoolShortcutBlock(16, 12),
         SigmoidInline(12),  # left
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
-    return model, 10, 4
+    return model, 11, 4  # 10 blocks and the model itself (a FusedSequential: its stem unit)
 
 
 def _compare(original, fused, x, tol, steps=2):
@@ -314,8 +314,12 @@ def test_inplace_shares_parameters_so_an_existing_optimizer_keeps_working():
     model, _, _ = hand_written_model()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.1)
+    types = [type(m) for m in model.modules()]
     fused = fusedres.fuse(model, inplace=True)
     assert fused is model and list(fused.parameters())[0] is params[0]
+    assert isinstance(model, fusedres.FusedSequential), "the model itself (its stem unit) fused in place"
+    plain = fusedres.unfuse(fusedres.fuse(model))  # a copy: the original kept by the in-place fuse is whole
+    assert [type(m) for m in plain.modules()] == types
     before = params[0].detach().clone()
     fused(torch.randn(2, 3, 12, 11)).sum().backward()
     opt.step()
@@ -364,10 +368,10 @@ def test_reasons_for_blocks_left_alone():
         fusedres.fuse_report(nn.Linear(2, 2))
 
 
-# (architecture, blocks swapped: residual blocks, or dense blocks + transitions)
+# (architecture, modules swapped: residual blocks, or dense blocks + transitions + the stem's Sequential)
 ZOO = [("resnet18", 8), ("resnet34", 16), ("resnet50", 16), ("resnet101", 33), ("resnet152", 50),
        ("resnext50_32x4d", 16), ("resnext101_32x8d", 33), ("wide_resnet50_2", 16),
-       ("densenet121", 7), ("densenet169", 7), ("densenet201", 7)]
+       ("densenet121", 8), ("densenet169", 8), ("densenet201", 8)]  # + DenseNet's `features` (its stem unit)
 
 
 @pytest.mark.parametrize("arch,count", ZOO)
@@ -437,7 +441,7 @@ def test_dense_blocks_are_recognized_by_what_they_compute():
                             num_classes=4, memory_efficient=True)
     fused = fusedres.fuse(model)
     report = fusedres.fuse_report(fused)
-    assert len(report.swapped) == 3 and not report.left, str(report)
+    assert len(report.swapped) == 4 and not report.left, str(report)  # 2 dense blocks, transition, stem
     assert all(layer.memory_efficient for layer in model.features.denseblock1.values()), "flag restored"
     x = activation((2, 3, 16, 16), torch.float64)
     model, fused = model.double().eval(), fused.double().eval()
@@ -456,3 +460,108 @@ def test_dense_blocks_are_recognized_by_what_they_compute():
     report = fusedres.fuse_report(fusedres.fuse(nn.Sequential(LastOnly(2, 4, 2, 4, 0.0))))
     assert len(report.left) == 1 and "concatenation of the input and every earlier" in report.left[0].detail, \
         str(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Units everywhere: conv -> BN (-> ReLU) outside residual blocks.
+# ---------------------------------------------------------------------------------------------
+class BasicConv2d(nn.Module):
+    """GoogLeNet's / Inception's: a hand-written conv -> BN -> functional in-place ReLU."""
+
+    def __init__(self, cin, cout, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class Gate(nn.Module):
+    """A squeeze-excitation gate: stays as it is between fused units."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's: expand (ReLU6, not fused as an activation), depthwise, gate, project, add."""
+
+    def __init__(self, c, hidden):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Sequential(nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)),
+            nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                          nn.ReLU(inplace=True)),
+            Gate(hidden),
+            nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def units_model():
+    """(model, number of BatchNorm layers): conv -> BN units in the places they stand in real
+    models, every one of them fusable."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),  # a stem
+        nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),  # VGG-BN
+        BasicConv2d(8, 12, kernel_size=3, padding=1),
+        InvertedResidual(12, 20),
+        nn.Sequential(nn.Conv2d(12, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),  # two units, one Function
+                      nn.Conv2d(12, 10, 3, 1, 1, bias=False), nn.BatchNorm2d(10)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 5))
+    return model, 8
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+def test_units_everywhere_are_fused_and_match(device, name):
+    torch.manual_seed(0)
+    model, bns = units_model()
+    model = randomize_bn(model).double().to(device)
+    fused = fusedres.fuse(model)
+    report = fusedres.fuse_report(fused)
+    assert len(report.batchnorms) == bns and report.bn_fused == bns, str(report)
+    assert isinstance(fused, fusedres.FusedSequential) and isinstance(fused[7], fusedres.FusedUnits)
+    assert [r.units for r in fused.runs] == [(("0", "1"), ("3", "4"))]  # one run: ReLU between the units
+    assert fused[9].runs[0].units == (("0", "1"), ("3", "4")) and fused[9].runs[0].final_relu is False
+    assert isinstance(fused[8].conv, fusedres.FusedSequential)
+    assert isinstance(fused[8].conv[0], fusedres.FusedSequential)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = activation((2, 3, 13, 11), torch.float64, device, torch.channels_last)
+    with backend(name, device):
+        _compare(model, fused, x, 1e-9)
+    plain = fusedres.unfuse(fused)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
+
+
+def test_a_replaced_child_of_a_fused_sequential_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    fused = fusedres.fuse(model).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        fused(x)
+        fused[0] = nn.Conv2d(3, 4, 3, bias=False)
+        model[0] = fused[0]
+        torch.testing.assert_close(fused(x), model.eval()(x))
+
+
+def test_fuse_report_lists_every_batchnorm_once_with_what_fused_it_or_why_not():
+    model, _, _ = hand_written_model()
+    report = fusedres.fuse_report(fusedres.fuse(model))
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [e.path for e in report.batchnorms] == norms
+    by_path = {e.path: e for e in report.batchnorms}
+    assert by_path["1"].status == "fused" and "(model) [FusedSequential]" in by_path["1"].detail
+    assert by_path["3.b1"].status == "fused" and "in 3 [FusedResidual]" in by_path["3.b1"].detail
+    left = {e.path.split(".")[0] for e in report.bn_left}
+    assert left == {"11", "12", "13", "16"}, str(report)
+    assert "squeeze-excitation" in by_path["12.bn1"].detail and "in 12, left" in by_path["12.bn1"].detail
+    assert report.bn_fused == len(norms) - len(report.bn_left)
+    assert f"BatchNorm layers fused: {report.bn_fused} of {len(norms)}" in str(report)

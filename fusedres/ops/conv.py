@@ -288,6 +288,11 @@ def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: Opti
             return "float64 convolutions run in aten on CUDA"
         if memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
             return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
+        if weight.shape[1] == 1 and weight.shape[0] > 1 and x.shape[1] > 1:
+            # depthwise (one input channel per group): a reduction of kh*kw values per output, which
+            # the implicit GEMM's 32-deep K tile mostly wastes; cuDNN has kernels for exactly this
+            # (not yet measured against it: a depthwise Triton kernel is worth writing only if so)
+            return "depthwise conv: cuDNN's depthwise kernels, then the fused BatchNorm ops"
     if (dtype or weight.dtype) != x_dtype:
         return f"weight dtype {weight.dtype} differs from the input's {x.dtype}"
     return None
