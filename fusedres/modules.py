@@ -289,6 +289,16 @@ def _adopt(cls, block: nn.Module, names) -> nn.Module:
     return fused
 
 
+def restore_original(fused: nn.Module) -> nn.Module:
+    """The original module a fuse()d module keeps (`fused.original`), with the fused module's
+    children (any replaced since fusing carried over) and its mode."""
+    original = fused.original
+    for name, child in fused._modules.items():
+        original._modules[name] = child
+    original.training = fused.training
+    return original
+
+
 class FusedResidual(_FusedBlockBase):
     """Any residual block that fusedres.fuse proved to compute
 
@@ -376,11 +386,7 @@ class FusedResidual(_FusedBlockBase):
 
     def unfused(self) -> nn.Module:
         """The original block, with any child replaced since fusing carried over."""
-        original = self.original
-        for name, child in self._modules.items():
-            original._modules[name] = child
-        original.training = self.training
-        return original
+        return restore_original(self)
 
     def extra_repr(self) -> str:
         units = ", ".join(f"{c}->{b}" for c, b in self.unit_names)
@@ -510,11 +516,7 @@ class FusedSequential(nn.Sequential):
 
     def unfused(self) -> nn.Sequential:
         """The original Sequential, with any child replaced since fusing carried over."""
-        original = self.original
-        for name, child in self._modules.items():
-            original._modules[name] = child
-        original.training = self.training
-        return original
+        return restore_original(self)
 
     def extra_repr(self) -> str:
         names = list(self._modules)
