@@ -60,10 +60,11 @@ def recording(plan_for_h200: bool = False):
 
     from fusedres import common
     from fusedres.kernels import conv_triton
+    from fusedres.ops import conv as conv_ops
 
     launches = []
     saved = (common._launch, common.sm_count, conv_triton.triton_interpreted, conv_triton._dot_flags,
-             conv_triton._choose)
+             conv_triton._choose, conv_ops.gpu_shape_rules_apply)
 
     def recorder(kernel, grid, device, args, kwargs):
         fn = getattr(kernel, "fn", kernel)
@@ -87,11 +88,12 @@ def recording(plan_for_h200: bool = False):
         common.sm_count = lambda device: H200_SMS
         conv_triton.triton_interpreted = lambda: False
         conv_triton._dot_flags = lambda dtype, device: real_dot_flags(dtype, torch.device("cuda"))
+        conv_ops.gpu_shape_rules_apply = lambda x: True  # the GPU's choice of conv per shape
     try:
         yield launches, launches_context
     finally:
         common._launch, common.sm_count, conv_triton.triton_interpreted, conv_triton._dot_flags, \
-            conv_triton._choose = saved
+            conv_triton._choose, conv_ops.gpu_shape_rules_apply = saved
 
 
 def record_models(models, batch, size, dtypes):

@@ -89,11 +89,12 @@ def _activation(draw, shape, dtype, with_format=False):
     return (x, fmt) if with_format else x
 
 
-def _expected_unsupported(x, fmt, dtype):
+def _expected_unsupported(x, fmt, dtype, weight):
     """What ops.kernel_unsupported_reason must answer under the triton backend for x (drawn in
-    `fmt`) and a weight of x's dtype: None on the CPU (the interpreter takes every conv); on CUDA
+    `fmt`) and `weight` of x's dtype: None on the CPU (the interpreter takes every conv); on CUDA
     the fused conv kernels take channels_last input only (a single pixel is either; an input that
-    is also NCHW-contiguous, e.g. one channel, counts as NCHW) and no float64."""
+    is also NCHW-contiguous, e.g. one channel, counts as NCHW), no float64, no depthwise conv and
+    no ungrouped conv whose input pixel is not whole 16-byte vectors (those go to cuDNN)."""
     if DEVICE != "cuda":
         return None
     if dtype == torch.float64:
@@ -101,6 +102,11 @@ def _expected_unsupported(x, fmt, dtype):
     nchw = fmt == torch.contiguous_format or x.is_contiguous()
     if nchw and x.shape[2] * x.shape[3] > 1:
         return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
+    cin, cin_per_group, cout = x.shape[1], weight.shape[1], weight.shape[0]
+    if cin_per_group == 1 and cout > 1 and cin > 1:
+        return "depthwise conv: cuDNN's depthwise kernels, then the fused BatchNorm ops"
+    if cin_per_group == cin and (cin * x.element_size()) % 16 != 0:
+        return f"{cin} input channels ({cin * x.element_size()} bytes per pixel, not a multiple of 16): cuDNN's conv"
     return None
 
 
@@ -164,7 +170,7 @@ def _conv(draw):
     expected = z + (residual.double() if residual is not None else 0)
     expected = torch.relu(expected) if relu else expected
     with fusedres.use_backend("triton"):
-        assert ops.kernel_unsupported_reason(x, weight) == _expected_unsupported(x, fmt=x_format, dtype=dtype)
+        assert ops.kernel_unsupported_reason(x, weight) == _expected_unsupported(x, x_format, dtype, weight)
         y, moments = ops.conv2d_forward(x, weight, bias, **geo, **pro, residual=residual, relu=relu, stats=True)
     msg = f"{tuple(x.shape)} w{tuple(weight.shape)} {geo} {dtype} pro={bool(pro)} res={residual is not None}"
     assert y.shape == expected.shape and y.dtype == dtype, msg

@@ -288,13 +288,34 @@ def kernel_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: Opti
             return "float64 convolutions run in aten on CUDA"
         if memory_format(x) != torch.channels_last and x.shape[2] * x.shape[3] > 1:
             return "NCHW input: the fused conv kernels are channels_last implicit GEMMs (use channels_last)"
-        if weight.shape[1] == 1 and weight.shape[0] > 1 and x.shape[1] > 1:
-            # depthwise (one input channel per group): a reduction of kh*kw values per output, which
-            # the implicit GEMM's 32-deep K tile mostly wastes; cuDNN has kernels for exactly this
-            # (not yet measured against it: a depthwise Triton kernel is worth writing only if so)
-            return "depthwise conv: cuDNN's depthwise kernels, then the fused BatchNorm ops"
     if (dtype or weight.dtype) != x_dtype:
         return f"weight dtype {weight.dtype} differs from the input's {x.dtype}"
+    if gpu_shape_rules_apply(x):
+        return gpu_shape_reason(x, weight, x_dtype)
+    return None
+
+
+def gpu_shape_rules_apply(x: torch.Tensor) -> bool:
+    """Whether gpu_shape_reason decides for x's convs: on a GPU (and where a recording plans
+    launches as on one, benchmarks/triton_variants.py). Not under the interpreter on the CPU, whose
+    tests run the kernels on every shape."""
+    return x.device.type == "cuda"
+
+
+def gpu_shape_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Conv shapes that go to cuDNN (then the fused BatchNorm ops) on a GPU rather than the
+    implicit-GEMM Triton kernels, or None. Reasoned defaults, not yet measured against cuDNN."""
+    if weight.shape[1] == 1 and weight.shape[0] > 1 and x.shape[1] > 1:
+        # depthwise (one input channel per group): a reduction of kh*kw values per output, which the
+        # implicit GEMM's K tile mostly wastes; cuDNN has kernels for exactly this (a depthwise
+        # Triton kernel is worth writing only if measured faster)
+        return "depthwise conv: cuDNN's depthwise kernels, then the fused BatchNorm ops"
+    row_bytes = x.shape[1] * dtype.itemsize
+    if x.shape[1] == weight.shape[1] and row_bytes % 16:
+        # an ungrouped conv whose input pixel is not a whole number of 16-byte vectors (an RGB stem:
+        # 3 channels, 6 bytes in bf16): every operand copy would be a scalar load (sm_90 compile:
+        # 12 scalar loads per tile in DenseNet-121's 7x7 stem); cuDNN has stem kernels
+        return f"{x.shape[1]} input channels ({row_bytes} bytes per pixel, not a multiple of 16): cuDNN's conv"
     return None
 
 
