@@ -6,8 +6,9 @@ torch.ops.fusedres ops instead). Fused paths forced (FUSEDRES_CPU_TRAIN_PATH=fus
 
     python benchmarks/bn_coverage.py [--models NAME ...] [--out FILE.json]
 
-Prints a table (model, BN layers, fused by the report, aten BN calls train / eval, what is left
-and why, grouped) and writes it as JSON."""
+Prints a table (model, BN layers, fused by the report (of them, BatchNorm -> ReLU fused without a
+conv: a pre-activation norm whose output feeds two convs, the norm before a head), aten BN calls
+train / eval, what is left and why, grouped) and writes it as JSON."""
 import argparse
 import collections
 import json
@@ -72,7 +73,8 @@ def measure(name: str, library: str, ctor: str, size: int) -> dict:
     report = fusedres.fuse_report(fused)
     x = torch.randn(2, 3, size, size)
     reasons = collections.Counter(_short(e.detail) for e in report.bn_left)
-    return {"model": name, "bn_layers": len(report.batchnorms), "fused": report.bn_fused,
+    alone = sum(e.status == "fused" and "no conv fused" in e.detail for e in report.batchnorms)
+    return {"model": name, "bn_layers": len(report.batchnorms), "fused": report.bn_fused, "fused_without_conv": alone,
             "aten_bn_train": aten_bn_calls(fused, x, True), "aten_bn_eval": aten_bn_calls(fused, x, False),
             "stock_aten_bn_eval": aten_bn_calls(model, x, False),
             "left": dict(reasons.most_common())}
@@ -99,13 +101,16 @@ def main(argv=None) -> int:
         row = measure(name, library, ctor, size)
         rows.append(row)
         share = row["fused"] / max(row["bn_layers"], 1)
-        print(f"{name:28s} BN {row['bn_layers']:4d}  fused {row['fused']:4d} ({share:6.1%})  aten BN calls "
+        print(f"{name:28s} BN {row['bn_layers']:4d}  fused {row['fused']:4d} ({share:6.1%}; "
+              f"{row['fused_without_conv']:3d} BN -> ReLU only)  aten BN calls "
               f"train {row['aten_bn_train']:4d} eval {row['aten_bn_eval']:4d} (stock eval {row['stock_aten_bn_eval']})",
               flush=True)
         for why, n in row["left"].items():
             print(f"      {n:4d} left: {why}")
     total, fused = sum(r["bn_layers"] for r in rows), sum(r["fused"] for r in rows)
-    print(f"all: {fused} of {total} BatchNorm layers fused ({fused / max(total, 1):.1%})")
+    alone = sum(r["fused_without_conv"] for r in rows)
+    print(f"all: {fused} of {total} BatchNorm layers fused ({fused / max(total, 1):.1%}); {fused - alone} into a conv "
+          f"({(fused - alone) / max(total, 1):.1%}), {alone} as BatchNorm -> ReLU in one pass without a conv")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -7,7 +7,7 @@ Layers, each importing only those below it (tests/test_layering.py holds this):
   -> autograd Functions (fusedres.autograd)
   -> modules: batchnorm (SyncBatchNorm2d, each forward's BN arguments) -> block_plumbing (what every
      fused block shares) -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual, FusedUnits,
-     FusedSequential) and
+     FusedSequential, FusedGraph, FusedNormReLU) and
      dense_modules (FusedDenseLayer, FusedDenseBlock, FusedTransition)
   -> fuse(model): blocks found by what they compute (torch.fx), swapped in
 The reference models (fusedres.models) import nothing of fusedres.
@@ -24,11 +24,13 @@ from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition  # 
 from .fuse import FuseReport, fuse, fuse_report, refresh, unfuse  # noqa: F401,E402
 from .batchnorm import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: F401,E402
 from .block_plumbing import train_choices as cpu_train_choices  # noqa: F401,E402
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, FusedSequential, FusedUnits  # noqa: F401,E402
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual,  # noqa: F401,E402
+                      FusedSequential, FusedUnits)
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401,E402
 
 __version__ = "0.1.0"
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedUnits", "FusedSequential", "FusedDenseLayer", "FusedDenseBlock",
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedUnits", "FusedSequential", "FusedGraph",
+           "FusedNormReLU", "FusedDenseLayer", "FusedDenseBlock",
            "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse", "refresh",
            "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
            "conv_bn_act", "conv_bias_act_inference", "extension_loaded", "cpu_train_choices"]

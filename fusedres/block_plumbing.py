@@ -199,22 +199,55 @@ def _is_plain(module: nn.Module, cls) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
+def _timm_norm_act(norm: nn.Module) -> bool:
+    """timm.layers.BatchNormAct2d: its own forward is F.batch_norm with nn.BatchNorm2d's arguments
+    and bookkeeping, then `drop`, then `act` (two modules)."""
+    cls = type(norm)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(norm, nn.BatchNorm2d)
+
+
 def norm_with_relu(norm: nn.Module) -> bool:
     """Whether `norm` is BatchNorm followed by a ReLU in one module, as timm writes its DenseNet:
-    timm.layers.BatchNormAct2d (its own forward: F.batch_norm with nn.BatchNorm2d's arguments, then
-    `drop`, then `act`) with `drop` an nn.Identity and `act` an nn.ReLU."""
-    cls = type(norm)
-    return (cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
-            and isinstance(norm, nn.BatchNorm2d) and type(getattr(norm, "act", None)) is nn.ReLU
-            and type(getattr(norm, "drop", None)) is nn.Identity)
+    timm's BatchNormAct2d with `drop` an nn.Identity and `act` an nn.ReLU."""
+    return (_timm_norm_act(norm) and type(norm._modules.get("act")) is nn.ReLU
+            and type(norm._modules.get("drop")) is nn.Identity)
 
 
-def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False
-                     ) -> Optional[str]:
+def norm_is_plain_inside(norm: nn.Module) -> bool:
+    """Whether `norm` is timm's BatchNormAct2d with nothing after the BatchNorm (`drop` and `act`
+    nn.Identity: timm's `apply_act=False`, a block's last norm before the residual add)."""
+    return (_timm_norm_act(norm) and type(norm._modules.get("act")) is nn.Identity
+            and type(norm._modules.get("drop")) is nn.Identity)
+
+
+def norm_with_tail(norm: nn.Module) -> bool:
+    """Whether `norm` is timm's BatchNormAct2d with an activation (or dropout) the fused kernels do
+    not apply (SiLU, Hardswish, ReLU6, GELU, ...): a unit ending in it runs conv -> BatchNorm fused
+    and then the norm's own `drop` and `act` modules (norm_tail)."""
+    return _timm_norm_act(norm) and not norm_with_relu(norm) and not norm_is_plain_inside(norm)
+
+
+def norm_tail(norm: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """`out` through what timm's BatchNormAct2d applies after its BatchNorm (`drop`, then `act`),
+    skipping nn.Identity; `out` itself for any other norm."""
+    if not _timm_norm_act(norm):
+        return out
+    for name in ("drop", "act"):
+        module = norm._modules.get(name)
+        if module is not None and type(module) is not nn.Identity:
+            out = module(out)
+    return out
+
+
+def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False,
+                     tail_ok: bool = False) -> Optional[str]:
     """None if conv -> bn can run as a fused unit, else why not. sync_ok: a synchronized norm
     (SyncBatchNorm2d, nn.SyncBatchNorm) is fused with its statistics synchronized, rather than
     left to its own forward. relu_inside_ok: where a ReLU follows the norm anyway (the dense
-    layers' BN -> ReLU -> conv), a norm with that ReLU inside (norm_with_relu) is fused too."""
+    layers' BN -> ReLU -> conv), a norm with that ReLU inside (norm_with_relu) is fused too.
+    tail_ok: where the unit ends a chain, a norm with another activation inside (norm_with_tail)
+    is fused too, its activation run after it. timm's BatchNormAct2d with nothing inside after
+    the BatchNorm is a plain BatchNorm."""
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.padding_mode != "zeros":
@@ -223,8 +256,14 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
     if sync_ok and (_is_plain(bn, SyncBatchNorm2d) or _is_plain(bn, nn.SyncBatchNorm)):
         return None
-    if relu_inside_ok and norm_with_relu(bn):
+    if norm_is_plain_inside(bn) or (relu_inside_ok and norm_with_relu(bn)) or (tail_ok and norm_with_tail(bn)):
         return None
+    if norm_with_relu(bn):
+        return f"{type(bn).__name__} with a ReLU inside where the unit ends without one"
+    if _timm_norm_act(bn):
+        act = type(bn._modules.get("act")).__name__
+        return (f"{type(bn).__name__} with {act} inside where the chain goes on (an activation other than "
+                f"ReLU ends a unit chain)")
     if not _is_plain(bn, nn.BatchNorm2d):
         return f"{type(bn).__name__} is not a plain nn.BatchNorm2d" + (" or a synchronized one" if sync_ok else "")
     return None

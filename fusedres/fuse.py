@@ -18,6 +18,7 @@ conv -> bn)* (-> relu) with no join becomes a FusedUnits; an nn.Sequential with 
 whose children hold such runs becomes a FusedSequential (see _sequential_runs), its other children
 fused in turn. The report lists every BatchNorm once (batchnorm_entries).
 """
+import collections
 import copy
 import operator
 from typing import List, NamedTuple, Optional, Tuple
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import drop_derived, norm_with_relu, unfusable_reason
-from .modules import FusedBasicBlock, FusedBottleneck, FusedResidual, FusedSequential, FusedUnits
+from .block_plumbing import drop_derived, norm_with_relu, norm_with_tail, unfusable_reason
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
+                      FusedUnits, NormReLUSpec, RunSpec)
 
 _FUSED = (FusedResidual, FusedSequential, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
-          FusedTransition)
+          FusedTransition, FusedGraph)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 REPORT_ATTR = "_fusedres_report"
@@ -115,11 +117,23 @@ class _Tracer(torch.fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def _trace(block: nn.Module, training: bool) -> torch.fx.Graph:
+class _ChildrenTracer(_Tracer):
+    """Leaves: the traced module's own children (fused in turn by fuse's recursion) besides the
+    convs, norms, ReLUs and nn.Identity anywhere: the module's own forward is what is rewritten."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._children = {id(m) for m in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+
+def _trace(block: nn.Module, training: bool, tracer=None) -> torch.fx.Graph:
     was = [(m, m.training) for m in block.modules()]
     try:
         block.train(training)
-        return _Tracer().trace(block)
+        return (tracer or _Tracer()).trace(block)
     finally:
         for m, mode in was:
             m.training = mode
@@ -287,8 +301,10 @@ def _chain_match(nodes, block: nn.Module, x, last, final_relu: bool, visited) ->
             return None, f"unrecognized op {_describe(n, block)} (off the conv -> BatchNorm chain)"
         if n.op != "output" and len(n.users) > 1:
             return None, f"{n.name} is used more than once"
-    for conv_name, bn_name in units:  # a ReLU follows every unit's norm but the last without final_relu
-        why = unfusable_reason(block.get_submodule(conv_name), block.get_submodule(bn_name), relu_inside_ok=True)
+    for k, (conv_name, bn_name) in enumerate(units):  # a ReLU follows every unit's norm but the last without final_relu
+        last = k == len(units) - 1 and not final_relu  # (there a norm's own other activation may follow it)
+        why = unfusable_reason(block.get_submodule(conv_name), block.get_submodule(bn_name), relu_inside_ok=True,
+                               tail_ok=last)
         if why is not None:
             return None, why
     if not final_relu and norm_with_relu(block.get_submodule(units[-1][1])):
@@ -311,7 +327,8 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
             return None
         if not isinstance(children[i + 1], nn.modules.batchnorm._NormBase):
             return None
-        why = unfusable_reason(children[i], children[i + 1], relu_inside_ok=True)
+        # (a norm with another activation inside ends the run: relu_after)
+        why = unfusable_reason(children[i], children[i + 1], relu_inside_ok=True, tail_ok=True)
         if why is not None:
             refused[names[i]] = why
             return None
@@ -321,6 +338,8 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
         """(whether a ReLU follows the unit whose norm is child j - 1, the index after it)"""
         if norm_with_relu(children[j - 1]):
             return True, j
+        if norm_with_tail(children[j - 1]):  # its own activation runs after the unit
+            return False, j
         if j < len(children) and type(children[j]) is nn.ReLU:
             return True, j + 1
         return False, j
@@ -380,6 +399,166 @@ def residual_plan(block: nn.Module) -> Tuple[Optional[_Plan], str]:
     if plans[0] != plans[1]:
         return None, "train and eval modes compute different graphs"
     return plans[0], ""
+
+
+def _single_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _unit_at(conv, module: nn.Module, calls, refused):
+    """The norm node of the fusable unit `conv` -> norm in a traced graph, or None (a conv
+    followed by a norm that cannot be fused: refused[norm] says why)."""
+    if (_module_kind(conv, module) != "conv" or len(conv.args) != 1 or conv.kwargs
+            or not isinstance(conv.args[0], torch.fx.Node)):
+        return None
+    bn = _single_user(conv)
+    if bn is None or _module_kind(bn, module) != "bn" or len(bn.args) != 1 or bn.args[0] is not conv or bn.kwargs:
+        return None
+    if calls[conv.target] > 1 or calls[bn.target] > 1:
+        refused[bn.target] = "its conv or norm module is called more than once in forward"
+        return None
+    why = unfusable_reason(module.get_submodule(conv.target), module.get_submodule(bn.target), relu_inside_ok=True,
+                           tail_ok=True)
+    if why is not None:
+        refused[bn.target] = why
+        return None
+    return bn
+
+
+def _grow_run(first, module: nn.Module, calls, refused):
+    """The run of units starting at conv node `first`: (nodes it replaces in forward order, (conv,
+    norm) targets, final ReLU, the join's other operand or None), or None if `first` starts none.
+    conv -> norm (-> ReLU -> conv -> norm)* (-> ReLU), each value used only by the next op; a
+    norm with another activation inside ends it; where the last norm has nothing after it, an add
+    of another tensor (then a ReLU or not) is the run's join."""
+    nodes, units, final_relu, conv = [], [], False, first
+    while True:
+        bn = _unit_at(conv, module, calls, refused)
+        if bn is None:
+            break
+        units.append((conv.target, bn.target))
+        nodes += [conv, bn]
+        final_relu = False
+        norm = module.get_submodule(bn.target)
+        if norm_with_tail(norm):
+            break
+        relu = bn
+        if not norm_with_relu(norm):
+            user = _single_user(bn)
+            if user is None or not _is_relu(user, module) or user.args[0] is not bn:
+                break
+            nodes.append(user)
+            relu = user
+        final_relu = True
+        nxt = _single_user(relu)
+        if nxt is None or _unit_at(nxt, module, calls, {}) is None or nxt.args[0] is not relu:
+            break
+        conv = nxt
+    if not units:
+        return None
+    other = None
+    last_norm = module.get_submodule(units[-1][1])
+    if not final_relu and not norm_with_tail(last_norm):
+        end = nodes[-1]
+        add = _single_user(end)
+        if add is not None and _is_add(add) and end in add.args and all(isinstance(a, torch.fx.Node) for a in add.args):
+            a, b = add.args
+            candidate = b if a is end else a
+            in_place = add.target in (operator.iadd, "add_")
+            # an in-place add into the other operand changes it for its later readers: only where it has none
+            if candidate is not end and (not in_place or a is end or len(candidate.users) == 1):
+                other = candidate
+                nodes.append(add)
+                relu = _single_user(add)
+                if relu is not None and _is_relu(relu, module) and relu.args[0] is add:
+                    nodes.append(relu)
+                    final_relu = True
+    return nodes, tuple(units), final_relu, other
+
+
+def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpec], dict]:
+    """Rewrites `graph` (module's traced forward) in place: each run of units (_grow_run) becomes
+    one call_module node `_fusedres_run<k>` (args: the run's input, and the join's other operand).
+    Returns the runs and {norm target: why not fused} for norms after a conv left as they are."""
+    for node in list(graph.nodes):  # nn.Identity (timm's `aa`, inactive drop path) computes nothing
+        if _module_kind(node, module) == "identity" and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    specs, refused, erased = [], {}, set()
+    for node in list(graph.nodes):
+        if node in erased:
+            continue
+        run = _grow_run(node, module, calls, refused)
+        if run is None:
+            continue
+        nodes, units, final_relu, other = run
+        target = f"_fusedres_run{len(specs)}"
+        end = nodes[-1]
+        with graph.inserting_before(end):
+            call = graph.call_module(target, (node.args[0],) + ((other,) if other is not None else ()))
+        end.replace_all_uses_with(call)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+            erased.add(n)
+        specs.append(RunSpec(target, units, final_relu, other is not None))
+    for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
+        if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
+                or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):
+            continue
+        norm = module.get_submodule(node.target)
+        if calls[node.target] > 1 or FusedNormReLU(norm)._fallback_reason() is not None:
+            continue
+        nodes = [node]
+        if not norm_with_relu(norm):
+            user = _single_user(node)
+            if user is None or not _is_relu(user, module) or user.args[0] is not node:
+                continue
+            nodes.append(user)
+        target = f"_fusedres_normrelu{len(specs)}"
+        with graph.inserting_before(nodes[-1]):
+            call = graph.call_module(target, (node.args[0],))
+        nodes[-1].replace_all_uses_with(call)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+            erased.add(n)
+        refused.pop(node.target, None)
+        specs.append(NormReLUSpec(target, node.target))
+    graph.lint()
+    return specs, refused
+
+
+def graph_programs(module: nn.Module) -> Tuple[Optional[dict], str]:
+    """({training flag: (rewritten graph, runs)}, "") if module's own forward, traced with its
+    children as leaves in train and in eval mode, holds at least one run of units
+    (_rewrite_runs), else (None, why not)."""
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        return None, "it has parameters or buffers of its own (its traced forward would hold them)"
+    programs, refused = {}, {}
+    for training in (True, False):
+        try:
+            graph = _trace(module, training, _ChildrenTracer(module))
+        except Exception as e:
+            return None, f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        specs, why = _rewrite_runs(graph, module)
+        refused.update(why)
+        programs[training] = (graph, tuple(specs))
+    if not any(specs for _, specs in programs.values()):
+        if refused:
+            return None, "; ".join(f"{bn}: {why}" for bn, why in refused.items())
+        return None, "no conv -> BatchNorm unit in its own forward"
+    return programs, ""
+
+
+def _describe_runs(specs) -> str:
+    parts = []
+    for spec in specs:
+        if isinstance(spec, NormReLUSpec):
+            parts.append(f"{spec.norm} -> relu (no conv)")
+            continue
+        chain = " -> relu -> ".join(f"{c} -> {b}" for c, b in spec.units)
+        parts.append(chain + (" + residual" if spec.join else "") + (" -> relu" if spec.final_relu else ""))
+    return "; ".join(parts)
 
 
 def _is_cat(node) -> bool:
@@ -503,7 +682,7 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
     kind = type(module).__name__
     if isinstance(module, _FUSED):
         entries.append(Entry(path, kind, "already fused", "kept"))
-        return _recurse(module, path, entries) if isinstance(module, FusedSequential) else module
+        return _recurse(module, path, entries) if isinstance(module, (FusedSequential, FusedGraph)) else module
     if isinstance(module, nn.ModuleDict) and type(module).forward is not nn.Module.forward:
         why = _dense_reason(module)
         if why is None:
@@ -552,8 +731,13 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
         entries.append(Entry(path, kind, "swapped", f"FusedResidual ({len(plan.units)} units, shortcut {shortcut}"
                                                    f"{', ReLU after the add' if plan.final_relu else ', no ReLU'})"))
         return FusedResidual(module, plan.units, plan.shortcut, plan.final_relu, plan.shortcut_pools)
+    programs, graph_why = graph_programs(module)
+    if programs is not None:
+        runs = _describe_runs(programs[True][1] or programs[False][1])
+        entries.append(Entry(path, kind, "swapped", f"FusedGraph (its own forward, runs fused: {runs})"))
+        return _recurse(FusedGraph.adopt(module, programs), path, entries)
     if _looks_residual(module) and path:
-        entries.append(Entry(path, kind, "left", why))
+        entries.append(Entry(path, kind, "left", f"{why}; as a graph: {graph_why}"))
     return _recurse(module, path, entries)
 
 
@@ -621,6 +805,10 @@ def _become(model: nn.Module, fused: nn.Module) -> nn.Module:
 def _fused_norms(module: nn.Module) -> List[nn.Module]:
     """The norm layers a fused module runs on its fused path (its own, not its children's fused
     modules'), in order."""
+    if isinstance(module, FusedGraph):
+        return [n for view in module.views() for n in _fused_norms(view)]
+    if isinstance(module, FusedNormReLU):
+        return [module._modules["norm"]]
     if isinstance(module, FusedSequential):
         views = module._views()
         return [n for run in module.runs for n in _fused_norms(views[run.start])]
@@ -641,6 +829,8 @@ def _runs_reference_why(module: nn.Module) -> Optional[str]:
         views = module._views()
         whys = [views[run.start]._fallback_reason() for run in module.runs]
         return next((w for w in whys if w is not None), None)
+    if isinstance(module, FusedGraph):
+        return next((w for w in (view._fallback_reason() for view in module.views()) if w is not None), None)
     return module._fallback_reason()
 
 
@@ -661,9 +851,13 @@ def batchnorm_entries(model: nn.Module, entries: List[Entry]) -> List[Entry]:
             owner = parents.get(id(m))
             if owner is not None and isinstance(owner[1], FusedDenseBlock):
                 why = why or owner[1]._fallback_reason()
+        alone = ({id(v._modules["norm"]) for v in m.views() if isinstance(v, FusedNormReLU)}
+                 if isinstance(m, FusedGraph) else set())
         for norm in _fused_norms(m):
             if why is None:
-                claims[id(norm)] = ("fused", f"in {path or '(model)'} [{type(m).__name__}]")
+                claims[id(norm)] = ("fused", f"in {path or '(model)'} [{type(m).__name__}]"
+                                             + (": BatchNorm -> ReLU in one pass, no conv fused" if id(norm) in alone
+                                                else ""))
             else:
                 claims[id(norm)] = ("left", f"{path or '(model)'} [{type(m).__name__}] runs its stock forward: {why}")
     left_blocks = {e.path: e.detail for e in entries if e.status == "left"}
@@ -725,7 +919,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def _unswap(module: nn.Module) -> nn.Module:
     original = getattr(module, "original", None) if isinstance(module, _FUSED) else None
-    if isinstance(module, (FusedResidual, FusedSequential)):
+    if isinstance(module, (FusedResidual, FusedSequential, FusedGraph)):
         return _unswap(module.unfused())
     if original is not None:
         original.training = module.training

@@ -27,18 +27,21 @@ norm_layer, FrozenBatchNorm2d, padding_mode other than zeros) runs the reference
 forward instead and says so once.
 """
 import collections
+import copy
+import functools
 import threading
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 
-from .autograd import (Unit, autocast_dtype, chain_unsupported_reason, conv_bias_act_inference_unchecked, conv_bn_chain,
-                       conv_bn_units)
-from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
+from .autograd import (Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_unsupported_reason,
+                       conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units)
+from .batchnorm import SyncBatchNorm2d, bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
-                             derived_cache, drop_derived, grad_needed, runs_reference, unfusable_reason,
-                             uses_fused_training)
+                             derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_is_plain_inside,
+                             norm_tail, norm_with_relu, runs_reference, unfusable_reason, uses_fused_training)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
@@ -128,24 +131,31 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         dtype = convs[0].weight.dtype
         return torch.is_autocast_enabled(x.device.type) or all(c.weight.dtype == dtype for c in convs)
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The fused forward; `residual`: the tensor the join adds, where a caller passes it (a
+        FusedUnits view with a join), else the block's own shortcut of x."""
         units = self._units()
         # training, or eval with gradients: autograd differentiates this forward
         differentiated = (any(bn.training for _, bn in units)
-                          or grad_needed(x, None, *[m for u in units for m in u]))
+                          or grad_needed(x, residual, *[m for u in units for m in u]))
         if self._use_chain(x, units, differentiated):
-            identity = self._shortcut(x, chain=True)
+            identity = self._shortcut(x, chain=True) if residual is None else residual
             return self._chain(units, x, identity, relu=self._final_relu)
         if tracing() and self._traced_on_aten(x, units):
             # aten's convs either way: the stock forward, whose BatchNorm, add and ReLU inductor
             # fuses into one pass after each conv itself (an opaque op would stop it; a fold in
             # the graph would rewrite every weight per call: ResNet-50 batch 1, 111 ms compiled
             # against 97.5 for stock compiled)
-            return self._reference_forward(x)
+            return self._reference_forward(x) if residual is None else self._reference_forward(x, residual)
         if x.device.type == "cpu" and differentiated:
-            if not uses_fused_training(self, x, self._core_forward, self._stock_forward):
-                return self._stock_forward(x)
-        return self._core_forward(x, units)
+            if residual is None:
+                fused, stock = self._core_forward, self._stock_forward
+            else:
+                fused = functools.partial(self._core_forward, residual=residual)
+                stock = functools.partial(self._stock_forward_with, residual)
+            if not uses_fused_training(self, x, fused, stock):
+                return stock(x)
+        return self._core_forward(x, units, residual)
 
     def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stock block's own forward (in-place ReLU and add included), for the CPU's measured
@@ -157,13 +167,13 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         """Whether this block's convs run on aten's conv (not the fused conv kernels)."""
         return kernel_unsupported_reason(x, units[0][0].weight, autocast_dtype(x)) is not None
 
-    def _core_forward(self, x: torch.Tensor, units=None) -> torch.Tensor:
+    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference)."""
         units = units or self._units()
         conv_kernels = None
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
-        identity = self._shortcut(x, conv_kernels=conv_kernels)
+        identity = self._shortcut(x, conv_kernels=conv_kernels) if residual is None else residual
         return self._core_units(units, x, identity, self._final_relu, conv_kernels)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -361,11 +371,11 @@ class FusedResidual(_FusedBlockBase):
     def _reference_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return self._run_modules(self.shortcut_pools + self.shortcut_names, x)
 
-    def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _stock_forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
         """The original block's own forward, over this module's children (in-place ReLU and add
         as its code writes them: the generic _reference_forward allocates a tensor per op, 3%
         slower on a ResNet-50 CPU train step at batch 8, 112x112: 592 ms against 573)."""
-        return self.unfused().forward(x)
+        return self.unfused().forward(x, *residual)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self._units()
@@ -396,18 +406,24 @@ class FusedResidual(_FusedBlockBase):
 
 
 class FusedUnits(FusedResidual):
-    """Any module that fusedres.fuse proved to compute a chain of conv -> BN units with no residual,
+    """Any module that fusedres.fuse proved to compute a chain of conv -> BN units,
 
-        act(bn_n(conv_n(relu(... relu(bn_1(conv_1(x))) ...))))
+        act(bn_n(conv_n(relu(... relu(bn_1(conv_1(x))) ...))) [+ residual])
 
-    act a ReLU or nothing (GoogLeNet's and Inception's BasicConv2d, a ResNet-D stem's units, a
-    run of nn.Sequential's children): the unit chain of FusedResidual without the join, on the
-    same paths (the fused conv kernels' chain, the core path's one ConvBNUnits Function, BN folded
-    into the convs in inference, the CPU's measured training choice). The original module's
-    children under their own names; the original itself, unregistered, for fusedres.unfuse."""
+    act a ReLU, nothing, or (where the last norm is timm's BatchNormAct2d with another activation
+    inside: SiLU, Hardswish, ...) that norm's own activation modules, run after the fused units;
+    `join`: a residual that the caller passes (forward(x, residual)) is added before act, in the
+    last unit's epilogue (an inverted residual's projection + skip). GoogLeNet's and Inception's
+    BasicConv2d, a ResNet-D stem's units, a run of nn.Sequential's children, timm's ConvNormAct,
+    a run inside a hand-written forward (FusedGraph): the unit chain of FusedResidual with the
+    join's other operand given, on the same paths (the fused conv kernels' chain, the core path's
+    one ConvBNUnits Function, BN folded into the convs in inference, the CPU's measured training
+    choice). The original module's children under their own names; the original itself,
+    unregistered, for fusedres.unfuse."""
 
-    def __init__(self, block: nn.Module, units, final_relu: bool = True) -> None:
+    def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False) -> None:
         super().__init__(block, units, (), final_relu, ())
+        self.join = bool(join)
 
     def _fusable_downsample(self):
         return None
@@ -417,32 +433,69 @@ class FusedUnits(FusedResidual):
 
     def _fallback_reason(self) -> Optional[str]:
         units = self._units()
+        last = len(units) - 1
         for k, (conv, bn) in enumerate(units):
-            # a norm with its ReLU inside (timm's BatchNormAct2d) where a ReLU follows it anyway
-            why = unfusable_reason(conv, bn, relu_inside_ok=k < len(units) - 1 or self._final_relu)
+            # a norm with its ReLU inside (timm's BatchNormAct2d) where a ReLU follows it anyway;
+            # with another activation inside, as the last unit (its activation runs after it)
+            relu_after = k < last or self._final_relu
+            why = unfusable_reason(conv, bn, relu_inside_ok=relu_after, tail_ok=not relu_after and not self.join)
             if why is not None:
                 return why
         return None
 
-    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _with_tail(self, out: torch.Tensor) -> torch.Tensor:
+        """out through the last norm's own activation where the kernels did not apply it."""
+        if self._final_relu or self.join:
+            return out
+        return norm_tail(self._units()[-1][1], out)
+
+    def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        return self._with_tail(super()._chain(units, x, residual, relu))
+
+    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._with_tail(super()._core_forward(x, units, residual))
+
+    def _stock_forward_with(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._stock_forward(x, residual)
+
+    def _reference_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         units = self._units()
         out = x
         for i, (conv, bn) in enumerate(units):
-            out = bn(conv(out))
-            if i < len(units) - 1 or self._final_relu:
+            out = bn(conv(out))  # (a norm's own activation inside: applied here)
+            if i < len(units) - 1:
                 out = torch.relu(out)
-        return out
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if self._final_relu else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         name = f"FusedUnits({type(self.original).__name__})"
         check_block_input(x, self._units()[0][0], name, reader="the unit", source=self.unit_names[0][0])
-        if runs_reference(x, self, name, self._fallback_reason):
-            return self._reference_forward(x)
-        return self._fused_forward(x)
+        if (residual is None) == self.join:
+            raise TypeError(f"{name}: " + ("expects the residual to add (forward(x, residual))" if self.join else
+                                           "takes no residual (it has no join)"))
+        if runs_reference(x, self, name, self._fallback_reason) or (
+                residual is not None and not self._residual_fits(x, residual)):
+            return self._reference_forward(x, residual)
+        return self._fused_forward(x, residual)
+
+    def _residual_fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `residual` is exactly the units' output's shape, dtype and device (the epilogue
+        adds it element for element; broadcasting or type promotion: the reference add)."""
+        if not isinstance(residual, torch.Tensor) or residual.device != x.device or residual.dtype != x.dtype:
+            return False
+        n, _, h, w = x.shape
+        for conv, _ in self._units():
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return tuple(residual.shape) == (n, self._units()[-1][0].out_channels, h, w)
 
     def extra_repr(self) -> str:
         units = ", ".join(f"{c}->{b}" for c, b in self.unit_names)
-        return f"original={type(self.original).__name__}, units=[{units}], relu={self._final_relu}"
+        return (f"original={type(self.original).__name__}, units=[{units}]{', + residual' if self.join else ''}, "
+                f"relu={self._final_relu}")
 
 
 class SequentialRun(NamedTuple):
@@ -522,3 +575,216 @@ class FusedSequential(nn.Sequential):
         names = list(self._modules)
         runs = "; ".join(" -> ".join(names[r.start:r.stop]) for r in self.runs)
         return f"original={type(self.original).__name__}, fused runs=[{runs}]"
+
+
+class UnitRun(nn.Module):
+    """The stock computation of a run of units that fusedres.fuse found in a traced forward
+    (FusedGraph): conv -> norm (-> ReLU -> conv -> norm)* [+ residual] (-> ReLU), with the run's
+    convs and norms as children (their paths in the traced module, '.' written '__'). What a
+    FusedUnits view over the run falls back to."""
+
+    def __init__(self, modules, units, final_relu: bool, join: bool) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self._modules[name] = module
+        self.units = tuple(tuple(u) for u in units)
+        self.final_relu = bool(final_relu)
+        self.join = bool(join)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for i, (conv, bn) in enumerate(self.units):
+            x = self._modules[bn](self._modules[conv](x))
+            if i < len(self.units) - 1:
+                x = torch.relu(x)
+        if residual is not None:
+            x = x + residual
+        return torch.relu(x) if self.final_relu else x
+
+
+class FusedNormReLU(CachesDerivedValues, nn.Module):
+    """relu(norm(x)) for a BatchNorm that a ReLU follows but no fusable conv precedes (a
+    pre-activation ResNet's norm1, the norm before a head): its statistics, then normalize + ReLU
+    in one pass (autograd.bn_relu; stock takes BatchNorm's pass and then ReLU's); in inference one
+    pass with the running statistics (cached). The CPU's measured training choice applies, as for
+    the units. `norm` is the only child (a view: FusedGraph holds it unregistered)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.training = norm.training
+
+    def _fallback_reason(self) -> Optional[str]:
+        norm = self._modules["norm"]
+        if norm_with_relu(norm) or norm_is_plain_inside(norm):
+            return None
+        for cls in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d):
+            if isinstance(norm, cls) and type(norm).forward is cls.forward:
+                return None
+        return f"{type(norm).__name__} is not a plain nn.BatchNorm2d or a synchronized one"
+
+    def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._modules["norm"](x))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu(x, bn_args(self._modules["norm"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self._modules["norm"]
+        name = f"FusedNormReLU({type(norm).__name__})"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != norm.num_features:
+            return self._stock_forward(x)  # (the norm's own error for a wrong input)
+        if runs_reference(x, self, name, self._fallback_reason):
+            return self._stock_forward(x)
+        if tracing():
+            return self._stock_forward(x)  # (inductor fuses BatchNorm and ReLU itself)
+        if inference(x, norm):
+            return bn_relu_inference(x, eval_bn_stats(self, norm, x))
+        if x.device.type == "cpu" and not uses_fused_training(self, x, self._fused, self._stock_forward):
+            return self._stock_forward(x)
+        return self._fused(x)
+
+
+class RunSpec(NamedTuple):
+    """A run of units in a FusedGraph's traced forward, called there as `target`."""
+    target: str  # the call_module target in the rewritten graph
+    units: tuple  # ((conv path, norm path), ...) in the traced module
+    final_relu: bool
+    join: bool  # a residual add after the last unit (its other operand the call's second argument)
+
+
+class NormReLUSpec(NamedTuple):
+    """A BatchNorm -> ReLU with no conv fused, called in a FusedGraph's traced forward as `target`."""
+    target: str
+    norm: str  # its path in the traced module
+
+
+class FusedGraph(CachesDerivedValues, nn.Module):
+    """A module whose forward fusedres.fuse traced (torch.fx, its own children as leaves) and
+    rewrote: each run of conv -> BN (-> ReLU -> conv -> BN)* (-> ReLU) among its submodules, with
+    the residual add (and ReLU) right after it where there is one, runs as a FusedUnits view;
+    every other op runs as the original forward computes it (squeeze-excitation gates, pooling,
+    drop path, the head). A timm SE-ResNeXt bottleneck, an EfficientNet inverted residual, a
+    ResNet's stem inside the model's own forward.
+
+    Not a wrapper: fuse() gives the module itself a class made for its class (FusedGraph first,
+    then the original class: fused_graph_class), so its attributes, methods, isinstance, hooks and
+    state_dict keys are the module's own; only forward differs. The traced forward is specialized
+    to the module's own `training` flag (the graph for each mode is kept, chosen per call) and to
+    its other attributes as they were when fused. unfused() gives back an object of the original
+    class. The views are not submodules (no duplicate keys): rebuilt when a child is replaced; a
+    mode flip, a move and fusedres.refresh reach their caches through this module."""
+
+    _fusedres_original_class = nn.Module  # set on each class fused_graph_class makes
+
+    @classmethod
+    def adopt(cls, module: nn.Module, programs) -> nn.Module:
+        """`module` itself, its class made fused_graph_class(type(module)), running `programs`:
+        {training flag: (torch.fx.Graph, (RunSpec, ...))}."""
+        module.__class__ = fused_graph_class(type(module))
+        module.__dict__["_fusedres_programs"] = dict(programs)
+        return module
+
+    def _program(self, training: bool):
+        """The GraphModule that runs the rewritten forward for this mode, built once per set of
+        children (its call_module targets resolved to them and to the views)."""
+        def build():
+            graph, specs = self.__dict__["_fusedres_programs"][training]
+            root = nn.Module()
+            for name, child in self._modules.items():
+                root._modules[name] = child
+            views = []
+            for spec in specs:
+                if isinstance(spec, NormReLUSpec):
+                    view = FusedNormReLU(self.get_submodule(spec.norm))
+                    view.training = self.training
+                    root._modules[spec.target] = view
+                    views.append(view)
+                    continue
+                names = {path: path.replace(".", "__") for unit in spec.units for path in unit}
+                part = UnitRun({names[p]: self.get_submodule(p) for p in names},
+                               [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join)
+                view = FusedUnits(part, part.units, spec.final_relu, spec.join)
+                view.training = self.training
+                root._modules[spec.target] = view
+                views.append(view)
+            # (a copy: a GraphModule owns its graph; the kept one stays unowned, picklable)
+            program = torch.fx.GraphModule(root, copy.deepcopy(graph), class_name="FusedGraphProgram")
+            return program, views
+
+        return cached_per_submodules(self, f"_fusedres_program_{int(training)}", build)[0]
+
+    def derived_holders(self):
+        """The views whose DerivedCaches belong to this module (block_plumbing.drop_derived)."""
+        views = []
+        for training in (0, 1):
+            cached = self.__dict__.get(f"_fusedres_program_{training}")
+            if cached is not None:
+                views.extend(cached[1][1])
+        return views
+
+    def views(self):
+        """The FusedUnits views of both modes' programs (built if need be)."""
+        for training in self.__dict__["_fusedres_programs"]:
+            self._program(training)
+        return self.derived_holders()
+
+    def train(self, mode: bool = True):
+        for view in self.derived_holders():
+            view.train(mode)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        for view in self.derived_holders():
+            drop_derived(view)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self._program(self.training)(*args, **kwargs)
+
+    def unfused(self) -> nn.Module:
+        """This module as an object of its original class (the same children, parameters,
+        buffers, attributes and hooks; the fused programs left out)."""
+        original = self._fusedres_original_class.__new__(self._fusedres_original_class)
+        original.__dict__.update(_unfused_state(self.__dict__))
+        return original
+
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time (not importable by name): pickled as the original class's
+        # name and this state, rebuilt by fused_graph_class (programs' GraphModules rebuilt on use)
+        return (_rebuild_fused_graph, (self._fusedres_original_class,), _picklable_state(self.__dict__))
+
+    def __setstate__(self, state) -> None:
+        nn.Module.__setstate__(self, state)
+
+
+def _unfused_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("_fusedres_")}
+
+
+def _picklable_state(state: dict) -> dict:
+    """A FusedGraph's __dict__ for pickling and deep copies: without the built programs (their
+    views and caches are derived; rebuilt on first use)."""
+    return {k: v for k, v in state.items() if not k.startswith("_fusedres_program_")
+            and k != "_fusedres_structure"}
+
+
+_GRAPH_CLASSES = {}
+_GRAPH_CLASSES_LOCK = threading.Lock()
+
+
+def fused_graph_class(cls: type) -> type:
+    """The class a FusedGraph of a `cls` module has: FusedGraph's methods first, then cls's (one
+    per original class, made once)."""
+    if issubclass(cls, FusedGraph):
+        return cls
+    with _GRAPH_CLASSES_LOCK:
+        made = _GRAPH_CLASSES.get(cls)
+        if made is None:
+            made = _GRAPH_CLASSES[cls] = type(f"FusedGraph[{cls.__name__}]", (FusedGraph, cls),
+                                              {"_fusedres_original_class": cls, "__module__": __name__})
+        return made
+
+
+def _rebuild_fused_graph(cls: type) -> nn.Module:
+    made = fused_graph_class(cls)
+    return made.__new__(made)

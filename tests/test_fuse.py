@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedres
-from fusedres import FusedResidual, models
+from fusedres import FusedGraph, FusedResidual, models
 from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, randomize_bn
 
 
@@ -226,14 +226,14 @@ def hand_written_model():
         MethodBlock(10),
         TimmStyleBottleneck(10, 4, downsample=_down(10, 16, 1)),
         TimmStyleBottleneck(16, 4),
-        TimmStyleBottleneck(16, 4, drop_path=0.1),  # drop path in training: left
-        TimmStyleBottleneck(16, 4, se=True),  # squeeze-excitation: left
+        TimmStyleBottleneck(16, 4, drop_path=0.1),  # drop path in training: a FusedGraph, its units fused
+        TimmStyleBottleneck(16, 4, se=True),  # squeeze-excitation: a FusedGraph, the units around the gate fused
         TwiceBN(16),  # left
         TutorialBlock(16),
         PoolShortcutBlock(16, 12),
-        SigmoidInline(12),  # left
+        SigmoidInline(12),  # a FusedGraph: conv1 -> bn1, then the sigmoid, then the rest with its join
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
-    return model, 11, 4  # 10 blocks and the model itself (a FusedSequential: its stem unit)
+    return model, 14, 1  # 13 blocks and the model itself (a FusedSequential: its stem unit)
 
 
 def _compare(original, fused, x, tol, steps=2):
@@ -279,9 +279,13 @@ def test_hand_written_styles_are_swapped_and_match(device, name):
     for key, value in fused.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
     left_paths = {e.path: e.detail for e in report.left}
-    assert set(left_paths) == {"11", "12", "13", "16"}, left_paths
+    assert set(left_paths) == {"13"}, left_paths
     assert "used more than once" in left_paths["13"]
-    assert "unrecognized op sigmoid" in left_paths["16"], left_paths["16"]
+    for k in (11, 12, 16):  # the module itself, its class made a FusedGraph of its own class
+        assert isinstance(fused[k], FusedGraph) and isinstance(fused[k], type(model[k])), k
+    assert [(s.units, s.final_relu, s.join) for s in fused[16]._fusedres_programs[True][1]] == [
+        ((("conv1", "bn1"),), False, False), ((("conv2", "bn2"), ("conv3", "bn3")), True, True)]
+    assert [bn for bn in report.batchnorms if bn.status != "fused"] == report.bn_left and len(report.bn_left) == 1
     assert fused[15].shortcut_pools == ("downsample.0",) and fused[15].shortcut_names == ("downsample.1",
                                                                                          "downsample.2")
     assert isinstance(fused[3], FusedResidual) and not isinstance(fused[11], FusedResidual)
@@ -343,7 +347,9 @@ def test_reasons_for_blocks_left_alone():
     block = ShortcutBlock(6, 6)
     block.b2 = SyncLike(6)
     report = fusedres.fuse_report(fusedres.fuse(nn.Sequential(block)))
-    assert [e.path for e in report.left] == ["0"] and "SyncLike" in report.left[0].detail
+    # not the residual pattern (a norm of its own forward): the units that can be fused are, in a graph
+    assert not report.left and [e.path for e in report.bn_left] == ["0.b2"], str(report)
+    assert "SyncLike has its own forward" in report.bn_left[0].detail, str(report)
 
     class Gated(ShortcutBlock):
         def forward(self, x):
@@ -351,8 +357,10 @@ def test_reasons_for_blocks_left_alone():
             out = self.b2(self.c2(out)) * 0.5
             return F.relu(out + self.shortcut(x))
 
+    # not a residual block (a scale before the add): its own forward rewritten, both units fused
     report = fusedres.fuse_report(fusedres.fuse(nn.Sequential(Gated(6, 6))))
-    assert len(report.left) == 1 and "unrecognized op" in report.left[0].detail
+    assert not report.left and not report.bn_left, str(report)
+    assert "FusedGraph (its own forward, runs fused: c1 -> b1 -> relu -> c2 -> b2)" in str(report), str(report)
 
     class DataDependent(ShortcutBlock):
         def forward(self, x):
@@ -368,9 +376,10 @@ def test_reasons_for_blocks_left_alone():
         fusedres.fuse_report(nn.Linear(2, 2))
 
 
-# (architecture, modules swapped: residual blocks, or dense blocks + transitions + the stem's Sequential)
-ZOO = [("resnet18", 8), ("resnet34", 16), ("resnet50", 16), ("resnet101", 33), ("resnet152", 50),
-       ("resnext50_32x4d", 16), ("resnext101_32x8d", 33), ("wide_resnet50_2", 16),
+# (architecture, modules swapped: residual blocks and the model itself (its stem unit, in its own
+# forward: a FusedGraph), or dense blocks + transitions + the stem's Sequential)
+ZOO = [("resnet18", 9), ("resnet34", 17), ("resnet50", 17), ("resnet101", 34), ("resnet152", 51),
+       ("resnext50_32x4d", 17), ("resnext101_32x8d", 34), ("wide_resnet50_2", 17),
        ("densenet121", 8), ("densenet169", 8), ("densenet201", 8)]  # + DenseNet's `features` (its stem unit)
 
 
@@ -380,6 +389,8 @@ def test_zoo_architectures_fuse_completely_with_unchanged_keys(arch, count):
     fused = fusedres.fuse(model)
     report = fusedres.fuse_report(fused)
     assert len(report.swapped) == count and not report.left, str(report)
+    if arch.startswith("res") or arch.startswith("wide"):
+        assert isinstance(fused, FusedGraph) and isinstance(fused, type(model)) and report.bn_left == [], str(report)
     assert list(fused.state_dict()) == list(model.state_dict())
     plain = fusedres.unfuse(fused)
     assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
@@ -417,7 +428,8 @@ def _command_line_fuse(capsys):
     assert main(["fuse", "--arch", "resnet18", "--batch", "2", "--size", "32", "--device", "cpu",
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "fusedres.fuse: 8 swapped, 0 left, 0 already fused" in out  # 8 basic blocks in either resnet18
+    # 8 basic blocks and the model's own forward (its stem unit) in either resnet18
+    assert "fusedres.fuse: 9 swapped, 0 left, 0 already fused" in out
     assert "largest output difference" in out and "forward + backward: original" in out
     return out
 
@@ -561,7 +573,8 @@ def test_fuse_report_lists_every_batchnorm_once_with_what_fused_it_or_why_not():
     assert by_path["1"].status == "fused" and "(model) [FusedSequential]" in by_path["1"].detail
     assert by_path["3.b1"].status == "fused" and "in 3 [FusedResidual]" in by_path["3.b1"].detail
     left = {e.path.split(".")[0] for e in report.bn_left}
-    assert left == {"11", "12", "13", "16"}, str(report)
-    assert "squeeze-excitation" in by_path["12.bn1"].detail and "in 12, left" in by_path["12.bn1"].detail
+    assert left == {"13"}, str(report)
+    assert "used more than once" in by_path["13.bn"].detail and "in 13, left" in by_path["13.bn"].detail
+    assert by_path["12.bn1"].status == "fused" and "in 12 [FusedGraph[TimmStyleBottleneck]]" in by_path["12.bn1"].detail
     assert report.bn_fused == len(norms) - len(report.bn_left)
     assert f"BatchNorm layers fused: {report.bn_fused} of {len(norms)}" in str(report)

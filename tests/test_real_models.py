@@ -34,10 +34,6 @@ BLOCK_TYPES = (tv_resnet.BasicBlock, tv_resnet.Bottleneck, tv_densenet._DenseBlo
                timm_resnet.BasicBlock, timm_resnet.Bottleneck, timm_densenet.DenseBlock, timm_densenet.DenseTransition)
 
 
-def _drop_path_on(block) -> bool:
-    return getattr(block, "drop_path", None) is not None
-
-
 # name -> (constructor, which blocks are left and the words their reason must contain, or None: all swapped)
 TORCHVISION = {name: (getattr(torchvision.models, name), None) for name in (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -51,9 +47,11 @@ TIMM = {
     "timm_resnet50d": ("resnet50d", {}, None),
     "timm_resnext50_32x4d": ("resnext50_32x4d", {}, None),
     "timm_wide_resnet50_2": ("wide_resnet50_2", {}, None),
-    "timm_seresnet50": ("seresnet50", {}, (lambda block: True, "squeeze-excitation")),
-    # drop path p = 0 in the first block (timm's linear schedule), so only that one is swapped
-    "timm_resnet50_drop_path": ("resnet50", {"drop_path_rate": 0.1}, (_drop_path_on, "drop path")),
+    # the gate between bn3 and the add: the block's own forward rewritten (FusedGraph), its units fused
+    "timm_seresnet50": ("seresnet50", {}, None),
+    # drop path p = 0 in the first block (timm's linear schedule): a residual block; the others, with
+    # drop path between bn3 and the add, FusedGraphs
+    "timm_resnet50_drop_path": ("resnet50", {"drop_path_rate": 0.1}, None),
     "timm_densenet121": ("densenet121", {}, None),
 }
 ARCHS = {**{f"tv_{k}": v for k, v in TORCHVISION.items()},
@@ -62,22 +60,23 @@ ARCHS = {**{f"tv_{k}": v for k, v in TORCHVISION.items()},
 BLOCK_ARCHS = sorted(ARCHS)  # the architectures made of the residual / dense blocks above
 
 # BatchNorm CNNs beyond the ResNet family (issue 24): conv -> BN (-> activation) units wherever they
-# stand. name -> (constructor, the least share of BatchNorm layers fused). What is not fused yet:
-# the model's own forward (torchvision's ResNet stem), hand-written blocks with a gate between units
-# (timm's SE / ECA blocks, EfficientNet / MobileNetV3 blocks), timm's BatchNormAct2d and
-# pre-activation (ResNet v2) units.
-_TV_EXTRA = {"mobilenet_v2": 1.0, "mobilenet_v3_large": 1.0, "efficientnet_b0": 1.0, "regnet_x_400mf": 1.0,
-             "regnet_y_400mf": 1.0, "mnasnet0_5": 1.0, "shufflenet_v2_x0_5": 1.0, "googlenet": 1.0,
-             "inception_v3": 1.0, "vgg11_bn": 1.0}
+# stand: nn.Sequential runs, chain-only modules, hand-written forwards (timm's SE / ECA blocks,
+# EfficientNet / MobileNetV3 blocks, the model's own forward with its stem), timm's BatchNormAct2d
+# with any activation, pre-activation (ResNet v2) norms.
+_TV_EXTRA = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf", "mnasnet0_5",
+             "shufflenet_v2_x0_5", "googlenet", "inception_v3", "vgg11_bn")
+_TIMM_EXTRA = ("resnetv2_50", "seresnext26d_32x4d", "ecaresnet26t", "regnety_008", "mobilenetv3_large_100",
+               "efficientnet_b0")
 _NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": False},
            "inception_v3": {"aux_logits": False, "init_weights": False}}
 ARCHS.update({f"tv_{k}": ((lambda n: lambda **a: getattr(torchvision.models, n)(**_NO_AUX.get(n, {}), **a))(k), None)
               for k in _TV_EXTRA})
-# name -> the most BatchNorm layers left unfused: ResNets' stem (in the model's own forward), DenseNets'
-# last norm (it precedes no conv), timm's blocks with a gate or drop path between units
-UNITS_LEFT = {**{f"tv_{k}": 0 for k in _TV_EXTRA},
-              **{a: 1 for a in BLOCK_ARCHS if "resne" in a or "densenet" in a},
-              "timm_seresnet50": 49, "timm_resnet50_drop_path": 46}
+ARCHS.update({f"timm_{k}": ((lambda n: lambda **a: timm.create_model(n, pretrained=False, **a))(k), None)
+              for k in _TIMM_EXTRA})
+# name -> the most BatchNorm layers left unfused: DenseNets' last norm (it precedes no conv, and no
+# ReLU follows it in its Sequential); every other norm of every architecture is fused
+UNITS_LEFT = {**{f"tv_{k}": 0 for k in _TV_EXTRA}, **{f"timm_{k}": 0 for k in _TIMM_EXTRA},
+              **{a: 1 if "densenet" in a else 0 for a in BLOCK_ARCHS}}
 
 
 CLASSES = 10

@@ -11,5 +11,5 @@ from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNUnits, ConvSpec, Unit
                     conv_bn_units, sync_batch_norm)
 from .chain import BNReLUConv, chain_unsupported_reason, conv_bn_chain  # noqa: F401
 from .dense import DenseLayerArgs, bn_relu_conv_inference, bn_relu_conv_pool, channel_stats, dense_block  # noqa: F401
-from .units import autocast_dtype, bn_scale_shift, running_stats  # noqa: F401
+from .units import autocast_dtype, bn_relu, bn_relu_inference, bn_scale_shift, running_stats  # noqa: F401
 from ..ops.direct import BatchNormStats  # noqa: F401

@@ -349,6 +349,25 @@ def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch
     return BNAct.apply(z, bn_weight, bn_bias, *stats, residual, batch_stats, relu, sync, count)
 
 
+def bn_relu(x: torch.Tensor, bn: "BNArgs") -> torch.Tensor:
+    """relu(BN(x)) where no conv is fused with the BatchNorm (a pre-activation ResNet's norm whose
+    output feeds two convs, the norm before a head): its statistics, then normalize + ReLU in one
+    pass (stock: BatchNorm's pass, then ReLU's), one BNAct node. Under autocast the input is
+    normalized as it comes, as stock BatchNorm does."""
+    enabled = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if enabled else contextlib.nullcontext():
+        # detached: the gradient through the batch statistics is BNAct's own (batch_stats)
+        stats, count = batchnorm_stats(x.detach(), bn.batch_stats, bn.eps, bn.running_mean, bn.running_var,
+                                       bn.momentum, bn.weight, bn.bias, bn.sync)
+        return bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, relu=True, sync=bn.sync,
+                      count=count if bn.sync is not None else None)
+
+
+def bn_relu_inference(x: torch.Tensor, stats: BatchNormStats) -> torch.Tensor:
+    """relu((x - mean) * scale + shift), the running statistics' scale and shift: one pass, no autograd."""
+    return direct.bn_act_forward(dense(x), stats.mean, stats.scale, stats.shift, None, True)
+
+
 def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
                     momentum: float, sync: ops.SyncGroup) -> torch.Tensor:

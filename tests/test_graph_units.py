@@ -1,0 +1,306 @@
+"""fusedres.fuse on hand-written forwards that are neither a residual block nor a unit chain:
+FusedGraph (the module's own forward traced with its children as leaves, each run of conv -> BN
+(-> ReLU ...) a FusedUnits view, the residual add after a run in its epilogue, a norm -> ReLU with
+no conv before it a FusedNormReLU), and timm's BatchNormAct2d with an activation other than ReLU
+(its activation runs after the fused unit). Models written here in the styles of timm's SE-ResNet,
+EfficientNet / MobileNetV3 and pre-activation ResNet v2 blocks and torchvision's ResNet forward;
+the real ones: tests/test_real_models.py. Float64 train steps and eval against the original on
+every CPU backend, then state: pickling, deep copies, unfuse, fusing twice, replaced children,
+mode flips."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedres
+from fusedres import FusedGraph, FusedNormReLU, FusedUnits
+from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, randomize_bn
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d's structure and forward (BatchNorm, then `drop`, then `act`),
+    under timm's module name, as fusedres recognizes it; timm itself need not be installed."""
+
+    def __init__(self, c, act=None):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, act=nn.ReLU):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(c, 4, 1)
+        self.act1 = act(inplace=True)
+        self.conv_expand = nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        return x * self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+class SEBottleneck(nn.Module):
+    """timm's ResNet Bottleneck with `se`: the gate between bn3 and the add."""
+
+    def __init__(self, c, planes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(planes, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.se = SqueezeExcite(c)
+        self.act3 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        x = self.se(self.bn3(self.conv3(x)))
+        x += shortcut
+        return self.act3(x)
+
+
+class InvertedResidual(nn.Module):
+    """timm's EfficientNet / MobileNetV3 InvertedResidual: norms with SiLU / Hardswish inside
+    (inplace), a gate, the projection's norm with nothing inside, then `+ shortcut`."""
+
+    def __init__(self, c, hidden, act=nn.SiLU):
+        super().__init__()
+        self.conv_pw = nn.Conv2d(c, hidden, 1, bias=False)
+        self.bn1 = BatchNormAct2d(hidden, act(inplace=True))
+        self.conv_dw = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False)
+        self.bn2 = BatchNormAct2d(hidden, act(inplace=True))
+        self.aa = nn.Identity()
+        self.se = SqueezeExcite(hidden, act)
+        self.conv_pwl = nn.Conv2d(hidden, c, 1, bias=False)
+        self.bn3 = BatchNormAct2d(c)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.bn1(self.conv_pw(x))
+        x = self.se(self.aa(self.bn2(self.conv_dw(x))))
+        x = self.bn3(self.conv_pwl(x))
+        return self.drop_path(x) + shortcut
+
+
+class PreActBottleneck(nn.Module):
+    """timm's ResNet v2 PreActBottleneck: norm1 (ReLU inside) feeds the downsample and conv1."""
+
+    def __init__(self, cin, cout, planes, downsample=False):
+        super().__init__()
+        self.norm1 = BatchNormAct2d(cin, nn.ReLU(inplace=True))
+        self.downsample = nn.Conv2d(cin, cout, 1, bias=False) if downsample else None
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.norm2 = BatchNormAct2d(planes, nn.ReLU(inplace=True))
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.norm3 = BatchNormAct2d(planes, nn.ReLU(inplace=True))
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+
+    def forward(self, x):
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return x + shortcut
+
+
+class Net(nn.Module):
+    """torchvision's ResNet forward style: the stem unit in the model's own forward, a norm ->
+    ReLU before the head (ResNet v2's), methods and attributes a user calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.blocks = nn.Sequential(SEBottleneck(12, 6), InvertedResidual(12, 24),
+                                    InvertedResidual(12, 16, nn.Hardswish),
+                                    PreActBottleneck(12, 16, 8, downsample=True), PreActBottleneck(16, 16, 8))
+        self.norm = BatchNormAct2d(16, nn.ReLU(inplace=True))
+        self.fc = nn.Linear(16, 5)
+        self.num_classes = 5
+
+    def forward_features(self, x):
+        return self.norm(self.blocks(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
+
+
+def _compare(original, fused, x, tol, steps=2):
+    opt_o = torch.optim.SGD(original.parameters(), lr=0.05)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05)
+    original.train()
+    fused.train()
+    for step in range(steps):
+        xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yo, yf = original(xo), fused(xf)
+        assert_close_scaled(yf, yo, tol, msg=f"step {step} output")
+        g = torch.randn_like(yo)
+        yo.backward(g)
+        yf.backward(g)
+        assert_close_scaled(xf.grad, xo.grad, tol, msg=f"step {step} input gradient")
+        for (name, pf), po in zip(fused.named_parameters(), original.parameters()):
+            assert_close_scaled(pf.grad, po.grad, tol, msg=f"step {step} {name}")
+        opt_o.step()
+        opt_f.step()
+        opt_o.zero_grad()
+        opt_f.zero_grad()
+    for (key, vf), vo in zip(fused.state_dict().items(), original.state_dict().values()):
+        assert_close_scaled(vf.double(), vo.double(), tol, msg=key)
+    original.eval()
+    fused.eval()
+    with torch.no_grad():
+        assert_close_scaled(fused(x), original(x), tol, msg="eval")
+    xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)  # eval with gradients
+    original(xo).square().sum().backward()
+    fused(xf).square().sum().backward()
+    assert_close_scaled(xf.grad, xo.grad, tol, msg="eval input gradient")
+
+
+def _net():
+    torch.manual_seed(0)
+    return randomize_bn(Net()).double()
+
+
+def test_every_batchnorm_is_fused_and_the_report_says_how():
+    model = _net()
+    fused = fusedres.fuse(model)
+    report = fusedres.fuse_report(fused)
+    assert report.bn_fused == len(report.batchnorms) == 17, str(report)
+    assert isinstance(fused, FusedGraph) and isinstance(fused, Net) and fused.num_classes == 5
+    by_path = {e.path: e for e in report.batchnorms}
+    assert "in (model) [FusedGraph[Net]]" in by_path["bn1"].detail
+    alone = {p for p, e in by_path.items() if "no conv fused" in e.detail}
+    # norm1 of the first pre-activation block feeds two convs; the second's feeds conv1, which
+    # starts the conv1 -> norm2 -> conv2 -> norm3 run; the model's last norm feeds the head
+    assert alone == {"blocks.3.norm1", "blocks.4.norm1", "norm"}, alone
+    runs = {i: [(s.units, s.final_relu, s.join) for s in fused.blocks[i]._fusedres_programs[True][1]
+                if not hasattr(s, "norm")] for i in range(5)}
+    assert runs[0] == [((("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), False, False)]  # the gate, then the add
+    assert runs[1] == [((("conv_pw", "bn1"),), False, False), ((("conv_dw", "bn2"),), False, False),
+                       ((("conv_pwl", "bn3"),), False, True)]  # SiLU after bn1 and bn2 ends each run; the add joins
+    assert runs[3] == [((("conv1", "norm2"), ("conv2", "norm3")), True, False)]
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_graph_units_train_and_eval_like_the_original(device, name, memory_format):
+    model = _net().to(device, memory_format=memory_format)
+    fused = fusedres.fuse(model)
+    x = activation((3, 3, 17, 15), torch.float64, device, memory_format)
+    with backend(name, device):
+        _compare(model, fused, x, 1e-9)
+
+
+def test_the_fused_paths_run_not_the_originals():
+    """Counts, not values: no norm and no conv of a unit is called as a module on the fused path
+    (their forward hooks would fire), in eval without gradients (where nothing is measured)."""
+    fused = fusedres.fuse(_net())
+    in_units = [m for v in fused.modules() if isinstance(v, FusedGraph) for view in v.views()
+                for m in view.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    assert len({id(m) for m in in_units if isinstance(m, nn.BatchNorm2d)}) == 17
+    calls = []
+    for m in in_units:
+        m.register_forward_hook(lambda mod, i, o: calls.append(type(mod).__name__))
+    fused.eval()
+    with torch.no_grad():
+        fused(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert calls == [], calls
+
+
+def test_state_survives_pickling_copies_unfuse_and_fusing_again():
+    model = _net()
+    # (the stand-in BatchNormAct2d cannot be pickled by its timm name: blocks of plain modules)
+    model.blocks = nn.Sequential(SEBottleneck(12, 6), nn.Conv2d(12, 16, 1)).double()
+    model.norm = nn.BatchNorm2d(16).double()
+    fused = fusedres.fuse(model)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    fused.train()
+    fused(x)  # builds the programs and views, counts a batch
+    fused.eval()
+    with torch.no_grad():
+        expected = fused(x)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(fused) and isinstance(loaded, Net)
+    copied = copy.deepcopy(fused)
+    for other in (loaded, copied):
+        assert other.blocks[0] is not fused.blocks[0]
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), expected)
+    plain = fusedres.unfuse(fused)
+    assert type(plain) is Net and type(plain.blocks[0]) is SEBottleneck
+    assert not any(isinstance(m, FusedGraph) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), expected)
+    again = fusedres.fuse(fused, inplace=True)
+    assert again is fused and len(fusedres.fuse_report(again).swapped) == 0
+
+
+def test_a_replaced_child_and_a_mode_flip_are_seen():
+    torch.manual_seed(0)
+    model = _net()
+    fused = fusedres.fuse(model).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+        fused.bn1 = model.bn1 = randomize_bn(nn.BatchNorm2d(12)).double().eval()  # a new stem norm
+        fused.blocks[1].conv_pwl = model.blocks[1].conv_pwl = nn.Conv2d(24, 12, 1, bias=False).double()
+        torch.testing.assert_close(fused(x), model.eval()(x))
+    fused.train()
+    assert all(v.training for v in fused.derived_holders())
+    fused(x)
+    model.train()(x)
+    fused.eval()
+    assert not any(v.training for v in fused.derived_holders())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x))
+
+
+def test_a_join_whose_other_operand_does_not_fit_runs_the_reference_add():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + x.mean((2, 3), keepdim=True)  # broadcast over H, W
+
+    torch.manual_seed(0)
+    model = randomize_bn(Broadcast()).double()
+    fused = fusedres.fuse(model)
+    assert isinstance(fused, FusedGraph) and fused._fusedres_programs[True][1][0].join
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    _compare(model, fused, x, 1e-9, steps=1)
+
+
+def test_a_unit_view_with_a_join_takes_exactly_its_residual():
+    fused = fusedres.fuse(_net())
+    view = next(v for v in fused.blocks[1].views() if isinstance(v, FusedUnits) and v.join)
+    x = torch.randn(2, 24, 8, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="expects the residual"):
+        view(x)
+    norm_relu = next(v for v in fused.views() if isinstance(v, FusedNormReLU))
+    assert norm_relu._fallback_reason() is None
