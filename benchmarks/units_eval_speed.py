@@ -3,7 +3,9 @@ models at 224x224, float32 channels_last, batch 1 and 8, fused and stock interle
 process (5 rounds of 5 timed forwards each, after 3 warm-up forwards; medians). A quick check
 until issue 24's side-by-side suite covers these families, training included.
 
-    python benchmarks/units_eval_speed.py [mobilenet_v2,efficientnet_b0,regnet_y_400mf]
+    python benchmarks/units_eval_speed.py [mobilenet_v2,efficientnet_b0,timm:regnety_008,...]
+
+(`timm:NAME`: timm's model of that name.)
 """
 import sys
 import time
@@ -27,7 +29,13 @@ def median_ms(module, x, reps):
 def main(names):
     torch.manual_seed(0)
     for name in names:
-        stock = getattr(torchvision.models, name)(num_classes=1000).eval().to(memory_format=torch.channels_last)
+        if name.startswith("timm:"):
+            import timm
+
+            stock = timm.create_model(name[5:], pretrained=False, num_classes=1000)
+        else:
+            stock = getattr(torchvision.models, name)(num_classes=1000)
+        stock = stock.eval().to(memory_format=torch.channels_last)
         fused = fusedres.fuse(stock)
         for batch in (1, 8):
             x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)

@@ -39,13 +39,15 @@ def cached_fallback_reason(module: nn.Module, fallback_reason: Callable[[], Opti
     return cached_per_submodules(module, "_fusedres_fallback", fallback_reason)
 
 
-def runs_reference(x: torch.Tensor, module: nn.Module, owner: str, fallback_reason: Callable[[], Optional[str]]) -> bool:
+def runs_reference(x: torch.Tensor, module: nn.Module, owner: str, fallback_reason: Callable[[], Optional[str]],
+                   known: Optional[tuple] = None) -> bool:
     """Whether a fused module's forward runs its reference (stock) forward instead: for an empty
     batch (exactly what the reference does with one), or where a submodule cannot be fused
-    (fallback_reason() says why; warned once per owner and reason)."""
+    (fallback_reason() says why, found once per set of submodules, or `known`: (the reason,)
+    found when a view was built; warned once per owner and reason)."""
     if x.numel() == 0:
         return True
-    why = cached_fallback_reason(module, fallback_reason)
+    why = known[0] if known is not None else cached_fallback_reason(module, fallback_reason)
     if why is not None:
         warn_once((owner, why), f"fusedres: {owner} runs the unfused reference forward: {why}")
         return True
