@@ -79,6 +79,6 @@ if [[ "$STAGES" == *3* ]]; then
    FUSEDRES_REAL_MODELS=1 "$PY3" -m pytest -q -p no:cacheprovider "${XDIST3[@]}" -m "not unit_families" \
      -k "test_compile.py or not triton-interpreted" tests/test_compile.py tests/test_fuse.py \
      tests/test_modules.py tests/test_cpu_paths.py tests/test_errors.py tests/test_build.py \
-     tests/test_real_models.py)
+     tests/test_graph_units.py tests/test_real_models.py)
   echo "== stage 3 took $((SECONDS / 60)) min $((SECONDS % 60)) s"
 fi

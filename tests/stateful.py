@@ -38,6 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import hypothesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -409,6 +410,9 @@ def eval_after_train_forwards(stock: nn.Module):
     return outs
 
 
+SEED = 20261204  # the derandomized runs' seed (run)
+
+
 def run(machine: type, examples: int, steps: int = 12) -> Dict[str, int]:
     """Drives `machine` over `examples` sequences of up to `steps` rules (FUSEDRES_STATEFUL_EXAMPLES,
     FUSEDRES_STATEFUL_STEPS and FUSEDRES_STATEFUL_RANDOM override) and returns what they exercised."""
@@ -416,6 +420,11 @@ def run(machine: type, examples: int, steps: int = 12) -> Dict[str, int]:
     examples = int(os.environ.get("FUSEDRES_STATEFUL_EXAMPLES", examples))
     steps = int(os.environ.get("FUSEDRES_STATEFUL_STEPS", steps))
     derandomize = os.environ.get("FUSEDRES_STATEFUL_RANDOM", "0") != "1"
+    if derandomize:
+        # A fixed seed, not hypothesis's derandomized one: that is a digest of the machine class's
+        # source as inspect finds it, which earlier tests in the same process could change (seen:
+        # a whole-suite worker drew a sequence that never chose one rule; the file alone did)
+        hypothesis.seed(SEED)(machine)
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, derandomize=derandomize, database=None,
         suppress_health_check=list(HealthCheck)))

@@ -29,7 +29,7 @@ def test_tiny_end_to_end_run_writes_predictions(tmp_path):
     args = e2e_train.parser(False).parse_args(["--arch", "resnet18", "--steps", "3", "--batch", "4", "--size", "32",
                                                "--images", "20", "--out", str(tmp_path)])
     result = e2e_train.run(args, torch.device("cpu"))
-    assert result["fused_blocks"] == 8
+    assert result["fused_blocks"] == 9  # 8 basic blocks and the model's own forward (its stem unit)
     assert len(result["stock"]["losses"]) == len(result["fusedres"]["losses"]) == len(
         result["stock_float64"]["losses"]) == 3
     first = [result[k]["losses"][0] for k in ("stock", "fusedres", "stock_float64")]

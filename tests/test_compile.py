@@ -97,7 +97,13 @@ def _tiny_densenet():
     return densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
 
 
-MODELS = {"resnet": lambda: SmallResNet(classes=5), "densenet": _tiny_densenet}
+def _graph_units_net():
+    from test_graph_units import Net  # timm-style blocks: FusedGraph, joins, tails, BN -> ReLU alone
+
+    return Net()
+
+
+MODELS = {"resnet": lambda: SmallResNet(classes=5), "densenet": _tiny_densenet, "graph": _graph_units_net}
 
 
 def _fused_pair(arch, fmt):
@@ -191,7 +197,7 @@ def test_export_in_eval(arch, device, name):
     with fusedres.use_backend(name), torch.no_grad():
         exported = torch.export.export(model, (x,))
         code = exported.graph_module.code
-        if arch == "resnet" and name != "triton":  # (the conv ops have triton and reference backends only)
+        if arch in ("resnet", "graph") and name != "triton":  # (the conv ops: triton and reference backends only)
             assert "torch.ops.fusedres." not in code
         else:
             assert "torch.ops.fusedres." in code
