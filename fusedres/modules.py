@@ -517,7 +517,23 @@ class SequentialRun(NamedTuple):
     final_relu: bool
 
 
-class FusedSequential(nn.Sequential):
+class HoldsViews:
+    """Mixin of the modules that run unregistered FusedUnits views over their children
+    (FusedSequential, FusedGraph; derived_holders(): the views built so far): a mode flip reaches
+    the views, a move drops their caches."""
+
+    def train(self, mode: bool = True):
+        for view in self.derived_holders():
+            view.train(mode)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        for view in self.derived_holders():
+            drop_derived(view)
+        return super()._apply(fn, *args, **kwargs)
+
+
+class FusedSequential(HoldsViews, nn.Sequential):
     """An nn.Sequential (torchvision's Conv2dNormActivation, VGG's features, MNASNet's and
     ShuffleNetV2's layers, a MobileNetV2 block's convs, ...) whose runs of conv -> BN (-> ReLU)
     children run as FusedUnits; every other child runs as it is (and was fused itself where
@@ -553,16 +569,6 @@ class FusedSequential(nn.Sequential):
         """The modules whose DerivedCaches belong to this one (block_plumbing.drop_derived)."""
         cached = self.__dict__.get("_fusedres_views")
         return list(cached[1].values()) if cached is not None else []
-
-    def train(self, mode: bool = True):
-        for view in self.derived_holders():
-            view.train(mode)
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        for view in self.derived_holders():
-            drop_derived(view)
-        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = self._views()
@@ -669,7 +675,7 @@ class NormReLUSpec(NamedTuple):
     norm: str  # its path in the traced module
 
 
-class FusedGraph(CachesDerivedValues, nn.Module):
+class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
     """A module whose forward fusedres.fuse traced (torch.fx, its own children as leaves) and
     rewrote: each run of conv -> BN (-> ReLU -> conv -> BN)* (-> ReLU) among its submodules, with
     the residual add (and ReLU) right after it where there is one, runs as a FusedUnits view;
@@ -739,16 +745,6 @@ class FusedGraph(CachesDerivedValues, nn.Module):
             self._program(training)
         return self.derived_holders()
 
-    def train(self, mode: bool = True):
-        for view in self.derived_holders():
-            view.train(mode)
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        for view in self.derived_holders():
-            drop_derived(view)
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, *args, **kwargs):
         return self._program(self.training)(*args, **kwargs)
 
@@ -766,6 +762,9 @@ class FusedGraph(CachesDerivedValues, nn.Module):
 
     def __setstate__(self, state) -> None:
         nn.Module.__setstate__(self, state)
+        # the programs rebuilt now, not on the first call: that may be inside torch.compile's
+        # tracing (a deep copy, then compile), where building a GraphModule is a graph break
+        self.views()
 
 
 def _unfused_state(state: dict) -> dict:

@@ -104,6 +104,9 @@ def _graph_units_net():
 
 
 MODELS = {"resnet": lambda: SmallResNet(classes=5), "densenet": _tiny_densenet, "graph": _graph_units_net}
+# input size: the graph model's stem and max-pool leave a 5x5 input 2x2 maps, whose batch-statistics
+# BatchNorms amplify float32 rounding past the tolerance after one SGD step
+SIZE = {"resnet": 5, "densenet": 5, "graph": 12}
 
 
 def _fused_pair(arch, fmt):
@@ -133,7 +136,7 @@ def test_compiled_training_matches_eager_with_no_graph_break(arch, device, name,
     statistics again instead of reusing the dense block's record.)"""
     eager, compiled_model = _fused_pair(arch, fmt)
     eager, compiled_model = eager.to(device), compiled_model.to(device)
-    x = _x((3, 3, 5, 5), fmt, device)
+    x = _x((3, 3, SIZE[arch], SIZE[arch]), fmt, device)
     with fusedres.use_backend(name):
         breaks, reasons = _graph_breaks(copy.deepcopy(eager), x)
         assert breaks == 0, reasons
@@ -147,8 +150,14 @@ def test_compiled_training_matches_eager_with_no_graph_break(arch, device, name,
             (ye * torch.linspace(-1, 1, ye.numel(), device=device).view_as(ye)).sum().backward()
             (yc * torch.linspace(-1, 1, yc.numel(), device=device).view_as(yc)).sum().backward()
             assert_close_scaled(xc.grad, xe.grad, 2e-4, msg=f"step {step} input grad")
+            scale = max(p.grad.abs().max().item() for p in eager.parameters())
             for (n, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
-                assert_close_scaled(pc.grad, pe.grad, 2e-4, msg=f"step {step} {n}.grad")
+                if pe.grad.abs().max() < 1e-6 * scale:
+                    # zero in exact arithmetic (a BatchNorm bias whose shift the next batch-statistics
+                    # BatchNorm removes: the graph model's projections), rounding noise in both runs
+                    assert pc.grad.abs().max() <= 1e-5 * scale, f"step {step} {n}.grad"
+                else:
+                    assert_close_scaled(pc.grad, pe.grad, 2e-4, msg=f"step {step} {n}.grad")
             opt_e.step(), opt_c.step()
             opt_e.zero_grad(), opt_c.zero_grad()
         for (n, be), bc in zip(eager.named_buffers(), compiled_model.buffers()):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres import FusedGraph, FusedResidual, models
-from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, randomize_bn
+from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, compare_train_then_eval, randomize_bn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,35 +236,7 @@ def hand_written_model():
     return model, 14, 1  # 13 blocks and the model itself (a FusedSequential: its stem unit)
 
 
-def _compare(original, fused, x, tol, steps=2):
-    """Train steps (outputs, gradients, then parameters and buffers), then eval outputs."""
-    opt_o = torch.optim.SGD(original.parameters(), lr=0.05)
-    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05)
-    original.train()
-    fused.train()
-    for step in range(steps):
-        xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        torch.manual_seed(step)  # the same random numbers for blocks left alone (drop path)
-        yo = original(xo)
-        torch.manual_seed(step)
-        yf = fused(xf)
-        assert_close_scaled(yf, yo, tol, msg=f"step {step} output")
-        g = torch.randn_like(yo)
-        yo.backward(g)
-        yf.backward(g)
-        assert_close_scaled(xf.grad, xo.grad, tol, msg=f"step {step} input gradient")
-        for (name, pf), po in zip(fused.named_parameters(), original.parameters()):
-            assert_close_scaled(pf.grad, po.grad, tol, msg=f"step {step} {name}")
-        opt_o.step()
-        opt_f.step()
-        opt_o.zero_grad()
-        opt_f.zero_grad()
-    for (key, vf), vo in zip(fused.state_dict().items(), original.state_dict().values()):
-        assert_close_scaled(vf.double(), vo.double(), tol, msg=key)
-    original.eval()
-    fused.eval()
-    with torch.no_grad():
-        assert_close_scaled(fused(x), original(x), tol, msg="eval")
+_compare = compare_train_then_eval
 
 
 @pytest.mark.parametrize("device,name", BACKEND_CASES)

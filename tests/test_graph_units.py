@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres import FusedGraph, FusedNormReLU, FusedUnits
-from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, randomize_bn
+from helpers import BACKEND_CASES, activation, assert_close_scaled, backend, compare_train_then_eval, randomize_bn
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -144,31 +144,9 @@ class Net(nn.Module):
 
 
 def _compare(original, fused, x, tol, steps=2):
-    opt_o = torch.optim.SGD(original.parameters(), lr=0.05)
-    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05)
-    original.train()
-    fused.train()
-    for step in range(steps):
-        xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        yo, yf = original(xo), fused(xf)
-        assert_close_scaled(yf, yo, tol, msg=f"step {step} output")
-        g = torch.randn_like(yo)
-        yo.backward(g)
-        yf.backward(g)
-        assert_close_scaled(xf.grad, xo.grad, tol, msg=f"step {step} input gradient")
-        for (name, pf), po in zip(fused.named_parameters(), original.parameters()):
-            assert_close_scaled(pf.grad, po.grad, tol, msg=f"step {step} {name}")
-        opt_o.step()
-        opt_f.step()
-        opt_o.zero_grad()
-        opt_f.zero_grad()
-    for (key, vf), vo in zip(fused.state_dict().items(), original.state_dict().values()):
-        assert_close_scaled(vf.double(), vo.double(), tol, msg=key)
-    original.eval()
-    fused.eval()
-    with torch.no_grad():
-        assert_close_scaled(fused(x), original(x), tol, msg="eval")
-    xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)  # eval with gradients
+    """test_fuse's train steps then eval, then an eval forward + backward (frozen BN fine-tuning)."""
+    compare_train_then_eval(original, fused, x, tol, steps)
+    xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     original(xo).square().sum().backward()
     fused(xf).square().sum().backward()
     assert_close_scaled(xf.grad, xo.grad, tol, msg="eval input gradient")
