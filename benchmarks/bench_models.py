@@ -5,7 +5,8 @@ torch.compile, in one run, channels_last.
 GPU (run): resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2 and
 densenet121 at 224x224 (torchvision's models when it imports).
 
-CPU (run_cpu): real ResNet-50 in float32, channels_last, on torch.get_num_threads() threads, with
+CPU (run_cpu): real ResNet-50, MobileNetV2, EfficientNet-B0 and RegNetY-800MF (torchvision's) in
+float32, channels_last, on torch.get_num_threads() threads, with
 every variant side by side in one process: stock eager, stock torch.compile, ONNX Runtime
 (CPUExecutionProvider; eval only, and only where onnxruntime and onnx import), fusedres eager and
 fusedres + torch.compile; eval (torch.no_grad) at batch 1 and 8, 224x224, and a train step at
@@ -34,7 +35,9 @@ from common import bench, environment, model_factory, peak_mb, train_step
 GPU_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
               "resnext101_32x8d", "wide_resnet50_2", "densenet121")
 CPU_MODELS = ("resnet18", "resnet50")
-CPU_SUITE_MODELS = ("resnet50",)  # run_cpu's default
+# run_cpu's default: issue 24's families side by side (ResNet, inverted residuals with SiLU and
+# squeeze-excitation, RegNet's grouped convs with squeeze-excitation)
+CPU_SUITE_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf")
 
 
 def _infer(model, x, dtype, device):

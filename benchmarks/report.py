@@ -6,7 +6,8 @@
 
 On the CPU it runs small sizes (and the C++ kernels; the Triton interpreter is no benchmark); on a
 GPU the full ResNet-50 sizes at batch 256 with the CUDA and Triton kernels, torch.compile included.
-The CPU models suite is real ResNet-50 in float32 on torch's threads, every variant (stock eager,
+The CPU models suite is real ResNet-50, MobileNetV2, EfficientNet-B0 and RegNetY-800MF in float32
+on torch's threads, every variant (stock eager,
 stock torch.compile, ONNX Runtime, fusedres, fusedres + torch.compile) interleaved in one process:
 eval at batch 1 and 8 (224x224), train step at batch 8 (112x112); torch.compile on unless
 --no-compile (bench_models.run_cpu).
@@ -106,7 +107,8 @@ def main(argv=None):
     parser.add_argument("--dense-batches", default="",
                         help="batch sizes of the dense suite (default: 64,256 on a GPU, 4 on the CPU)")
     parser.add_argument("--models", default="", help="models of the models suite (default: the full list on a GPU, "
-                                                       "resnet50 on the CPU)")
+                                                       "resnet50, mobilenet_v2, efficientnet_b0, regnet_y_800mf "
+                                                       "on the CPU)")
     parser.add_argument("--model-batches", default="", help="batch sizes of the models suite (default: 32,256 on a "
                                                            "GPU; on the CPU the eval batches, 1,8, the train step "
                                                            "being batch 8)")

@@ -15,6 +15,7 @@ import torch.nn as nn
 from .autograd import BatchNormStats, ConvArgs, bn_scale_shift, running_stats
 from .batchnorm import SyncBatchNorm2d
 from .common import tracing, warn_once
+from .ops import PostOp
 
 
 def cached_per_submodules(module: nn.Module, name: str, compute: Callable[[], object]):
@@ -239,6 +240,26 @@ def norm_tail(norm: nn.Module, out: torch.Tensor) -> torch.Tensor:
         if module is not None and type(module) is not nn.Identity:
             out = module(out)
     return out
+
+
+def post_op_of(module: Optional[nn.Module]):
+    """The ops.PostOp that computes `module` (an activation other than ReLU: nn.SiLU, nn.Hardswish,
+    nn.ReLU6, nn.Hardtanh, nn.GELU, nn.LeakyReLU, by exact type; `inplace` changes no value), or
+    None: a BN-folded conv applies it as oneDNN's post-op in inference."""
+    cls = type(module)
+    if cls is nn.SiLU:
+        return PostOp("silu")
+    if cls is nn.Hardswish:
+        return PostOp("hardswish")
+    if cls is nn.ReLU6:
+        return PostOp("hardtanh", (0.0, 6.0))
+    if cls is nn.Hardtanh:
+        return PostOp("hardtanh", (float(module.min_val), float(module.max_val)))
+    if cls is nn.GELU:
+        return PostOp("gelu", (), module.approximate)
+    if cls is nn.LeakyReLU:
+        return PostOp("leaky_relu", (float(module.negative_slope),))
+    return None
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False,

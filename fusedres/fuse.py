@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import drop_derived, norm_with_relu, norm_with_tail, unfusable_reason
+from .block_plumbing import drop_derived, norm_with_relu, norm_with_tail, post_op_of, unfusable_reason
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
                       FusedUnits, NormReLUSpec, RunSpec)
 
@@ -358,7 +358,11 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
                 break
             units.append(nxt)
             relu, i = relu_after(i + 2)
-        runs.append((start, i, tuple(units), relu))
+        tail = None
+        if (not relu and not norm_with_tail(children[i - 1]) and i < len(children)
+                and post_op_of(children[i]) is not None):  # an activation oneDNN applies as the conv's post-op
+            tail, i = names[i], i + 1
+        runs.append((start, i, tuple(units), relu, tail))
     return runs, list(refused.items())
 
 
@@ -708,10 +712,12 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             names = list(module._modules)
             children = list(module._modules.values())
             parts = []
-            for start, stop, _, relu in runs:
+            for start, stop, _, relu, tail in runs:
                 part = " -> ".join(names[start:stop])
-                if not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):
-                    # an activation the kernels do not apply yet: BN is fused into the conv, it runs after
+                if tail is not None:  # in inference the conv's oneDNN post-op; in training a module after the unit
+                    part += f" ({type(module._modules[tail]).__name__}: a post-op in inference, its module in training)"
+                elif not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):
+                    # an activation the kernels do not apply: BN is fused into the conv, it runs after
                     part += f", then {names[stop]} ({type(children[stop]).__name__}) as it is"
                 parts.append(part)
             what = "; ".join(parts)

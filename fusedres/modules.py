@@ -41,7 +41,8 @@ from .autograd import (Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_u
 from .batchnorm import SyncBatchNorm2d, bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
                              derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_is_plain_inside,
-                             norm_tail, norm_with_relu, runs_reference, unfusable_reason, uses_fused_training)
+                             norm_tail, norm_with_relu, norm_with_tail, post_op_of, runs_reference, unfusable_reason,
+                             uses_fused_training)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
@@ -91,23 +92,26 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
     _final_relu = True  # ReLU after the residual add
 
     def _core_units(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
-                    conv_kernels: Optional[bool] = None) -> torch.Tensor:
+                    conv_kernels: Optional[bool] = None, post_op=None) -> torch.Tensor:
         """act(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) on the core path: in training
         or with gradients one ConvBNUnits Function for all the units (aten's conv, the BatchNorm
         ops); in eval without gradients, per unit BN folded into the conv (cached) and bias +
         residual + act in the conv's epilogue (fused conv kernels) or one pass after aten's conv.
         conv_kernels: whether the fused conv kernels run the inference convs (found once per
-        block forward; None: asked per conv)."""
+        block forward; None: asked per conv). post_op: an activation other than ReLU after the
+        last unit (relu False): in inference the last conv's oneDNN post-op, else applied after."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
-            return conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual, relu)
+            out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual, relu)
+            return out if post_op is None else post_op.apply(out)
         out = x
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
             weight, bias, packs = self._folded(conv, bn)
             out = conv_bias_act_inference_unchecked(out, weight, bias, residual if i == last else None,
                                                     conv_args(conv).spec, relu if i == last else True, conv_kernels,
-                                                    packs.get if packs is not None else None)
+                                                    packs.get if packs is not None else None,
+                                                    post_op if i == last else None)
         return out
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -167,14 +171,16 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         """Whether this block's convs run on aten's conv (not the fused conv kernels)."""
         return kernel_unsupported_reason(x, units[0][0].weight, autocast_dtype(x)) is not None
 
-    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference)."""
+    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
+                      post_op=None) -> torch.Tensor:
+        """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference);
+        post_op: _core_units'."""
         units = units or self._units()
         conv_kernels = None
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
         identity = self._shortcut(x, conv_kernels=conv_kernels) if residual is None else residual
-        return self._core_units(units, x, identity, self._final_relu, conv_kernels)
+        return self._core_units(units, x, identity, self._final_relu, conv_kernels, post_op)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """(weight, bias, packs): BN folded into conv, cached until anything it derives from changes
@@ -421,10 +427,11 @@ class FusedUnits(FusedResidual):
     choice). The original module's children under their own names; the original itself,
     unregistered, for fusedres.unfuse."""
 
-    def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False
-                 ) -> None:
+    def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False,
+                 tail: Optional[str] = None) -> None:
         super().__init__(block, units, (), final_relu, ())
         self.join = bool(join)
+        self.tail_name = tail  # an activation child run after the units (a Sequential's SiLU, ReLU6, ...)
         if view:
             # a view (FusedSequential's, FusedGraph's): its owner builds a new one whenever a child
             # changes, so its units and fallback reason are found once, not per call (~3 us each,
@@ -455,15 +462,33 @@ class FusedUnits(FusedResidual):
         return None
 
     def _with_tail(self, out: torch.Tensor) -> torch.Tensor:
-        """out through the last norm's own activation where the kernels did not apply it."""
+        """out through the activation after the last unit that the kernels did not apply: the
+        tail child, or the last norm's own activation (timm's BatchNormAct2d)."""
         if self._final_relu or self.join:
             return out
+        if self.tail_name is not None:
+            return self._modules[self.tail_name](out)
         return norm_tail(self._units()[-1][1], out)
+
+    def _tail_post_op(self):
+        """The tail as an ops.PostOp where it is one activation oneDNN applies (else None)."""
+        if self._final_relu or self.join:
+            return None
+        if self.tail_name is not None:
+            return post_op_of(self._modules[self.tail_name])
+        norm = self._units()[-1][1]
+        if norm_with_tail(norm) and type(norm._modules.get("drop")) is nn.Identity:
+            return post_op_of(norm._modules.get("act"))
+        return None
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         return self._with_tail(super()._chain(units, x, residual, relu))
 
-    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
+                      post_op=None) -> torch.Tensor:
+        post_op = self._tail_post_op()
+        if post_op is not None:  # the tail on every core path: in inference the last conv's post-op
+            return super()._core_forward(x, units, residual, post_op)
         return self._with_tail(super()._core_forward(x, units, residual))
 
     def _stock_forward_with(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -478,6 +503,8 @@ class FusedUnits(FusedResidual):
                 out = torch.relu(out)
         if residual is not None:
             out = out + residual
+        if self.tail_name is not None:
+            out = self._modules[self.tail_name](out)
         return torch.relu(out) if self._final_relu else out
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -515,6 +542,7 @@ class SequentialRun(NamedTuple):
     stop: int
     units: tuple  # ((conv name, bn name), ...)
     final_relu: bool
+    tail: Optional[str] = None  # the run's last child: an activation other than ReLU (ops.PostOp), run after
 
 
 class HoldsViews:
@@ -560,7 +588,7 @@ class FusedSequential(HoldsViews, nn.Sequential):
             for run in self.runs:
                 part = nn.Sequential(collections.OrderedDict((n, self._modules[n]) for n in names[run.start:run.stop]))
                 part.training = self.training
-                views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True)
+                views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail)
             return views
 
         return cached_per_submodules(self, "_fusedres_views", build)

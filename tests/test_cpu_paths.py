@@ -82,6 +82,34 @@ def test_onednn_conv_bias_act_matches_float64(conv, residual, relu, packed):
             assert (y >= 0).all(), name
 
 
+POST_OPS = [(conv_inference.PostOp("silu"), F.silu), (conv_inference.PostOp("hardswish"), F.hardswish),
+            (conv_inference.PostOp("hardtanh", (0.0, 6.0)), F.relu6),
+            (conv_inference.PostOp("hardtanh", (-1.0, 2.0)), lambda z: F.hardtanh(z, -1.0, 2.0)),
+            (conv_inference.PostOp("gelu", (), "none"), F.gelu),
+            (conv_inference.PostOp("gelu", (), "tanh"), lambda z: F.gelu(z, approximate="tanh")),
+            (conv_inference.PostOp("leaky_relu", (0.2,)), lambda z: F.leaky_relu(z, 0.2))]
+
+
+@needs_onednn
+@pytest.mark.parametrize("post_op,function", POST_OPS, ids=lambda p: getattr(p, "name", ""))
+@pytest.mark.parametrize("residual", [False, True])
+def test_onednn_post_ops_match_float64(post_op, function, residual):
+    """Each activation as the inference conv's post-op, on both backends against float64 (issue
+    24's item 5): oneDNN's eltwise post-op and the reference's torch function."""
+    c_in, c_out, k, s, p, d, g, h, w = CONVS[2]
+    x = activation((3, c_in, h, w), memory_format=CL)
+    weight = torch.randn(c_out, c_in // g, k, k) / (c_in // g * k * k) ** 0.5
+    bias = torch.randn(c_out)
+    z = F.conv2d(x.double(), weight.double(), bias.double(), s, p, d, g)
+    res = activation((3, c_out, *z.shape[2:]), memory_format=CL) if residual else None
+    expected = function(z + res.double() if res is not None else z)
+    pack = conv_inference.pack_weight(weight, (s, s), (p, p), (d, d), g, x.shape)
+    for name, impl in implementations(conv_inference.OP).items():
+        y = impl(x, weight, bias, res, (s, s), (p, p), (d, d), g, False, pack, post_op)
+        assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL), name
+        assert_close_scaled(y, expected, 4e-6, msg=name)
+
+
 @needs_onednn
 def test_onednn_takes_only_channels_last_float32():
     x, w = torch.randn(2, 4, 5, 5).contiguous(memory_format=CL), torch.randn(6, 4, 3, 3)

@@ -282,3 +282,46 @@ def test_a_unit_view_with_a_join_takes_exactly_its_residual():
         view(x)
     norm_relu = next(v for v in fused.views() if isinstance(v, FusedNormReLU))
     assert norm_relu._fallback_reason() is None
+
+
+ACTIVATIONS = [nn.SiLU(inplace=True), nn.Hardswish(), nn.ReLU6(inplace=True), nn.Hardtanh(-1.0, 2.0), nn.GELU(),
+               nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2)]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("where", ["sequential", "norm_act"])
+def test_activations_after_a_unit_are_the_convs_post_op_in_inference(act, where):
+    """Issue 24's item 5 on the CPU: an activation other than ReLU after a unit (a Sequential's next
+    child, timm's BatchNormAct2d's `act`) is the BN-folded conv's oneDNN post-op in inference (the
+    module is not called: counts, not values) and its module in training; values equal stock's."""
+    torch.manual_seed(0)
+    if where == "sequential":
+        model = nn.Sequential(nn.Conv2d(5, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), act, nn.Conv2d(8, 6, 1))
+    else:
+        model = nn.Sequential(nn.Conv2d(5, 8, 3, 1, 1, bias=False), BatchNormAct2d(8, act), nn.Conv2d(8, 6, 1))
+    model = randomize_bn(model)
+    fused = fusedres.fuse(model)
+    assert fusedres.fuse_report(fused).bn_fused == 1
+    calls = []
+    act.register_forward_hook(lambda *a: calls.append(1))
+    x = activation((2, 5, 9, 7), torch.float32, "cpu", torch.channels_last)
+    for m in (model, fused):
+        m.eval()
+    with backend("cpu", "cpu"), torch.no_grad():
+        expected = model(x)
+        del calls[:]
+        got = fused(x)
+    assert calls == [], "the activation ran as a module, not as the conv's post-op"
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    for m in (model, fused):
+        m.train()
+    with backend("cpu", "cpu"):
+        xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        del calls[:]
+        yo, yf = model(xo), fused(xf)
+        # (the fused units apply it as its function in training too: a unit's modules are not called)
+        assert len(calls) == 1, "stock's activation module ran once"
+        torch.testing.assert_close(yf, yo, rtol=2e-5, atol=2e-5)
+        yo.square().sum().backward()
+        yf.square().sum().backward()
+        torch.testing.assert_close(xf.grad, xo.grad, rtol=2e-4, atol=2e-4)

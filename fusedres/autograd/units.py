@@ -442,12 +442,14 @@ def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                       residual: Optional[torch.Tensor], conv: ConvSpec, relu: bool,
                                       conv_kernels: Optional[bool] = None,
-                                      pack: Optional[Callable[[torch.Tensor, ConvSpec, torch.Size], torch.Tensor]] = None
-                                      ) -> torch.Tensor:
+                                      pack: Optional[Callable[[torch.Tensor, ConvSpec, torch.Size], torch.Tensor]] = None,
+                                      post_op: Optional[ops.PostOp] = None) -> torch.Tensor:
     """conv_bias_act_inference for the fused modules (bias from ops.fold_bn: contiguous, the
     statistics dtype): no checks per call. conv_kernels: whether the fused conv kernels run this
     conv, if the caller knows (None: asked here). pack(weight, conv, input shape): the weight
     prepacked for oneDNN (the caller's cache; None: oneDNN reorders the plain weight per call).
+    post_op: an activation other than ReLU (relu False): oneDNN's post-op where oneDNN runs the
+    conv, else applied after (ops.PostOp.apply).
 
     Paths: the fused conv kernels (bias + residual + ReLU in their epilogue); on the CPU oneDNN
     (one primitive, post-ops fused; ops.conv_inference); else aten's conv + one bn_act_forward
@@ -460,16 +462,19 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
     if conv_kernels is None:
         conv_kernels = ops.kernel_unsupported_reason(x, weight) is None
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if conv_kernels:
-            return direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
-                                                   False, None)[0]
-        if tracing():
-            return _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
-        if x.device.type == "cpu" and ops.onednn_unsupported_reason(x, weight) is None:
+        if x.device.type == "cpu" and not conv_kernels and not tracing() and (
+                ops.onednn_unsupported_reason(x, weight) is None):
             packed = pack(weight, conv, x.shape) if pack is not None else None
-            return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed)
-        z = dense(F.conv2d(x, weight, None, *conv))
-        return direct.bn_act_forward(z, None, None, bias, like(residual, z), relu)
+            return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
+        if conv_kernels:
+            y = direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
+                                                False, None)[0]
+        elif tracing():
+            y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
+        else:
+            z = dense(F.conv2d(x, weight, None, *conv))
+            y = direct.bn_act_forward(z, None, None, bias, like(residual, z), relu)
+        return y if post_op is None else post_op.apply(y)
 
 
 def _conv_bias_act_traced(x, weight, bias, residual, conv: ConvSpec, relu: bool) -> torch.Tensor:

@@ -81,14 +81,20 @@ def pack_weight(weight: Tensor, stride: Sequence[int], padding: Sequence[int], d
 
 
 def conv_bias_act(x: Tensor, packed_weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: Sequence[int],
-                  padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> Tensor:
+                  padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool,
+                  unary: Optional[tuple] = None) -> Tensor:
     """act(conv2d(x, W) + bias [+ residual]) as one oneDNN primitive; x channels_last float32,
-    packed_weight from pack_weight for x's shape, bias [C_out] float32. Returns channels_last."""
+    packed_weight from pack_weight for x's shape, bias [C_out] float32. Returns channels_last.
+    act: ReLU (relu), nothing, or `unary` = (eltwise attr, scalars, algorithm) as torch's mkldnn
+    fusion names them ("swish", [], None; "hardtanh", [0.0, 6.0], None; "gelu", [], "tanh"; ...;
+    with a residual, ReLU only)."""
     pad, strd, dil = list(padding), list(stride), list(dilation)
+    attr, scalars, algorithm = unary if unary is not None else ("relu" if relu else "none", [], None)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, pad, strd, dil, groups,
-                                                              "relu" if relu else "none", [], None)
+                                                              attr, scalars, algorithm)
     if not residual.is_contiguous(memory_format=torch.channels_last):
         residual = residual.contiguous(memory_format=torch.channels_last)
     return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed_weight, bias, pad, strd, dil, groups,
-                                                          "add", None, "relu" if relu else None, [], None)
+                                                          "add", None, None if attr == "none" else attr, scalars,
+                                                          algorithm)

@@ -10,7 +10,7 @@ from .bn_finalize import (StatsPartials, bn_backward_finalize, bn_forward_finali
 from .bn_stats import bn_stats, bn_stats_from_moments, channel_var_mean  # noqa: F401
 from .conv import (CONV_OPS, ChannelMoments, check_conv, conv2d_forward, conv2d_input_grad,  # noqa: F401
                    conv2d_weight_grad, kernel_unsupported_reason)
-from .conv_inference import onednn_unsupported_reason, pack_weight  # noqa: F401
+from .conv_inference import PostOp, onednn_unsupported_reason, pack_weight  # noqa: F401
 from .distributed import SyncGroup, all_reduce_moments, all_reduce_sums, sync_group  # noqa: F401
 from .fold import fold_bn  # noqa: F401
 from .registry import (available_backend, backends, get_backend, implementations, resolve, set_backend,  # noqa: F401

@@ -9,7 +9,7 @@ where oneDNN does not run it (NCHW, float64, bfloat16) as aten's conv + one bn_a
 (fusedres.autograd picks). The op has no torch.library form: a traced graph holds aten's conv
 and the post-ops as plain tensor ops, which inductor fuses itself (fusedres.autograd).
 """
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,25 +22,62 @@ OP = "conv2d_bias_act_inference"
 Tensor = torch.Tensor
 
 
+class PostOp(NamedTuple):
+    """An activation other than ReLU after a BN-folded conv: oneDNN's eltwise post-op (attr,
+    scalars, algorithm, as torch's mkldnn fusion names them) and the same function in torch for
+    every other path (apply)."""
+    name: str  # silu, hardswish, hardtanh, gelu, leaky_relu
+    scalars: tuple = ()  # hardtanh: (min, max); leaky_relu: (negative_slope,)
+    algorithm: Optional[str] = None  # gelu: "none" or "tanh"
+
+    @property
+    def attr(self) -> str:
+        return "swish" if self.name == "silu" else self.name
+
+    def apply(self, z: Tensor) -> Tensor:
+        if self.name == "silu":
+            return F.silu(z)
+        if self.name == "hardswish":
+            return F.hardswish(z)
+        if self.name == "hardtanh":
+            return F.hardtanh(z, *self.scalars)
+        if self.name == "gelu":
+            return F.gelu(z, approximate=self.algorithm or "none")
+        if self.name == "leaky_relu":
+            return F.leaky_relu(z, *self.scalars)
+        raise ValueError(f"fusedres: unknown post-op {self.name!r}")
+
+
 @register(OP, "reference")
 def conv2d_bias_act_inference_reference(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
                                         stride, padding, dilation, groups: int, relu: bool,
-                                        packed_weight: Optional[Tensor] = None) -> Tensor:
+                                        packed_weight: Optional[Tensor] = None, post_op: Optional[PostOp] = None
+                                        ) -> Tensor:
     acc = stats_dtype(x)
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc) + per_channel(bias.to(acc), x)
     if residual is not None:
         z = z + residual.to(acc)
+    if post_op is not None:
+        return post_op.apply(z).to(x.dtype)
     return (torch.relu(z) if relu else z).to(x.dtype)
 
 
 @register(OP, "onednn")
 def conv2d_bias_act_inference_onednn(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
                                      stride, padding, dilation, groups: int, relu: bool,
-                                     packed_weight: Optional[Tensor] = None) -> Tensor:
+                                     packed_weight: Optional[Tensor] = None, post_op: Optional[PostOp] = None
+                                     ) -> Tensor:
     """packed_weight: weight from pack_weight for x's shape (None: the plain weight, which oneDNN
-    reorders on every call, as aten's conv does)."""
+    reorders on every call, as aten's conv does). post_op: an activation other than ReLU (relu
+    False), as the primitive's eltwise post-op."""
     w = packed_weight if packed_weight is not None else weight
-    return conv_onednn.conv_bias_act(x, w, bias, residual, stride, padding, dilation, groups, relu)
+    if post_op is not None and residual is not None:
+        # torch's oneDNN binary fusion takes ReLU alone after the add ("Unary Fusion behavior
+        # undefined" for the others): the add in the primitive, the activation one pass after
+        y = conv_onednn.conv_bias_act(x, w, bias, residual, stride, padding, dilation, groups, False)
+        return post_op.apply(y)
+    unary = (post_op.attr, list(post_op.scalars), post_op.algorithm) if post_op is not None else None
+    return conv_onednn.conv_bias_act(x, w, bias, residual, stride, padding, dilation, groups, relu, unary)
 
 
 def onednn_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:

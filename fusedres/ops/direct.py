@@ -66,11 +66,12 @@ def bn_act_backward_elementwise(grad: Tensor, x: Tensor, mean: Tensor, scale: Te
 
 
 def conv2d_bias_act_inference(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride, padding,
-                              dilation, groups: int, relu: bool, packed_weight: Optional[Tensor] = None) -> Tensor:
+                              dilation, groups: int, relu: bool, packed_weight: Optional[Tensor] = None,
+                              post_op=None) -> Tensor:
     """act(conv2d(x, weight) + bias [+ residual]) on the backend the registry resolved (eager only:
-    the op has no traced form; see ops.conv_inference)."""
+    the op has no traced form; see ops.conv_inference); post_op: an ops.PostOp activation."""
     return kernel(_CONV_INFERENCE, x.device)(x, weight, bias, residual, stride, padding, dilation, groups, relu,
-                                             packed_weight)
+                                             packed_weight, post_op)
 
 
 def bn_backward_finalize(sum_dz: Tensor, sum_dz_xmu: Tensor, invstd: Tensor, scale: Tensor, count,
