@@ -40,6 +40,19 @@ CPU_MODELS = ("resnet18", "resnet50")
 CPU_SUITE_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf")
 
 
+def default_cpu_models() -> tuple:
+    """CPU_SUITE_MODELS that this environment can build: all four where torchvision imports, else
+    ResNet-50 (fusedres.models holds the ResNet and DenseNet architectures only)."""
+    buildable = []
+    for arch in CPU_SUITE_MODELS:
+        try:
+            model_factory(arch)
+        except AttributeError:
+            continue
+        buildable.append(arch)
+    return tuple(buildable)
+
+
 def _infer(model, x, dtype, device):
     def step():
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -192,7 +205,7 @@ def run_cpu(archs: Optional[Sequence[str]] = None, eval_batches: Sequence[int] =
     saying why. quick: 3 rounds instead of 10, one warm-up call less, and each variant's share of a
     round about 0.15 s of calls instead of 0.3 s."""
     device = torch.device("cpu")
-    archs = tuple(archs or CPU_SUITE_MODELS)
+    archs = tuple(archs or default_cpu_models())
     threads = torch.get_num_threads()
     rounds = rounds or (3 if quick else 10)
     extra_warmup = 1 if quick else 2  # untimed calls after the first (compiling) one

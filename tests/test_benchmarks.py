@@ -86,8 +86,8 @@ def test_cpu_models_suite_runs_every_variant_side_by_side():
     channel, whose normalization amplifies rounding ~1e8-fold, stock's and fused's alike.)"""
     import bench_models
 
-    out = bench_models.run_cpu(eval_batches=(1,), train_batch=4, eval_size=32, train_size=64, quick=True,
-                               compile_variants=False, rounds=1, n_inputs=2, progress=lambda m: None)
+    out = bench_models.run_cpu(("resnet50",), eval_batches=(1,), train_batch=4, eval_size=32, train_size=64,
+                               quick=True, compile_variants=False, rounds=1, n_inputs=2, progress=lambda m: None)
     rows = out["rows"]
     assert {(r["mode"], r["impl"].split(" (")[0]) for r in rows} >= {("eval", "fusedres"), ("train", "fusedres")}
     for r in rows:
