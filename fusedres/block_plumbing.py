@@ -277,6 +277,13 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
+    return norm_unfusable_reason(bn, sync_ok, relu_inside_ok, tail_ok)
+
+
+def norm_unfusable_reason(bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False,
+                          tail_ok: bool = False) -> Optional[str]:
+    """unfusable_reason's verdict on the norm alone (the arguments mean the same): also what a
+    BatchNorm -> ReLU with no conv (FusedNormReLU) takes, with relu_inside_ok."""
     if sync_ok and (_is_plain(bn, SyncBatchNorm2d) or _is_plain(bn, nn.SyncBatchNorm)):
         return None
     if norm_is_plain_inside(bn) or (relu_inside_ok and norm_with_relu(bn)) or (tail_ok and norm_with_tail(bn)):

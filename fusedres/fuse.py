@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import drop_derived, norm_with_relu, norm_with_tail, post_op_of, unfusable_reason
+from .block_plumbing import (drop_derived, norm_unfusable_reason, norm_with_relu, norm_with_tail, post_op_of,
+                             unfusable_reason)
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
                       FusedUnits, NormReLUSpec, RunSpec)
 
@@ -429,6 +430,27 @@ def _unit_at(conv, module: nn.Module, calls, refused):
     return bn
 
 
+def _relu_after_norm(bn, module: nn.Module):
+    """The node whose value is relu(norm(...)) for norm node `bn`: bn itself for a norm with its
+    ReLU inside, its only user where that is a ReLU, else None."""
+    if norm_with_relu(module.get_submodule(bn.target)):
+        return bn
+    user = _single_user(bn)
+    return user if user is not None and _is_relu(user, module) and user.args[0] is bn else None
+
+
+def _replace_nodes(graph: torch.fx.Graph, nodes, target: str, args: tuple, erased: set) -> None:
+    """`nodes` (a chain in forward order, only the last read elsewhere) replaced by one call of
+    module `target` on `args`, placed where the last was; the nodes erased (and added to erased)."""
+    end = nodes[-1]
+    with graph.inserting_before(end):
+        call = graph.call_module(target, args)
+    end.replace_all_uses_with(call)
+    for n in reversed(nodes):
+        graph.erase_node(n)
+        erased.add(n)
+
+
 def _grow_run(first, module: nn.Module, calls, refused):
     """The run of units starting at conv node `first`: (nodes it replaces in forward order, (conv,
     norm) targets, final ReLU, the join's other operand or None), or None if `first` starts none.
@@ -443,16 +465,13 @@ def _grow_run(first, module: nn.Module, calls, refused):
         units.append((conv.target, bn.target))
         nodes += [conv, bn]
         final_relu = False
-        norm = module.get_submodule(bn.target)
-        if norm_with_tail(norm):
+        if norm_with_tail(module.get_submodule(bn.target)):
             break
-        relu = bn
-        if not norm_with_relu(norm):
-            user = _single_user(bn)
-            if user is None or not _is_relu(user, module) or user.args[0] is not bn:
-                break
-            nodes.append(user)
-            relu = user
+        relu = _relu_after_norm(bn, module)
+        if relu is None:
+            break
+        if relu is not bn:
+            nodes.append(relu)
         final_relu = True
         nxt = _single_user(relu)
         if nxt is None or _unit_at(nxt, module, calls, {}) is None or nxt.args[0] is not relu:
@@ -498,34 +517,20 @@ def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpe
             continue
         nodes, units, final_relu, other = run
         target = f"_fusedres_run{len(specs)}"
-        end = nodes[-1]
-        with graph.inserting_before(end):
-            call = graph.call_module(target, (node.args[0],) + ((other,) if other is not None else ()))
-        end.replace_all_uses_with(call)
-        for n in reversed(nodes):
-            graph.erase_node(n)
-            erased.add(n)
+        _replace_nodes(graph, nodes, target, (node.args[0],) + ((other,) if other is not None else ()), erased)
         specs.append(RunSpec(target, units, final_relu, other is not None))
     for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
         if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
                 or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):
             continue
-        norm = module.get_submodule(node.target)
-        if calls[node.target] > 1 or FusedNormReLU(norm)._fallback_reason() is not None:
+        if calls[node.target] > 1 or norm_unfusable_reason(module.get_submodule(node.target),
+                                                           relu_inside_ok=True) is not None:
             continue
-        nodes = [node]
-        if not norm_with_relu(norm):
-            user = _single_user(node)
-            if user is None or not _is_relu(user, module) or user.args[0] is not node:
-                continue
-            nodes.append(user)
+        relu = _relu_after_norm(node, module)
+        if relu is None:
+            continue
         target = f"_fusedres_normrelu{len(specs)}"
-        with graph.inserting_before(nodes[-1]):
-            call = graph.call_module(target, (node.args[0],))
-        nodes[-1].replace_all_uses_with(call)
-        for n in reversed(nodes):
-            graph.erase_node(n)
-            erased.add(n)
+        _replace_nodes(graph, [node] if relu is node else [node, relu], target, (node.args[0],), erased)
         refused.pop(node.target, None)
         specs.append(NormReLUSpec(target, node.target))
     graph.lint()

@@ -38,10 +38,10 @@ import torch.nn as nn
 
 from .autograd import (Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_unsupported_reason,
                        conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units)
-from .batchnorm import SyncBatchNorm2d, bn_args, check_sync_args, convert_sync_batchnorm
+from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
-                             derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_is_plain_inside,
-                             norm_tail, norm_with_relu, norm_with_tail, post_op_of, runs_reference, unfusable_reason,
+                             derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_tail,
+                             norm_unfusable_reason, norm_with_tail, post_op_of, runs_reference, unfusable_reason,
                              uses_fused_training, cpu_train_path)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
@@ -156,7 +156,8 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
                 fused, stock = self._core_forward, self._stock_forward
             else:
                 fused = functools.partial(self._core_forward, residual=residual)
-                stock = functools.partial(self._stock_forward_with, residual)
+                def stock(t: torch.Tensor) -> torch.Tensor:
+                    return self._stock_forward(t, residual)
             if not uses_fused_training(self, x, fused, stock):
                 self._stock_chosen(x, residual)
                 return stock(x)
@@ -495,9 +496,6 @@ class FusedUnits(FusedResidual):
             return super()._core_forward(x, units, residual, post_op)
         return self._with_tail(super()._core_forward(x, units, residual))
 
-    def _stock_forward_with(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._stock_forward(x, residual)
-
     MEMO_SIZE = 8  # inputs remembered per view
 
     def _memo_key(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple:
@@ -696,13 +694,7 @@ class FusedNormReLU(CachesDerivedValues, nn.Module):
         self.training = norm.training
 
     def _fallback_reason(self) -> Optional[str]:
-        norm = self._modules["norm"]
-        if norm_with_relu(norm) or norm_is_plain_inside(norm):
-            return None
-        for cls in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d):
-            if isinstance(norm, cls) and type(norm).forward is cls.forward:
-                return None
-        return f"{type(norm).__name__} is not a plain nn.BatchNorm2d or a synchronized one"
+        return norm_unfusable_reason(self._modules["norm"], relu_inside_ok=True)
 
     def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self._modules["norm"](x))
