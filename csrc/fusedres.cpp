@@ -12,24 +12,27 @@ TORCH_LIBRARY(fusedres_kernels, m) {
   m.def(
       "bn_stats(Tensor input, float eps, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum) -> (Tensor mean, Tensor invstd)");
-  // y = act((input - mean[c]) * scale[c] + shift[c] + residual), act = ReLU or identity.
+  // y = act((input - mean[c]) * scale[c] + shift[c] + residual); act is an activation code of
+  // csrc/activation.h (fusedres.common.ACTIVATIONS: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish,
+  // 5 LeakyReLU with negative slope alpha, 6 GELU, 7 GELU tanh).
   // mean and scale are optional (absent: 0 and 1), which makes this also the epilogue of a
   // BN-folded conv: y = act(conv + bias[c] + residual).
   m.def(
       "bn_act_forward(Tensor input, Tensor? mean, Tensor? scale, Tensor shift, Tensor? residual, "
-      "bool relu) -> Tensor");
-  // Backward reduction: with dz = grad_output * relu_mask, returns sum(dz) and sum(dz * (x - mean))
-  // per channel, and dz itself when write_grad_z (the residual's gradient). The ReLU mask is
-  // output > 0 when output is given, else (x - mean) * scale + shift > 0.
+      "int act, float alpha) -> Tensor");
+  // Backward reduction: with dz = grad_output * act'(u), u = (x - mean) * scale + shift, returns
+  // sum(dz) and sum(dz * (x - mean)) per channel, and dz itself when write_grad_z (the residual's
+  // gradient). With output given (act must be ReLU: a residual was added before it), the mask is
+  // output > 0.
   m.def(
       "bn_act_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor scale, "
-      "Tensor shift, Tensor? output, bool relu, bool write_grad_z) -> "
+      "Tensor shift, Tensor? output, int act, float alpha, bool write_grad_z) -> "
       "(Tensor sum_dz, Tensor sum_dz_xmu, Tensor grad_z)");
-  // Backward elementwise: dz = relu ? grad * [(x - mean) * scale + shift > 0] : grad;
+  // Backward elementwise: dz = grad * act'((x - mean) * scale + shift);
   // grad_input = scale * dz + (x - mean) * coef_xmu + coef_c.
   m.def(
       "bn_act_backward_elementwise(Tensor grad, Tensor input, Tensor mean, Tensor scale, "
-      "Tensor shift, Tensor coef_xmu, Tensor coef_c, bool relu) -> Tensor");
+      "Tensor shift, Tensor coef_xmu, Tensor coef_c, int act, float alpha) -> Tensor");
   // A BatchNorm backward's per-channel bookkeeping, one small kernel: from the reduction's sums
   // ([C], or [T, C] partial rows added up here), grad_gamma = sum_dz_xmu * invstd,
   // grad_beta = sum_dz, and the input gradient's coefficients coef_xmu = -scale * invstd^2 *

@@ -117,6 +117,97 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
+# Activations: one code per function, the same numbers in every kernel (csrc/activation.h,
+# kernels/activation_triton.py).
+# ---------------------------------------------------------------------------------------------
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "leaky_relu", "gelu", "gelu_tanh")
+_GELU_TANH_BETA = 0.7978845608028654  # sqrt(2 / pi), torch's kBeta
+_GELU_TANH_KAPPA = 0.044715
+
+
+class Activation(NamedTuple):
+    """The activation a unit applies after BatchNorm (+ residual): ACTIVATIONS[code], alpha =
+    LeakyReLU's negative slope (0 otherwise). Each backward is torch's own formula, so a fused
+    unit's gradient is stock's: ReLU passes where u > 0; ReLU6 where 0 < u < 6 (hardtanh's);
+    Hardswish's slope is 0 up to -3, u / 3 + 1/2 below 3, 1 from 3 (torch's sides); GELU erf or tanh as torch's gelu_backward."""
+    name: str = "relu"
+    alpha: float = 0.0
+
+    @property
+    def code(self) -> int:
+        return ACTIVATIONS.index(self.name)
+
+    @property
+    def is_relu(self) -> bool:
+        return self.name == "relu"
+
+    @property
+    def is_none(self) -> bool:
+        return self.name == "none"
+
+    def apply(self, u: torch.Tensor) -> torch.Tensor:
+        """act(u) in torch (the references, and where no kernel applies it)."""
+        name = self.name
+        if name == "none":
+            return u
+        if name == "relu":
+            return torch.relu(u)
+        if name == "relu6":
+            return torch.nn.functional.hardtanh(u, 0.0, 6.0)
+        if name == "silu":
+            return torch.nn.functional.silu(u)
+        if name == "hardswish":
+            return torch.nn.functional.hardswish(u)
+        if name == "leaky_relu":
+            return torch.nn.functional.leaky_relu(u, self.alpha)
+        return torch.nn.functional.gelu(u, approximate="tanh" if name == "gelu_tanh" else "none")
+
+    def backward(self, grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """grad * act'(u), as torch's backward of each activation computes it."""
+        name = self.name
+        if name == "none":
+            return grad
+        if name == "relu":
+            return torch.where(u > 0, grad, 0)
+        if name == "relu6":
+            return torch.where((u <= 0) | (u >= 6), 0, grad)
+        if name == "silu":
+            s = torch.sigmoid(u)
+            return grad * s * (1 + u * (1 - s))
+        if name == "hardswish":
+            return torch.where(u <= -3, 0, torch.where(u < 3, grad * (u / 3 + 0.5), grad))
+        if name == "leaky_relu":
+            return torch.where(u > 0, grad, grad * self.alpha)
+        if name == "gelu":
+            cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
+            pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327
+            return grad * (cdf + u * pdf)
+        inner = _GELU_TANH_BETA * (u + _GELU_TANH_KAPPA * u * u * u)
+        t = torch.tanh(inner)
+        left_derivative = 0.5 * (1 + t)
+        right_derivative = 0.5 * u * (1 - t * t) * _GELU_TANH_BETA * (1 + 3 * _GELU_TANH_KAPPA * u * u)
+        return grad * (left_derivative + right_derivative)
+
+
+RELU = Activation("relu")
+NO_ACTIVATION = Activation("none")
+
+
+def as_activation(act) -> Activation:
+    """An Activation from an Activation, a name in ACTIVATIONS, or a bool (the ReLU flag the ops
+    took before other activations: True = ReLU, False = none)."""
+    if isinstance(act, Activation):
+        if act.name not in ACTIVATIONS:
+            raise ValueError(f"fusedres: activation must be one of {ACTIVATIONS}, got {act.name!r}")
+        return act
+    if isinstance(act, bool):
+        return RELU if act else NO_ACTIVATION
+    if isinstance(act, str) and act in ACTIVATIONS:
+        return Activation(act)
+    raise ValueError(f"fusedres: activation must be an Activation, one of {ACTIVATIONS} or a bool, got {act!r}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Warn once, tracing, Triton launches.
 # ---------------------------------------------------------------------------------------------
 _warned = set()

@@ -719,8 +719,13 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             parts = []
             for start, stop, _, relu, tail in runs:
                 part = " -> ".join(names[start:stop])
-                if tail is not None:  # in inference the conv's oneDNN post-op; in training a module after the unit
-                    part += f" ({type(module._modules[tail]).__name__}: a post-op in inference, its module in training)"
+                if tail is not None:
+                    tail_module = module._modules[tail]
+                    if post_op_of(tail_module).activation is not None:  # one of the kernels' activations
+                        part += (f" ({type(tail_module).__name__}: inside the unit's BatchNorm ops in training, the "
+                                 f"conv's post-op / epilogue in inference)")
+                    else:  # in inference the conv's oneDNN post-op; in training a module after the unit
+                        part += f" ({type(tail_module).__name__}: a post-op in inference, its module in training)"
                 elif not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):
                     # an activation the kernels do not apply: BN is fused into the conv, it runs after
                     part += f", then {names[stop]} ({type(children[stop]).__name__}) as it is"

@@ -99,11 +99,15 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         residual + act in the conv's epilogue (fused conv kernels) or one pass after aten's conv.
         conv_kernels: whether the fused conv kernels run the inference convs (found once per
         block forward; None: asked per conv). post_op: an activation other than ReLU after the
-        last unit (relu False): in inference the last conv's oneDNN post-op, else applied after."""
+        last unit (relu False): in training the last unit's own activation inside the BatchNorm
+        ops where it is one of theirs (PostOp.activation), in inference the last conv's oneDNN
+        post-op or the kernels' epilogue; else applied after."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
-            out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual, relu)
-            return out if post_op is None else post_op.apply(out)
+            inside = post_op.activation if post_op is not None else None
+            out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
+                                relu if inside is None else inside)
+            return out if post_op is None or inside is not None else post_op.apply(out)
         out = x
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
@@ -487,6 +491,10 @@ class FusedUnits(FusedResidual):
         return None
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        post_op = self._tail_post_op()
+        inside = post_op.activation if post_op is not None else None
+        if inside is not None:  # the tail inside the last unit's normalize pass and its backward
+            return super()._chain(units, x, residual, inside)
         return self._with_tail(super()._chain(units, x, residual, relu))
 
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,

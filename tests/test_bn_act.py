@@ -4,7 +4,10 @@ import itertools
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from fusedres import ops
+from fusedres.common import ACTIVATIONS, Activation
 from fusedres.ops.bn_act import (bn_act_backward_elementwise_reference, bn_act_backward_reduce_reference,
                                  bn_act_forward_reference)
 from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, backend, same_format
@@ -86,7 +89,8 @@ def test_backward_reduce(device, name, dtype, shape, fmt, mask_from):
         sum_dz, sum_dz_xmu, grad_z = ops.bn_act_backward_reduce(grad, x, mean, scale, shift, output, relu,
                                                                 write_grad_z=relu)
     ref = bn_act_backward_reduce_reference(grad.double(), x.double(), mean.double(), scale.double(),
-                                           shift.double(), None if output is None else output.double(), relu, relu)
+                                           shift.double(), None if output is None else output.double(), relu, 0.0,
+                                           relu)
     # Sums of count terms of size ~1: float32 accumulation, tolerance scaled by sqrt(count).
     count = x.numel() // x.shape[1]
     assert_close(sum_dz, ref[0], torch.float32, atol=2e-5 * count ** 0.5)
@@ -141,9 +145,89 @@ def test_spatial_one_gradient_with_other_strides(device, name):
         sums = ops.bn_act_backward_reduce(grad, x, mean, scale, shift, None, True)
         dx = ops.bn_act_backward_elementwise(grad, x, mean, scale, shift, scale, shift, True)
     ref_sums = bn_act_backward_reduce_reference(grad.double(), x.double(), mean.double(), scale.double(),
-                                                shift.double(), None, True, False)
+                                                shift.double(), None, True, 0.0, False)
     ref_dx = bn_act_backward_elementwise_reference(grad.double(), x.double(), mean.double(), scale.double(),
                                                    shift.double(), scale.double(), shift.double(), True)
     assert_close(sums[0], ref_sums[0], torch.float32)
     assert_close(sums[1], ref_sums[1], torch.float32)
     assert_close(dx, ref_dx, torch.float32)
+
+
+# Every activation of common.ACTIVATIONS (LeakyReLU with a slope of its own), in every pass.
+ACTS = [Activation(name, 0.2 if name == "leaky_relu" else 0.0) for name in ACTIVATIONS]
+ACT_IDS = [a.name for a in ACTS]
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_activations_forward_and_backward(device, name, dtype, fmt, act):
+    """y = act(BN(x) + residual), the reduction (with dz written) and the elementwise pass, per
+    activation, against float64. x spans u in about [-7, 7]: every piece of every activation."""
+    shape = (2, 7, 5, 6)
+    x = activation(shape, dtype, device, fmt) * 3
+    grad = activation(shape, dtype, device, fmt)
+    residual = activation(shape, dtype, device, fmt)
+    mean, scale, shift = _channel_params(shape[1], device)
+    coef_xmu, coef_c = torch.randn(shape[1], device=device), torch.randn(shape[1], device=device)
+    with backend(name, device):
+        y = ops.bn_act_forward(x, mean, scale, shift, residual, act)
+        sum_dz, sum_dz_xmu, grad_z = ops.bn_act_backward_reduce(grad, x, mean, scale, shift, None, act,
+                                                                write_grad_z=True)
+        dx = ops.bn_act_backward_elementwise(grad, x, mean, scale, shift, coef_xmu, coef_c, act)
+    d = [t.double() for t in (x, grad, mean, scale, shift, residual, coef_xmu, coef_c)]
+    x64, g64, m64, s64, sh64, r64, kx64, kc64 = d
+    assert_close(y, bn_act_forward_reference(x64, m64, s64, sh64, r64, act), dtype)
+    ref = bn_act_backward_reduce_reference(g64, x64, m64, s64, sh64, None, act, write_grad_z=True)
+    count = x.numel() // x.shape[1]
+    assert_close(sum_dz, ref[0], torch.float32, atol=4e-5 * count ** 0.5)
+    assert_close(sum_dz_xmu, ref[1], torch.float32, atol=4e-5 * count ** 0.5 * 8)
+    assert same_format(grad_z, x)
+    assert_close(grad_z, ref[2], dtype)
+    assert_close(dx, bn_act_backward_elementwise_reference(g64, x64, m64, s64, sh64, kx64, kc64, act), dtype)
+
+
+def _torch_activation(act: Activation, u):
+    """The activation as the modules users have compute it (nn's functionals)."""
+    return {"none": lambda v: v, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish,
+            "leaky_relu": lambda v: F.leaky_relu(v, act.alpha), "gelu": F.gelu,
+            "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[act.name](u)
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_activations_match_torch_at_their_kinks(device, name, dtype, act):
+    """At the points where an activation's pieces meet (0, -3, 3, 6), past them and at NaN,
+    forward and gradient equal torch's own functional and its autograd: the same side of each
+    kink, NaN passed on forward. u = x exactly (no mean or scale, zero shift). (At +-inf torch's own
+    kernels disagree with each other: CPU GELU(inf) is NaN, its formula's value inf.)"""
+    points = [0.0, -0.0, -3.0, 3.0, 6.0, -6.0, 1e-3, -1e-3, 2.5, -2.5, 6.5, -3.5, 20.0, -20.0,
+              float("nan")]
+    x = torch.tensor(points, dtype=dtype, device=device).repeat(2, 1).view(2, 1, 1, -1).expand(2, 3, 1, -1)
+    x = x.contiguous()
+    grad = torch.full_like(x, 1.5)
+    zero = torch.zeros(3, device=device)
+    one = torch.ones(3, device=device)
+    with backend(name, device):
+        y = ops.bn_act_forward(x, None, None, zero, None, act)
+        dz = ops.bn_act_backward_elementwise(grad, x, zero, one, zero, zero, zero, act)
+    xr = x.clone().requires_grad_(True)
+    expected = _torch_activation(act, xr)
+    (expected_grad,) = torch.autograd.grad(expected, xr, grad)
+    torch.testing.assert_close(y, expected.detach(), equal_nan=True, atol=1e-6, rtol=1e-6)
+    known = ~torch.isnan(x)  # at NaN, BatchNorm's own (x - mean) * coef_xmu term is NaN anyway
+    torch.testing.assert_close(dz[known], expected_grad[known], atol=1e-6, rtol=1e-6)
+
+
+def test_activation_arguments_are_checked():
+    """A bad activation names what is expected; output (the ReLU mask's source) only with ReLU."""
+    x = activation((2, 3, 4, 4))
+    mean, scale, shift = _channel_params(3, "cpu")
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.bn_act_forward(x, mean, scale, shift, None, "swish")
+    with pytest.raises(ValueError, match="only with act = ReLU"):
+        ops.bn_act_backward_reduce(x, x, mean, scale, shift, x, Activation("silu"))
+    with pytest.raises(RuntimeError, match="activation code"):
+        torch.ops.fusedres_kernels.bn_act_forward(x, mean, scale, shift, None, 9, 0.0)

@@ -78,12 +78,12 @@ def test_triton_many_splits(device, name, fmt, monkeypatch):
     with backend(name, device):
         mean, invstd = ops.bn_stats(x, 1e-5)
         g = torch.randn_like(x)
-        sums = ops.bn_act_backward_reduce(g, x, mean, invstd, torch.zeros_like(mean), None, relu=True)
+        sums = ops.bn_act_backward_reduce(g, x, mean, invstd, torch.zeros_like(mean), None, act=True)
     ref_mean, ref_invstd = bn_stats_reference(x.double(), 1e-5)
     assert_close(mean, ref_mean, torch.float32)
     assert_close(invstd, ref_invstd, torch.float32)
     with backend("reference", device):
         ref_sums = ops.bn_act_backward_reduce(g.double(), x.double(), mean.double(), invstd.double(),
-                                              torch.zeros_like(mean).double(), None, relu=True)
+                                              torch.zeros_like(mean).double(), None, act=True)
     assert_close(sums[0], ref_sums[0], torch.float32, atol=1e-4)
     assert_close(sums[1], ref_sums[1], torch.float32, atol=1e-3)

@@ -32,29 +32,34 @@ def _op_samples(device):
         samples += [
             ("bn_stats", (x, 1e-5, None, None, 0.1)),
             ("bn_stats", (x, 1e-5, torch.zeros(c, device=device), torch.ones(c, device=device), 0.1)),
-            ("bn_act_forward", (x, mean, scale, shift, None, True)),
-            ("bn_act_forward", (x, None, None, shift, _x(x.shape, fmt, device), False)),
-            ("bn_act_backward_reduce", (_x(x.shape, fmt, device), x, mean, scale, shift, None, True, False)),
+            ("bn_act_forward", (x, mean, scale, shift, None, 1, 0.0)),
+            ("bn_act_forward", (x, None, None, shift, _x(x.shape, fmt, device), 0, 0.0)),
+            ("bn_act_forward", (x, mean, scale, shift, None, 5, 0.2)),  # LeakyReLU, its slope
+            ("bn_act_backward_reduce", (_x(x.shape, fmt, device), x, mean, scale, shift, None, 1, 0.0, False)),
             ("bn_act_backward_reduce", (_x(x.shape, fmt, device), x, mean, scale, shift, _x(x.shape, fmt, device),
-                                        True, True)),
+                                        1, 0.0, True)),
+            ("bn_act_backward_reduce", (_x(x.shape, fmt, device), x, mean, scale, shift, None, 3, 0.0, True)),
             ("bn_act_backward_elementwise", (_x(x.shape, fmt, device), x, mean, scale, shift, _vec(c, device),
-                                             _vec(c, device), True)),
+                                             _vec(c, device), 1, 0.0)),
+            ("bn_act_backward_elementwise", (_x(x.shape, fmt, device), x, mean, scale, shift, _vec(c, device),
+                                             _vec(c, device), 6, 0.0)),
         ]
         w = _x((6, 5, 3, 3), torch.contiguous_format, device, mean=0.0) * 0.3
         geo = ([2, 1], [1, 1], [1, 1], 1)
         y_shape = (2, 6, 2, 4)
         samples += [
-            ("conv2d_forward", (x, w, _vec(6, device), *geo, None, None, None, False, None, False, True, None)),
-            ("conv2d_forward", (x, w, None, *geo, mean, scale, shift, True, _x(y_shape, fmt, device), True, True,
-                                None)),
-            ("conv2d_forward", (x, w, None, *geo, mean, scale, shift, True, None, False, True,
+            ("conv2d_forward", (x, w, _vec(6, device), *geo, None, None, None, 0, 0.0, None, 0, 0.0, True, None)),
+            ("conv2d_forward", (x, w, None, *geo, mean, scale, shift, 1, 0.0, _x(y_shape, fmt, device), 1, 0.0,
+                                True, None)),
+            ("conv2d_forward", (x, w, None, *geo, mean, scale, shift, 3, 0.0, None, 4, 0.0, True,
                                 torch.empty(y_shape, device=device).contiguous(memory_format=fmt))),
-            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, None, None, None, False, None, None)),
-            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, mean, scale, shift, True, None, None)),
-            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, mean, scale, shift, True,
+            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, None, None, None, 0, 0.0, None, None)),
+            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, mean, scale, shift, 1, 0.0, None, None)),
+            ("conv2d_input_grad", (_x(y_shape, fmt, device), w, x, *geo, mean, scale, shift, 2, 0.0,
                                    _x(x.shape, fmt, device), scale)),
-            ("conv2d_weight_grad", (_x(y_shape, fmt, device), x, w, *geo, None, None, None, False)),
-            ("conv2d_weight_grad", (_x(y_shape, fmt, device), x, w, *geo, mean, scale, shift, True)),
+            ("conv2d_weight_grad", (_x(y_shape, fmt, device), x, w, *geo, None, None, None, 0, 0.0)),
+            ("conv2d_weight_grad", (_x(y_shape, fmt, device), x, w, *geo, mean, scale, shift, 1, 0.0)),
+            ("conv2d_weight_grad", (_x(y_shape, fmt, device), x, w, *geo, mean, scale, shift, 5, 0.1)),
         ]
     return samples
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres import ops
 from fusedres.autograd import BNArgs, ConvArgs, chain, conv_bn_chain
+from fusedres.common import ACTIVATIONS, Activation
 from fusedres.ops.registry import resolve
 from helpers import FORMATS, HAS_CUDA, INTERPRETED, TOLERANCE, assert_close_scaled
 
@@ -65,7 +66,7 @@ def _tensor(shape, dtype, device, fmt=torch.contiguous_format, mean=0.5):
     return t.to(dtype=dtype, device=device).contiguous(memory_format=fmt) if len(shape) == 4 else t.to(dtype=dtype, device=device)
 
 
-def _problem(geo, dtype, device, fmt, prologue=True, in_relu=True):
+def _problem(geo, dtype, device, fmt, prologue=True, in_act=True):
     k, s, p, d, g, cin, cout, n, h, w = geo
     x = _tensor((n, cin, h, w), dtype, device, fmt)
     weight = _tensor((cout, cin // g, k, k), dtype, device, mean=0.0)
@@ -74,7 +75,7 @@ def _problem(geo, dtype, device, fmt, prologue=True, in_relu=True):
     if prologue:
         # a positive shift on some channels: relu(shift) != 0, so padding done before the prologue shows
         pro = dict(in_mean=torch.randn(cin, dtype=acc, device=device), in_scale=torch.rand(cin, dtype=acc, device=device)
-                   + 0.5, in_shift=torch.randn(cin, dtype=acc, device=device) + 0.5, in_relu=in_relu)
+                   + 0.5, in_shift=torch.randn(cin, dtype=acc, device=device) + 0.5, in_act=in_act)
     return x, weight, dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g), pro
 
 
@@ -84,7 +85,7 @@ def _activated64(x, pro):
         return x.double()
     u = (x.double() - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
         + pro["in_shift"].double().view(1, -1, 1, 1)
-    u = torch.relu(u) if pro["in_relu"] else u
+    u = torch.relu(u) if pro["in_act"] else u
     return u.to(x.dtype).double()
 
 
@@ -103,7 +104,7 @@ def test_forward_with_every_fusion(device, name, dtype, geo):
     residual = _tensor(z64.shape, dtype, device, fmt, mean=-0.5)
     ctx = _conv_backend(name, device)
     try:
-        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=True, stats=True)
+        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, act=True, stats=True)
         stored, _ = ops.conv2d_forward(x, weight, bias, **conv, **pro)
     finally:
         ctx.__exit__(None, None, None)
@@ -125,7 +126,7 @@ def test_forward_with_every_fusion(device, name, dtype, geo):
 @pytest.mark.parametrize("fusions", ["plain", "bias", "relu", "residual", "prologue-no-relu", "prologue-relu"])
 def test_forward_fusion_combinations(device, name, fmt, fusions):
     x, weight, conv, pro = _problem(GEOMETRIES["3x3-stride2-odd"], torch.float64, device, fmt,
-                                    prologue=fusions.startswith("prologue"), in_relu=fusions == "prologue-relu")
+                                    prologue=fusions.startswith("prologue"), in_act=fusions == "prologue-relu")
     bias = _tensor((weight.shape[0],), torch.float64, device) if fusions == "bias" else None
     expected = F.conv2d(_activated64(x, pro), weight, bias, **conv)
     residual = _tensor(expected.shape, torch.float64, device, fmt) if fusions == "residual" else None
@@ -135,7 +136,7 @@ def test_forward_fusion_combinations(device, name, fmt, fusions):
         expected = torch.relu(expected)
     ctx = _conv_backend(name, device)
     try:
-        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, relu=fusions == "relu")
+        y, moments = ops.conv2d_forward(x, weight, bias, **conv, **pro, residual=residual, act=fusions == "relu")
     finally:
         ctx.__exit__(None, None, None)
     assert moments is None
@@ -183,6 +184,46 @@ def test_input_and_weight_gradients(device, name, dtype, geo, prologue):
     stored_tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert_close_scaled(sum_du, dx.double().sum((0, 2, 3)), stored_tol, msg="sum of stored dU")
     assert_close_scaled(sum_du_xmu, (dx.double() * xmu).sum((0, 2, 3)), stored_tol, msg="sum of stored dU (x - mean)")
+
+
+CONV_ACTS = [Activation(name, 0.2 if name == "leaky_relu" else 0.0) for name in ACTIVATIONS if name != "none"]
+
+
+@pytest.mark.parametrize("device,name", CONV_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("act", CONV_ACTS, ids=[a.name for a in CONV_ACTS])
+def test_every_activation_in_prologue_epilogue_and_gradients(device, name, dtype, act):
+    """Each activation of common.ACTIVATIONS as the forward prologue's (after the input's BN) and
+    the epilogue's (after the residual), the dgrad epilogue's act'(U) and the wgrad prologue's
+    recomputation, against float64 autograd through torch's own functions (a grouped, strided,
+    channels_last conv: the prologue also meets padding)."""
+    geo = GEOMETRIES["3x3-groups4-of3"]
+    fmt = torch.channels_last
+    x, weight, conv, pro = _problem(geo, dtype, device, fmt)
+    x = (x.double() * 2.5).to(dtype)  # u over about [-8, 8]: every piece of every activation
+    pro["in_act"] = act
+    u64 = (x.double() - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
+        + pro["in_shift"].double().view(1, -1, 1, 1)
+    u64.requires_grad_(True)
+    a64 = act.apply(u64)
+    w64 = weight.double().requires_grad_(True)
+    z64 = F.conv2d(a64.to(dtype).double() if dtype != torch.float64 else a64, w64, None, **conv)
+    residual = _tensor(z64.shape, dtype, device, fmt, mean=-0.5)
+    expected = act.apply(z64.detach() + residual.double())
+    grad_y = _tensor(z64.shape, dtype, device, fmt, mean=0.2)
+    du64, dw64 = torch.autograd.grad(z64, (u64, w64), grad_y.double())
+    ctx = _conv_backend(name, device)
+    try:
+        y, _ = ops.conv2d_forward(x, weight, None, **conv, **pro, residual=residual, act=act)
+        du, sum_du, _ = ops.conv2d_input_grad(grad_y, weight, x, **conv, **pro)
+        dw = ops.conv2d_weight_grad(grad_y, x, weight, **conv, **pro)
+    finally:
+        ctx.__exit__(None, None, None)
+    tol = SCALED_TOL[dtype] * (1 if dtype == torch.float64 else 10)  # float32: exp / erf in the prologue
+    assert_close_scaled(y, expected, tol, msg=f"forward {act.name}")
+    assert_close_scaled(du, du64, tol, msg=f"dU {act.name}")
+    assert_close_scaled(sum_du, du64.sum((0, 2, 3)), tol, msg=f"sum dU {act.name}")
+    assert_close_scaled(dw, dw64, tol, msg=f"weight gradient {act.name}")
 
 
 def _buffer_slice(shape, lo, total, dtype, device, fmt):
@@ -340,7 +381,7 @@ def _run_chain(mods, x, residual, train):
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         units.append((ConvArgs(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups),
                       BNArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, momentum, train)))
-    return conv_bn_chain(x, units, residual, relu=True)
+    return conv_bn_chain(x, units, residual, act=True)
 
 
 def _run_nn(mods, x, residual, train):
@@ -372,7 +413,7 @@ def test_chain_gradcheck_float64(train):
             running = (None, None) if train else (bn.running_mean, bn.running_var)
             units.append((ConvArgs(w, b, conv.stride, conv.padding, conv.dilation, conv.groups),
                           BNArgs(g, be, *running, bn.eps, 0.1, train)))
-        return conv_bn_chain(x, units, residual, relu=True)
+        return conv_bn_chain(x, units, residual, act=True)
 
     with fusedres.use_backend("reference"):
         assert torch.autograd.gradcheck(run, [x, residual, *weights, bias3, *affine], eps=1e-6, atol=1e-6,

@@ -47,10 +47,10 @@ def test_cpp_kernel_checks_its_own_arguments():
     """Called directly through the dispatcher, the C++ ops still name the bad argument."""
     x = activation((2, 3, 4, 4))
     with pytest.raises(RuntimeError, match="shift must be a 1-D tensor of 3 per-channel values"):
-        torch.ops.fusedres_kernels.bn_act_forward(x, None, None, torch.zeros(5), None, True)
+        torch.ops.fusedres_kernels.bn_act_forward(x, None, None, torch.zeros(5), None, 1, 0.0)
     with pytest.raises(RuntimeError, match="residual must have the same memory format as input"):
         torch.ops.fusedres_kernels.bn_act_forward(x, None, None, torch.zeros(3),
-                                          x.contiguous(memory_format=torch.channels_last), True)
+                                          x.contiguous(memory_format=torch.channels_last), 1, 0.0)
     with pytest.raises(RuntimeError, match="input must be contiguous in NCHW or channels_last"):
         torch.ops.fusedres_kernels.bn_stats(x.transpose(2, 3), 1e-5, None, None, 0.1)
 

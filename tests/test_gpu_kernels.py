@@ -120,7 +120,7 @@ def test_conv_kernels_at_resnet_shape(conv, precision):
     mean = x.float().mean((0, 2, 3))
     scale = torch.rand(c_in, device="cuda") + 0.5
     shift = torch.randn(c_in, device="cuda") * 0.5
-    bn = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
+    bn = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_act=True)
     conv_args = (stride, padding, 1, groups)
     with tf32(allow_tf32):
         with backend("triton", "cuda"), launch_log() as log:

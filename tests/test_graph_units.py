@@ -319,9 +319,57 @@ def test_activations_after_a_unit_are_the_convs_post_op_in_inference(act, where)
         xo, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         del calls[:]
         yo, yf = model(xo), fused(xf)
-        # (the fused units apply it as its function in training too: a unit's modules are not called)
+        # (the fused units apply it inside their BatchNorm ops, or as its function: no module call)
         assert len(calls) == 1, "stock's activation module ran once"
         torch.testing.assert_close(yf, yo, rtol=2e-5, atol=2e-5)
         yo.square().sum().backward()
         yf.square().sum().backward()
         torch.testing.assert_close(xf.grad, xo.grad, rtol=2e-4, atol=2e-4)
+
+
+# aten's own ops for each activation, forward and backward: none may run where the unit applies it
+ATEN_ACTIVATION_OPS = {"silu", "silu_backward", "hardswish", "hardswish_backward", "hardtanh", "hardtanh_backward",
+                       "hardtanh_", "gelu", "gelu_backward", "leaky_relu", "leaky_relu_backward", "leaky_relu_",
+                       "silu_", "hardswish_", "sigmoid", "relu", "relu_", "threshold_backward", "clamp", "clamp_"}
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops (overload packets' names) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("where", ["sequential", "norm_act"])
+def test_activations_after_a_unit_run_inside_its_batchnorm_ops_in_training(device, name, act, where):
+    """Issue 24's item 2: in training (and eval with gradients) the unit's activation, forward and
+    backward, is inside its normalize pass and its backward passes on every backend (no aten
+    activation op runs: counted; the reference backend's passes are plain PyTorch), values and gradients in float64 equal stock's through train
+    steps and eval. A Hardtanh other than ReLU6's 0..6 is not one of the kernels' activations: it
+    runs as its own op after the unit."""
+    torch.manual_seed(0)
+    act = copy.deepcopy(act)
+    if where == "sequential":
+        model = nn.Sequential(nn.Conv2d(5, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), act, nn.Conv2d(8, 6, 1))
+    else:
+        model = nn.Sequential(nn.Conv2d(5, 8, 3, 1, 1, bias=False), BatchNormAct2d(8, act), nn.Conv2d(8, 6, 1))
+    model = randomize_bn(model).double()
+    fused = fusedres.fuse(copy.deepcopy(model))
+    x = activation((2, 5, 9, 7), torch.float64, device, torch.channels_last) * 2
+    inside = not (isinstance(act, nn.Hardtanh) and not isinstance(act, nn.ReLU6))
+    with backend(name, device):
+        xf = x.clone().requires_grad_(True)
+        with _AtenOps() as seen:  # (on a copy: this step's statistics and gradients stay out of the comparison)
+            copy.deepcopy(fused)(xf).square().sum().backward()
+    ran = ATEN_ACTIVATION_OPS & set(seen.names)
+    if name != "reference":  # (the reference backend is plain PyTorch: its activation is aten's)
+        assert not ran if inside else ran, sorted(ran)
+    with backend(name, device):
+        compare_train_then_eval(model, fused, x, 1e-10, steps=2)

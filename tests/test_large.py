@@ -51,7 +51,7 @@ def test_fused_conv_past_2_pow_31():
     scale = torch.rand(64, device="cuda") + 0.5
     shift = torch.randn(64, device="cuda")
     with fusedres.use_backend("triton"):
-        y, _ = ops.conv2d_forward(x, weight, in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
+        y, _ = ops.conv2d_forward(x, weight, in_mean=mean, in_scale=scale, in_shift=shift, in_act=True)
     last = x[-1:].float()
     a = torch.relu((last - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     expected = F.conv2d(a.to(torch.bfloat16).float(), weight.float())

@@ -157,21 +157,21 @@ def _conv(draw):
     pro = {}
     if draw.choice((True, False)):
         pro = dict(in_mean=torch.randn(cin, device=DEVICE) * 0.3, in_scale=torch.rand(cin, device=DEVICE) + 0.5,
-                   in_shift=torch.randn(cin, device=DEVICE) * 0.3, in_relu=draw.choice((True, False)))
+                   in_shift=torch.randn(cin, device=DEVICE) * 0.3, in_act=draw.choice((True, False)))
     relu = draw.choice((True, False))
     geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     a = x.double()
     if pro:
         a = (a - pro["in_mean"].double().view(1, -1, 1, 1)) * pro["in_scale"].double().view(1, -1, 1, 1) \
             + pro["in_shift"].double().view(1, -1, 1, 1)
-        a = (torch.relu(a) if pro["in_relu"] else a).to(dtype).double()  # the kernels round it as they load it
+        a = (torch.relu(a) if pro["in_act"] else a).to(dtype).double()  # the kernels round it as they load it
     z = F.conv2d(a, weight.double(), None if bias is None else bias.double(), **geo)
     residual = _activation(draw, tuple(z.shape), dtype) if draw.choice((True, False)) else None
     expected = z + (residual.double() if residual is not None else 0)
     expected = torch.relu(expected) if relu else expected
     with fusedres.use_backend("triton"):
         assert ops.kernel_unsupported_reason(x, weight) == _expected_unsupported(x, x_format, dtype, weight)
-        y, moments = ops.conv2d_forward(x, weight, bias, **geo, **pro, residual=residual, relu=relu, stats=True)
+        y, moments = ops.conv2d_forward(x, weight, bias, **geo, **pro, residual=residual, act=relu, stats=True)
     msg = f"{tuple(x.shape)} w{tuple(weight.shape)} {geo} {dtype} pro={bool(pro)} res={residual is not None}"
     assert y.shape == expected.shape and y.dtype == dtype, msg
     assert_close_scaled(y, expected, TOL[dtype] * 2, msg=msg)

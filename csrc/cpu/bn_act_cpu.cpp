@@ -1,6 +1,7 @@
 // Normalize-activate y = act((x - mean) * scale + shift + residual) and its backward, on the CPU.
 #include <type_traits>
 
+#include "../activation.h"
 #include "channel_reduce_cpu.h"
 
 namespace fusedres {
@@ -29,11 +30,11 @@ std::vector<acc_t> channel_params(const c10::optional<at::Tensor>& t, int64_t C,
   return out;
 }
 
-// dz = grad * relu mask (from the output, or recomputed from x) and its per-channel sums
+// dz = grad * act'(u) (u recomputed from x; ReLU's mask from the output after a residual add) and its per-channel sums
 // sum(dz), sum(dz * (x - mean)) over index range [i0, i1) of one channel c (NCHW) or of rows
 // [i0, i1) of all C channels (channels_last, step C). Templated on the options so the inner loop
 // has no branches and, with restrict pointers, vectorizes.
-template <typename scalar_t, typename acc_t, bool RELU, bool FROM_OUTPUT, bool WRITE>
+template <typename scalar_t, typename acc_t, int ACT, bool FROM_OUTPUT, bool WRITE>
 struct DzSums {
   const scalar_t* __restrict__ g;
   const scalar_t* __restrict__ x;
@@ -42,13 +43,15 @@ struct DzSums {
   const acc_t* __restrict__ mu;
   const acc_t* __restrict__ sc;
   const acc_t* __restrict__ sh;
+  acc_t alpha;
 
   inline void element(int64_t c, int64_t i, acc_t& s0, acc_t& s1) const {
     const acc_t xmu = static_cast<acc_t>(x[i]) - mu[c];
     acc_t dz = static_cast<acc_t>(g[i]);
-    if constexpr (RELU) {
-      const bool active = FROM_OUTPUT ? static_cast<acc_t>(out[i]) > acc_t(0) : xmu * sc[c] + sh[c] > acc_t(0);
-      dz = active ? dz : acc_t(0);
+    if constexpr (FROM_OUTPUT) {
+      dz = static_cast<acc_t>(out[i]) > acc_t(0) ? dz : acc_t(0);
+    } else {
+      dz = activation_backward<ACT>(dz, xmu * sc[c] + sh[c], alpha);
     }
     if constexpr (WRITE) dz_out[i] = static_cast<scalar_t>(dz);
     s0 += dz;
@@ -124,7 +127,7 @@ std::vector<double> reduce_dz_per_channel(const ChannelView& v, const Sums& sums
 
 at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& mean,
                               const c10::optional<at::Tensor>& scale, const at::Tensor& shift,
-                              const c10::optional<at::Tensor>& residual, bool relu) {
+                              const c10::optional<at::Tensor>& residual, int64_t act, double alpha) {
   check_float_input(input, "input");
   const ChannelView v = channel_view(input, "input");
   if (mean) check_channel_vector(input, *mean, "mean");
@@ -145,11 +148,19 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::T
     const acc_t* mup = mu.data();
     const acc_t* scp = sc.data();
     const acc_t* shp = sh.data();
-    for_each_element(v, [&](int64_t c, int64_t i) {
-      acc_t z = (static_cast<acc_t>(xp[i]) - mup[c]) * scp[c] + shp[c];
-      if (rp) z += static_cast<acc_t>(rp[i]);
-      // z < 0, not !(z > 0): ReLU passes NaN through, as torch.relu does.
-      yp[i] = static_cast<scalar_t>(relu && z < acc_t(0) ? acc_t(0) : z);
+    const acc_t a = static_cast<acc_t>(alpha);
+    // templated on the activation and the residual: the inner loop has no branch of either
+    auto run = [&](auto act_c, auto has_residual_c) {
+      constexpr int ACT = decltype(act_c)::value;
+      constexpr bool HAS_RESIDUAL = decltype(has_residual_c)::value;
+      for_each_element(v, [&](int64_t c, int64_t i) {
+        acc_t z = (static_cast<acc_t>(xp[i]) - mup[c]) * scp[c] + shp[c];
+        if constexpr (HAS_RESIDUAL) z += static_cast<acc_t>(rp[i]);
+        yp[i] = static_cast<scalar_t>(activate<ACT>(z, a));
+      });
+    };
+    dispatch_activation(act, [&](auto act_c) {
+      rp ? run(act_c, std::true_type{}) : run(act_c, std::false_type{});
     });
   });
   return out;
@@ -158,7 +169,7 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& scale, const at::Tensor& shift, const c10::optional<at::Tensor>& output,
-    bool relu, bool write_grad_z) {
+    int64_t act, double alpha, bool write_grad_z) {
   check_float_input(input, "input");
   const ChannelView v = channel_view(input, "input");
   check_same_layout(input, grad_output, "grad_output");
@@ -167,7 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   check_channel_vector(input, mean, "mean");
   check_channel_vector(input, scale, "scale");
   check_channel_vector(input, shift, "shift");
-  if (output) check_same_layout(input, *output, "output");
+  if (output) {
+    check_same_layout(input, *output, "output");
+    TORCH_CHECK(act == kActRelu, "fusedres: output (the ReLU mask's source) is given only with act = ReLU (",
+                kActRelu, "), got act ", act);
+  }
   auto grad_z = write_grad_z ? new_output_like(grad_output) : at::empty({0}, grad_output.options());
   auto sum_dz = new_channel_output(input, stats_dtype(input));
   auto sum_dz_xmu = new_channel_output(input, stats_dtype(input));
@@ -183,19 +198,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const scalar_t* op = output ? out_cast.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dzp = write_grad_z ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<double> sums;
-    auto run = [&](auto relu_c, auto from_output_c, auto write_c) {
-      DzSums<scalar_t, acc_t, decltype(relu_c)::value, decltype(from_output_c)::value, decltype(write_c)::value> d{
-          gp, xp, op, dzp, mu.data(), sc.data(), sh.data()};
+    auto run = [&](auto act_c, auto from_output_c, auto write_c) {
+      DzSums<scalar_t, acc_t, decltype(act_c)::value, decltype(from_output_c)::value, decltype(write_c)::value> d{
+          gp, xp, op, dzp, mu.data(), sc.data(), sh.data(), static_cast<acc_t>(alpha)};
       sums = reduce_dz_per_channel(v, d);
     };
     using T = std::true_type;
     using F = std::false_type;
-    if (!relu) {
-      dzp ? run(F{}, F{}, T{}) : run(F{}, F{}, F{});
-    } else if (op) {
-      dzp ? run(T{}, T{}, T{}) : run(T{}, T{}, F{});
+    if (op) {
+      dzp ? run(std::integral_constant<int, kActRelu>{}, T{}, T{})
+          : run(std::integral_constant<int, kActRelu>{}, T{}, F{});
     } else {
-      dzp ? run(T{}, F{}, T{}) : run(T{}, F{}, F{});
+      dispatch_activation(act, [&](auto act_c) { dzp ? run(act_c, F{}, T{}) : run(act_c, F{}, F{}); });
     }
     // written in a loop, not with copy_: an ATen op would be a launch of its own
     acc_t* s0 = sum_dz.mutable_data_ptr<acc_t>();
@@ -211,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
 at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Tensor& input,
                                            const at::Tensor& mean, const at::Tensor& scale,
                                            const at::Tensor& shift, const at::Tensor& coef_xmu,
-                                           const at::Tensor& coef_c, bool relu) {
+                                           const at::Tensor& coef_c, int64_t act, double alpha) {
   check_float_input(input, "input");
   const ChannelView v = channel_view(input, "input");
   check_same_layout(input, grad, "grad");
@@ -232,11 +246,14 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
-    for_each_element(v, [&](int64_t c, int64_t i) {
-      const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
-      acc_t dz = static_cast<acc_t>(gp[i]);
-      if (relu && !(xmu * sc[c] + sh[c] > 0)) dz = 0;
-      dxp[i] = static_cast<scalar_t>(sc[c] * dz + xmu * kx[c] + kc[c]);
+    const acc_t a = static_cast<acc_t>(alpha);
+    dispatch_activation(act, [&](auto act_c) {
+      constexpr int ACT = decltype(act_c)::value;
+      for_each_element(v, [&](int64_t c, int64_t i) {
+        const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
+        const acc_t dz = activation_backward<ACT>(static_cast<acc_t>(gp[i]), xmu * sc[c] + sh[c], a);
+        dxp[i] = static_cast<scalar_t>(sc[c] * dz + xmu * kx[c] + kc[c]);
+      });
     });
   });
   return grad_input;

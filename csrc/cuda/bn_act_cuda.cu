@@ -3,6 +3,7 @@
 // gradient when asked) and one elementwise pass.
 #include <ATen/Dispatch.h>
 
+#include "../activation.h"
 #include "cuda_utils.cuh"
 
 namespace fusedres {
@@ -24,7 +25,7 @@ struct ChannelParams {
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void bn_act_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
                                       scalar_t* __restrict__ y, ChannelParams<acc_t> p, int64_t numel,
-                                      int64_t C, int64_t inner, bool relu) {
+                                      int64_t C, int64_t inner, int act, acc_t alpha) {
   using PackT = Pack<scalar_t, VEC>;
   const int64_t packs = numel / VEC;
   for (int64_t pk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pk < packs;
@@ -39,7 +40,7 @@ __global__ void bn_act_forward_kernel(const scalar_t* __restrict__ x, const scal
       const int64_t c = ((i0 + j) / inner) % C;
       acc_t z = p.normalized(static_cast<acc_t>(xv.val[j]), c);
       if (residual) z += static_cast<acc_t>(rv.val[j]);
-      out.val[j] = static_cast<scalar_t>(relu && z < acc_t(0) ? acc_t(0) : z);  // NaN passes, as in torch.relu
+      out.val[j] = static_cast<scalar_t>(activate_code(act, z, alpha));
     }
     reinterpret_cast<PackT*>(y)[pk] = out;
   }
@@ -51,7 +52,8 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_
                                               const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_z,
                                               const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                                               const acc_t* __restrict__ shift, int64_t C, int64_t inner, int64_t count,
-                                              int64_t rows_per_split, bool relu, acc_t* __restrict__ part) {
+                                              int64_t rows_per_split, int act, acc_t alpha,
+                                              acc_t* __restrict__ part) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // [2][blockDim.y][blockDim.x]
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -64,9 +66,10 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_
       const int64_t i = storage_index(r, c, C, inner);
       const acc_t xmu = static_cast<acc_t>(x[i]) - mu;
       acc_t dz = static_cast<acc_t>(grad_out[i]);
-      if (relu) {
-        const bool active = output ? static_cast<acc_t>(output[i]) > acc_t(0) : xmu * sc + sf > acc_t(0);
-        if (!active) dz = 0;
+      if (output) {  // ReLU after a residual add: its mask from the output
+        if (!(static_cast<acc_t>(output[i]) > acc_t(0))) dz = 0;
+      } else {
+        dz = activation_backward_code(act, dz, xmu * sc + sf, alpha);
       }
       if (grad_z) grad_z[i] = static_cast<scalar_t>(dz);
       sum_dz += dz;
@@ -96,7 +99,8 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void bn_act_backward_elementwise_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                                    scalar_t* __restrict__ grad_input, ChannelParams<acc_t> p,
                                                    const acc_t* __restrict__ coef_xmu, const acc_t* __restrict__ coef_c,
-                                                   int64_t numel, int64_t C, int64_t inner, bool relu) {
+                                                   int64_t numel, int64_t C, int64_t inner, int act,
+                                                   acc_t alpha) {
   using PackT = Pack<scalar_t, VEC>;
   const int64_t packs = numel / VEC;
   for (int64_t pk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pk < packs;
@@ -109,8 +113,7 @@ __global__ void bn_act_backward_elementwise_kernel(const scalar_t* __restrict__ 
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = ((i0 + j) / inner) % C;
       const acc_t xmu = static_cast<acc_t>(xv.val[j]) - p.mean[c];
-      acc_t dz = static_cast<acc_t>(gv.val[j]);
-      if (relu && !(xmu * p.scale[c] + p.shift[c] > acc_t(0))) dz = 0;
+      const acc_t dz = activation_backward_code(act, static_cast<acc_t>(gv.val[j]), xmu * p.scale[c] + p.shift[c], alpha);
       out.val[j] = static_cast<scalar_t>(p.scale[c] * dz + xmu * coef_xmu[c] + coef_c[c]);
     }
     reinterpret_cast<PackT*>(grad_input)[pk] = out;
@@ -137,8 +140,9 @@ constexpr int kElementwiseThreads = 256;
 
 at::Tensor bn_act_forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mean,
                                const c10::optional<at::Tensor>& scale, const at::Tensor& shift,
-                               const c10::optional<at::Tensor>& residual, bool relu) {
+                               const c10::optional<at::Tensor>& residual, int64_t act, double alpha) {
   check_float_input(input, "input");
+  check_activation_code(act);
   const ChannelView v = channel_view(input, "input");
   const auto acc = stats_dtype(input);
   auto as_acc = [&](const c10::optional<at::Tensor>& t, const char* name) -> c10::optional<at::Tensor> {
@@ -166,7 +170,7 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const c10::optional<at::
           <<<elementwise_grid(v.numel(), VEC, kElementwiseThreads, input.get_device()), kElementwiseThreads, 0,
              c10::cuda::getCurrentCUDAStream()>>>(input.const_data_ptr<scalar_t>(), rp,
                                                    out.mutable_data_ptr<scalar_t>(), p, v.numel(), v.channels,
-                                                   v.inner, relu);
+                                                   v.inner, static_cast<int>(act), static_cast<acc_t>(alpha));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -175,8 +179,9 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const c10::optional<at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-    const at::Tensor& shift, const c10::optional<at::Tensor>& output, bool relu, bool write_grad_z) {
+    const at::Tensor& shift, const c10::optional<at::Tensor>& output, int64_t act, double alpha, bool write_grad_z) {
   check_float_input(input, "input");
+  check_activation_code(act);
   const ChannelView v = channel_view(input, "input");
   check_same_layout(input, grad_output, "grad_output");
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "fusedres: grad_output dtype ",
@@ -187,6 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   c10::optional<at::Tensor> out_cast;
   if (output) {
     check_same_layout(input, *output, "output");
+    TORCH_CHECK(act == kActRelu, "fusedres: output (the ReLU mask's source) is given only with act = ReLU (",
+                kActRelu, "), got act ", act);
     out_cast = output->to(input.scalar_type());
   }
   c10::cuda::CUDAGuard guard(input.device());
@@ -207,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
         out_cast ? out_cast->const_data_ptr<scalar_t>() : nullptr,
         write_grad_z ? grad_z.mutable_data_ptr<scalar_t>() : nullptr, mean_a.const_data_ptr<acc_t>(),
         scale_a.const_data_ptr<acc_t>(), shift_a.const_data_ptr<acc_t>(), v.channels, v.inner, v.count(),
-        shape.rows_per_split, relu, part.mutable_data_ptr<acc_t>());
+        shape.rows_per_split, static_cast<int>(act), static_cast<acc_t>(alpha), part.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   auto sums = part.sum(1);  // [2, C]; a fixed-order reduction, so the result is deterministic
@@ -216,8 +223,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
 
 at::Tensor bn_act_backward_elementwise_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& mean,
                                             const at::Tensor& scale, const at::Tensor& shift,
-                                            const at::Tensor& coef_xmu, const at::Tensor& coef_c, bool relu) {
+                                            const at::Tensor& coef_xmu, const at::Tensor& coef_c, int64_t act,
+                                            double alpha) {
   check_float_input(input, "input");
+  check_activation_code(act);
   const ChannelView v = channel_view(input, "input");
   check_same_layout(input, grad, "grad");
   TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "fusedres: grad dtype ", grad.scalar_type(),
@@ -245,7 +254,8 @@ at::Tensor bn_act_backward_elementwise_cuda(const at::Tensor& grad, const at::Te
              c10::cuda::getCurrentCUDAStream()>>>(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                                                    grad_input.mutable_data_ptr<scalar_t>(), p,
                                                    kx.const_data_ptr<acc_t>(), kc.const_data_ptr<acc_t>(), v.numel(),
-                                                   v.channels, v.inner, relu);
+                                                   v.channels, v.inner, static_cast<int>(act),
+                                                   static_cast<acc_t>(alpha));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

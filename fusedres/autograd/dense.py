@@ -99,7 +99,7 @@ def _prologue_conv(h, weight, bias, conv_args, mean, scale, shift, fused, stats,
     of z when stats and fused."""
     if fused:
         return ops.conv2d_forward(h, weight, bias, *conv_args, in_mean=mean, in_scale=scale, in_shift=shift,
-                                  in_relu=True, stats=stats, out=out)
+                                  in_act=True, stats=stats, out=out)
     a = ops.bn_act_forward(h, mean, scale, shift, None, True)
     z = F.conv2d(a, weight, bias, *conv_args)
     if out is not None:
@@ -268,7 +268,7 @@ class DenseBlockFunction(torch.autograd.Function):
                 need_b = bias is not None and ctx.needs_input_grad[4 + base + 3]
                 into = grad[:, :cj] if u == 0 else None
                 if fused:
-                    pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_relu=True)
+                    pro = dict(in_mean=mean, in_scale=scale, in_shift=shift, in_act=True)
                     if into is not None:
                         _, sum_du, sum_du_xmu = ops.conv2d_input_grad(g, weight, h_in, *conv_args, **pro, out=into,
                                                                       out_scale=scale)
@@ -287,7 +287,7 @@ class DenseBlockFunction(torch.autograd.Function):
                     da, dw, db = conv_backward(g, a, weight, bias is not None, *conv_args, (True, need_w, need_b))
                     del a
                     grads[base + 2], grads[base + 3] = dw, db
-                    sum_du, sum_du_xmu, _ = ops.bn_act_backward_reduce(da, h_in, mean, scale, shift, None, relu=True)
+                    sum_du, sum_du_xmu, _ = ops.bn_act_backward_reduce(da, h_in, mean, scale, shift, None, act=True)
                     du, mask_in_elementwise = da, True
                 grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(sum_du, sum_du_xmu, invstd, scale, count,
                                                                                bn.batch_stats)
@@ -297,12 +297,12 @@ class DenseBlockFunction(torch.autograd.Function):
                     grads[base + 1] = grad_beta.to(ctx.dtypes[base + 1])
                 if u > 0:
                     g = ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, coef_xmu, coef_c,
-                                                        relu=mask_in_elementwise)
+                                                        act=mask_in_elementwise)
                     continue
                 if du is not None:  # not accumulated by the kernel: add scale * relu'(U) * dA now
                     if h_in.dtype == acc:  # one elementwise pass, then the add
                         zero = torch.zeros_like(scale)
-                        into.add_(ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, zero, zero, relu=True))
+                        into.add_(ops.bn_act_backward_elementwise(du, h_in, mean, scale, shift, zero, zero, act=True))
                     else:  # half types: in float32, unrounded (it is cancelled by the deferred terms)
                         u_pre = (h_in.to(acc) - per_channel(mean, h_in)) * per_channel(scale, h_in) \
                             + per_channel(shift, h_in)
@@ -396,7 +396,7 @@ def bn_relu_conv_inference(x: torch.Tensor, stats: BatchNormStats, conv: ConvArg
     aten's conv. Two launches per unit where stock eager takes three (BN, ReLU, conv)."""
     if ops.kernel_unsupported_reason(x, conv.weight) is None:
         return direct.conv2d_forward_unchecked(x, conv.weight, conv.bias, *conv.spec, stats.mean, stats.scale,
-                                               stats.shift, True, None, False, False, None)[0]
+                                               stats.shift, 1, 0.0, None, 0, 0.0, False, None)[0]
     x = dense(x)
     a = direct.bn_act_forward(x, stats.mean, stats.scale, stats.shift, None, True)
     return F.conv2d(a, conv.weight, conv.bias, *conv.spec)
@@ -431,6 +431,6 @@ def bn_relu_conv_pool(x: torch.Tensor, bn: BNArgs, conv: ConvArgs, pool: Optiona
             z = bn_relu_conv(x, ConvArgs(weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), bn,
                              stats, want_stats=False)[0]
         else:
-            a = bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, relu=True)
+            a = bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, act=True)
             z = F.conv2d(a.to(conv_dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return z if pool is None else F.avg_pool2d(z, pool, pool)

@@ -1,4 +1,10 @@
-"""Autograd Functions: conv -> BatchNorm -> (+ residual) -> ReLU units built on fusedres.ops.
+"""Autograd Functions: conv -> BatchNorm -> (+ residual) -> activation units built on fusedres.ops.
+
+The activation is any of common.ACTIVATIONS (ReLU, ReLU6, SiLU, Hardswish, LeakyReLU, GELU, none),
+applied inside the normalize pass and differentiated inside the backward passes from the saved
+pre-BN z. After a residual add only ReLU (or none) is inside: its mask is the output's sign,
+while a smooth activation there would need the sum itself, so it runs as its torch function
+after the unit.
 
 What is saved for backward: the unit's input and conv weight (the conv's own needs), the pre-BN
 conv output z, the per-channel mean and inverse std, and, for the residual + ReLU unit only, the
@@ -17,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..common import dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
+from ..common import RELU, Activation, as_activation, dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
 from ..ops import direct
 from ..ops.conv_inference import conv2d_bias_act_inference_reference
 from ..ops.bn_finalize import scale_shift as bn_scale_shift  # noqa: F401  (re-exported)
+from ..ops.bn_act import act_args
 from ..ops.direct import BatchNormStats
 
 
@@ -109,37 +116,47 @@ class SavedBN(NamedTuple):
     output: Optional[torch.Tensor]  # the unit's output, for its ReLU mask (residual + ReLU only)
 
 
-def bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats: BatchNormStats, residual, batch_stats, relu, sync=None,
-                        count=None):
+def inside_and_after(act: Activation, residual) -> Tuple[Activation, Optional[Activation]]:
+    """(the activation the kernels apply, the one left to run after): with a residual, a smooth
+    activation runs after the add as its torch function (see the module docstring)."""
+    if residual is None or act.name in ("relu", "none"):
+        return act, None
+    return Activation("none"), act
+
+
+def bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats: BatchNormStats, residual, batch_stats, act: Activation,
+                        sync=None, count=None):
     """(y, SavedBN): y = act((z - mean) * scale + shift + residual); ctx gets the flags
-    bn_act_backward needs. With `sync` (ops.SyncGroup), the statistics are of the batch over every
+    bn_act_backward needs (act: ReLU or none with a residual, see inside_and_after). With `sync` (ops.SyncGroup), the statistics are of the batch over every
     process, `count` values per channel."""
-    y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, like(residual, z), relu)
+    if residual is not None and act.name not in ("relu", "none"):
+        raise ValueError(f"fusedres: a {act.name} after a residual add runs after the unit (inside_and_after)")
+    y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, like(residual, z), act)
     ctx.sync = sync if batch_stats else None
     ctx.count = count if count is not None else z.numel() // z.shape[1]
     ctx.batch_stats = batch_stats
-    ctx.relu = relu
+    ctx.act = act
     ctx.has_residual = residual is not None
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.bn_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
-    mask_source = y if (residual is not None and relu) else None
+    mask_source = y if (residual is not None and act.is_relu) else None
     return y, SavedBN(z, stats.mean, stats.scale, stats.shift, stats.invstd, mask_source)
 
 
 def bn_act_backward(ctx, grad_y, saved: SavedBN, need_z, need_gamma, need_beta, need_residual):
     """(grad_z, grad_gamma, grad_beta, grad_residual) of bn_act_forward_save's y, None where not needed."""
     z, mean, scale, shift, invstd, output = saved
-    relu = ctx.relu
+    act = ctx.act
     grad_y = like(grad_y, z)
-    if ctx.has_residual and relu:
+    if ctx.has_residual and act.is_relu:
         # dz is also the residual's gradient: the reduction pass writes it once.
         sum_dz, sum_dz_xmu, grad_z_act = direct.bn_act_backward_reduce(grad_y, z, mean, scale, shift, output,
-                                                                       relu=True, write_grad_z=True)
-        grad_for_bn, mask_in_elementwise = grad_z_act, False
+                                                                       act=RELU, write_grad_z=True)
+        grad_for_bn, act_in_elementwise = grad_z_act, False
         grad_residual = grad_z_act
     else:
-        sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(grad_y, z, mean, scale, shift, None, relu=relu)
-        grad_for_bn, mask_in_elementwise = grad_y, relu
+        sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(grad_y, z, mean, scale, shift, None, act=act)
+        grad_for_bn, act_in_elementwise = grad_y, act
         grad_residual = grad_y if ctx.has_residual else None
     grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(sum_dz, sum_dz_xmu, invstd, scale, ctx.count,
                                                                    ctx.batch_stats and need_z, ctx.sync)
@@ -148,7 +165,7 @@ def bn_act_backward(ctx, grad_y, saved: SavedBN, need_z, need_gamma, need_beta, 
     grad_z = None
     if need_z:
         grad_z = direct.bn_act_backward_elementwise(grad_for_bn, z, mean, scale, shift, coef_xmu, coef_c,
-                                                    relu=mask_in_elementwise)
+                                                    act=act_in_elementwise)
     if grad_residual is not None and need_residual:
         grad_residual = grad_residual.to(ctx.residual_dtype)
     else:
@@ -169,7 +186,7 @@ class BNSpec(NamedTuple):
     eps: float
     momentum: float
     batch_stats: bool
-    relu: bool
+    act: Activation
     sync: Optional[ops.SyncGroup] = None
 
 
@@ -195,6 +212,7 @@ class BNArgs(NamedTuple):
     momentum: float
     batch_stats: bool
     sync: Optional[ops.SyncGroup] = None  # batch statistics over every process of a group (training only)
+    act: Activation = RELU  # the activation after this norm where its unit is not a chain's last
 
 
 class Unit(NamedTuple):
@@ -212,10 +230,10 @@ class BNAct(torch.autograd.Function):
     batch, `count` values per channel in all."""
 
     @staticmethod
-    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, scale, shift, residual, batch_stats, relu, sync=None,
+    def forward(ctx, z, bn_weight, bn_bias, mean, invstd, scale, shift, residual, batch_stats, act, sync=None,
                 count=None):
         stats = BatchNormStats(mean, invstd, scale, shift)
-        y, bn_saved = bn_act_forward_save(ctx, dense(z), bn_weight, bn_bias, stats, residual, batch_stats, relu,
+        y, bn_saved = bn_act_forward_save(ctx, dense(z), bn_weight, bn_bias, stats, residual, batch_stats, act,
                                           sync, count)
         ctx.save_for_backward(*bn_saved)
         return y
@@ -256,7 +274,7 @@ class ConvBNUnits(torch.autograd.Function):
             stats, count = batchnorm_stats(z, bn.batch_stats, bn.eps, running_mean, running_var, bn.momentum, gamma,
                                            beta, bn.sync)
             res = like(residual, z) if k == last and residual is not None else None
-            y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, res, bn.relu)
+            y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, res, bn.act)
             saved += [h, weight, z, stats.mean, stats.scale, stats.shift, stats.invstd]
             counts.append(count)
             h = y
@@ -265,7 +283,7 @@ class ConvBNUnits(torch.autograd.Function):
         ctx.has_residual = residual is not None
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.dtypes = [None if t is None else t.dtype for t in tensors]
-        ctx.mask_from_output = residual is not None and specs[-1][1].relu
+        ctx.mask_from_output = residual is not None and specs[-1][1].act.is_relu
         ctx.save_for_backward(*saved, h if ctx.mask_from_output else None)
         return h
 
@@ -284,11 +302,11 @@ class ConvBNUnits(torch.autograd.Function):
             g = like(g, z)
             if k == last and ctx.mask_from_output:  # dz is also the residual's gradient: written once
                 sum_dz, sum_dz_xmu, g_bn = direct.bn_act_backward_reduce(g, z, mean, scale, shift, output,
-                                                                         relu=True, write_grad_z=True)
-                mask, grad_residual = False, g_bn
+                                                                         act=RELU, write_grad_z=True)
+                act, grad_residual = False, g_bn
             else:
-                sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(g, z, mean, scale, shift, None, relu=bn.relu)
-                g_bn, mask = g, bn.relu
+                sum_dz, sum_dz_xmu, _ = direct.bn_act_backward_reduce(g, z, mean, scale, shift, None, act=bn.act)
+                g_bn, act = g, bn.act
                 if k == last and ctx.has_residual:
                     grad_residual = g
             base = 4 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, then the tensors
@@ -302,7 +320,7 @@ class ConvBNUnits(torch.autograd.Function):
                 grads[6 * k + 3] = grad_beta.to(ctx.dtypes[6 * k + 3])
             if not (need_h or need_w or need_b):
                 continue
-            grad_z = direct.bn_act_backward_elementwise(g_bn, z, mean, scale, shift, coef_xmu, coef_c, relu=mask)
+            grad_z = direct.bn_act_backward_elementwise(g_bn, z, mean, scale, shift, coef_xmu, coef_c, act=act)
             g, grads[6 * k], grads[6 * k + 1] = conv_backward(grad_z, h, weight, ctx.dtypes[6 * k + 1] is not None,
                                                               *conv, (need_h, need_w, need_b))
         if ctx.residual_is_x:
@@ -316,11 +334,15 @@ class ConvBNUnits(torch.autograd.Function):
 
 
 def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[torch.Tensor] = None,
-                  relu: bool = True) -> torch.Tensor:
-    """act(BN_n(conv_n(relu(... relu(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
+                  act=True) -> torch.Tensor:
+    """act(BN_n(conv_n(act_1(... act_1(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
     BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
     path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
-    (checked when built). Under autocast the convs run in the autocast dtype; BN math is float32."""
+    (checked when built); unit k < n applies its bn.act, the last `act` (an Activation, or a bool:
+    ReLU / none). Under autocast the convs run in the autocast dtype; BN math is float32."""
+    inside, after = inside_and_after(as_activation(act), residual)
+    if after is not None:
+        return after.apply(conv_bn_units(x, units, residual, inside))
     dtype = autocast_dtype(x)
     specs, tensors = [], []
     last = len(units) - 1
@@ -329,7 +351,7 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
         if dtype is not None:
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        specs.append((conv.spec, BNSpec(bn.eps, bn.momentum, bn.batch_stats, relu if k == last else True, bn.sync)))
+        specs.append((conv.spec, BNSpec(bn.eps, bn.momentum, bn.batch_stats, inside if k == last else bn.act, bn.sync)))
         tensors += [weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     residual_is_x = residual is x
     if residual_is_x:
@@ -343,10 +365,13 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
         return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, *tensors)
 
 
-def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, relu: bool,
+def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, act=True,
            sync=None, count=None):
-    """BNAct.apply with keywords: act(BN(z) + residual), BN's statistics `stats`."""
-    return BNAct.apply(z, bn_weight, bn_bias, *stats, residual, batch_stats, relu, sync, count)
+    """BNAct.apply with keywords: act(BN(z) + residual), BN's statistics `stats` (act: an
+    Activation, or a bool for ReLU / none; a smooth one after a residual runs after BNAct)."""
+    inside, after = inside_and_after(as_activation(act), residual)
+    y = BNAct.apply(z, bn_weight, bn_bias, *stats, residual, batch_stats, inside, sync, count)
+    return y if after is None else after.apply(y)
 
 
 def bn_relu(x: torch.Tensor, bn: "BNArgs") -> torch.Tensor:
@@ -359,7 +384,7 @@ def bn_relu(x: torch.Tensor, bn: "BNArgs") -> torch.Tensor:
         # detached: the gradient through the batch statistics is BNAct's own (batch_stats)
         stats, count = batchnorm_stats(x.detach(), bn.batch_stats, bn.eps, bn.running_mean, bn.running_var,
                                        bn.momentum, bn.weight, bn.bias, bn.sync)
-        return bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, relu=True, sync=bn.sync,
+        return bn_act(x, bn.weight, bn.bias, stats, batch_stats=bn.batch_stats, act=bn.act, sync=bn.sync,
                       count=count if bn.sync is not None else None)
 
 
@@ -375,7 +400,7 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     all-reduce forward, one backward), running statistics updated with them: nn.SyncBatchNorm's
     forward, on any device. The math is float32 (float64 for float64 x); y has x's dtype."""
     stats, count = batchnorm_stats(x.detach(), True, eps, running_mean, running_var, momentum, weight, bias, sync)
-    return bn_act(x, weight, bias, stats, batch_stats=True, relu=False, sync=sync, count=count)
+    return bn_act(x, weight, bias, stats, batch_stats=True, act=False, sync=sync, count=count)
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -394,7 +419,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 residual: Optional[torch.Tensor] = None, *, stride: Sequence[int] = (1, 1),
                 padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
                 eps: float = 1e-5, momentum: float = 0.1, batch_stats: bool = True, relu: bool = True,
-                sync: Optional[ops.SyncGroup] = None) -> torch.Tensor:
+                sync: Optional[ops.SyncGroup] = None, act=None) -> torch.Tensor:
     """act(BatchNorm(conv2d(x)) + residual) with autograd: one unit of ConvBNUnits.
 
     Args:
@@ -404,20 +429,24 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         residual (Tensor[N, C_out, H', W'] or None): added before the activation.
         sync (ops.SyncGroup or None): batch statistics over every process of its group, as
             nn.SyncBatchNorm (ops.sync_group makes one).
+        relu: ReLU last (True) or no activation; act (an Activation or a name of
+            fusedres.common.ACTIVATIONS: relu6, silu, hardswish, leaky_relu, gelu, ...), when given,
+            is the activation instead.
     Under autocast the conv runs in the autocast dtype, as F.conv2d would; BN math stays float32.
     """
+    act = as_activation(relu if act is None else act)
     dtype = autocast_dtype(x)
     stride, padding, dilation = ops.check_conv(x, weight if dtype is None else weight.to(x.dtype), bias, stride,
                                                padding, dilation, groups)
     return conv_bn_act_unchecked(x, ConvArgs(weight, bias, stride, padding, dilation, groups),
                                  BNArgs(bn_weight, bn_bias, running_mean, running_var, eps, momentum, batch_stats, sync),
-                                 residual, relu)
+                                 residual, act)
 
 
 def conv_bn_act_unchecked(x: torch.Tensor, conv: ConvArgs, bn: BNArgs, residual: Optional[torch.Tensor] = None,
-                          relu: bool = True) -> torch.Tensor:
+                          act=True) -> torch.Tensor:
     """conv_bn_act without checks: one unit of conv_bn_units (ConvBNUnits)."""
-    return conv_bn_units(x, [Unit(conv, bn)], residual, relu)
+    return conv_bn_units(x, [Unit(conv, bn)], residual, act)
 
 
 def conv_bias_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -449,9 +478,10 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
     conv, if the caller knows (None: asked here). pack(weight, conv, input shape): the weight
     prepacked for oneDNN (the caller's cache; None: oneDNN reorders the plain weight per call).
     post_op: an activation other than ReLU (relu False): oneDNN's post-op where oneDNN runs the
-    conv, else applied after (ops.PostOp.apply).
+    conv; elsewhere the kernels' own activation where it is one of common.ACTIVATIONS
+    (PostOp.activation), else applied after (ops.PostOp.apply).
 
-    Paths: the fused conv kernels (bias + residual + ReLU in their epilogue); on the CPU oneDNN
+    Paths: the fused conv kernels (bias + residual + activation in their epilogue); on the CPU oneDNN
     (one primitive, post-ops fused; ops.conv_inference); else aten's conv + one bn_act_forward
     pass. While torch.compile / export trace, the aten path's epilogue is plain tensor ops, which
     inductor fuses into the conv's consumer itself (an opaque op there would stop it)."""
@@ -466,15 +496,23 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
                 ops.onednn_unsupported_reason(x, weight) is None):
             packed = pack(weight, conv, x.shape) if pack is not None else None
             return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
-        if conv_kernels:
-            y = direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, False, residual, relu,
-                                                False, None)[0]
-        elif tracing():
+        act = post_op.activation if post_op is not None else None
+        if tracing() and not conv_kernels:
             y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
+            return y if post_op is None else post_op.apply(y)
+        after = None
+        if act is None:
+            act = as_activation(relu)
+            after = post_op
+        else:
+            act, after = inside_and_after(act, residual)
+        if conv_kernels:
+            y = direct.conv2d_forward_unchecked(x, weight, bias, *conv, None, None, None, 0, 0.0, residual,
+                                                *act_args(act), False, None)[0]
         else:
             z = dense(F.conv2d(x, weight, None, *conv))
-            y = direct.bn_act_forward(z, None, None, bias, like(residual, z), relu)
-        return y if post_op is None else post_op.apply(y)
+            y = direct.bn_act_forward(z, None, None, bias, like(residual, z), act)
+        return y if after is None else after.apply(y)
 
 
 def _conv_bias_act_traced(x, weight, bias, residual, conv: ConvSpec, relu: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Normalize-activate in Triton: y = act((x - mean[c]) * scale[c] + shift[c] + residual) and its backward.
 
 Forward: one elementwise pass (read x, residual; write y). Backward: one reduction pass that also
-writes dz = grad * relu_mask when the residual needs it, and one elementwise pass.
+writes dz = grad * act'(u) when the residual needs it, and one elementwise pass. act: the code of
+fusedres.common.ACTIVATIONS (kernels/activation_triton.py), alpha LeakyReLU's slope.
 Elementwise kernels index the flat storage and find the channel as (i // inner) % C.
 """
 import torch
@@ -9,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..common import channel_view, launch, new_output_like, new_scratch, stats_dtype
+from .activation_triton import activate, activation_backward
 from .tiles import reduce_launch_shape, tile_count, tile_offsets, tl_acc
 
 ELEMENTWISE_BLOCK = 1024
@@ -35,7 +37,8 @@ def _flat_offsets(numel, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
 @triton.jit
 def _bn_act_forward_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, numel, C, inner,
                            HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           RELU: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+                           ACT: tl.constexpr, ALPHA: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+                           ACC: tl.constexpr):
     offs, mask = _flat_offsets(numel, BLOCK, INDEX_64)
     c = (offs // inner) % C
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -46,15 +49,15 @@ def _bn_act_forward_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, shif
     z = z + tl.load(shift_ptr + c, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         z = z + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        z = tl.where(z < 0.0, 0.0, z)  # z < 0, not z <= 0 or a max: NaN passes as in torch.relu
+    z = activate(z, ACT, ALPHA)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bn_act_backward_reduce_kernel(grad_ptr, x_ptr, output_ptr, grad_z_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr,
                                    outer, C, inner, outer_per_split, splits,
-                                   HAS_OUTPUT: tl.constexpr, RELU: tl.constexpr, WRITE_GRAD_Z: tl.constexpr,
+                                   HAS_OUTPUT: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                                   WRITE_GRAD_Z: tl.constexpr,
                                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_IS_ONE: tl.constexpr,
                                    ACC: tl.constexpr):
     pid_c = tl.program_id(0)
@@ -72,12 +75,10 @@ def _bn_act_backward_reduce_kernel(grad_ptr, x_ptr, output_ptr, grad_z_ptr, mean
         offs, mask, rmask = tile_offsets(t, o_begin, o_end, C, inner, cols, cmask, BLOCK_R, INNER_IS_ONE)
         xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mu[None, :]
         dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            if HAS_OUTPUT:
-                active = tl.load(output_ptr + offs, mask=mask, other=0.0).to(ACC) > 0.0
-            else:
-                active = xmu * sc[None, :] + sf[None, :] > 0.0
-            dz = tl.where(active, dz, 0.0)
+        if HAS_OUTPUT:  # ReLU after a residual add: its mask from the output (u is not z's alone)
+            dz = tl.where(tl.load(output_ptr + offs, mask=mask, other=0.0).to(ACC) > 0.0, dz, 0.0)
+        else:
+            dz = activation_backward(dz, xmu * sc[None, :] + sf[None, :], ACT, ALPHA)
         if WRITE_GRAD_Z:
             tl.store(grad_z_ptr + offs, dz.to(grad_z_ptr.dtype.element_ty), mask=mask)
         dz = tl.where(mask, dz, 0.0)
@@ -89,15 +90,14 @@ def _bn_act_backward_reduce_kernel(grad_ptr, x_ptr, output_ptr, grad_z_ptr, mean
 
 @triton.jit
 def _bn_act_backward_elementwise_kernel(grad_ptr, x_ptr, grad_input_ptr, mean_ptr, scale_ptr, shift_ptr,
-                                        coef_xmu_ptr, coef_c_ptr, numel, C, inner, RELU: tl.constexpr,
-                                        BLOCK: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+                                        coef_xmu_ptr, coef_c_ptr, numel, C, inner, ACT: tl.constexpr,
+                                        ALPHA: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
     offs, mask = _flat_offsets(numel, BLOCK, INDEX_64)
     c = (offs // inner) % C
     sc = tl.load(scale_ptr + c, mask=mask, other=0.0)
     xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=mask, other=0.0)
     dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        dz = tl.where(xmu * sc + tl.load(shift_ptr + c, mask=mask, other=0.0) > 0.0, dz, 0.0)
+    dz = activation_backward(dz, xmu * sc + tl.load(shift_ptr + c, mask=mask, other=0.0), ACT, ALPHA)
     dx = sc * dz + xmu * tl.load(coef_xmu_ptr + c, mask=mask, other=0.0) + tl.load(coef_c_ptr + c, mask=mask, other=0.0)
     tl.store(grad_input_ptr + offs, dx.to(grad_input_ptr.dtype.element_ty), mask=mask)
 
@@ -106,7 +106,7 @@ def _elementwise_grid(numel):
     return (max(1, triton.cdiv(numel, ELEMENTWISE_BLOCK)),)
 
 
-def bn_act_forward_triton(x, mean, scale, shift, residual, relu):
+def bn_act_forward_triton(x, mean, scale, shift, residual, act, alpha):
     """y [same shape/strides as x] = act((x - mean) * scale + shift + residual)."""
     _, channels, inner = channel_view(x)
     y = new_output_like(x)
@@ -116,13 +116,15 @@ def bn_act_forward_triton(x, mean, scale, shift, residual, relu):
         x, residual if residual is not None else x, y,
         mean if mean is not None else shift, scale if scale is not None else shift, shift,
         x.numel(), channels, inner,
-        HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+        HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, ACT=act, ALPHA=alpha,
         BLOCK=ELEMENTWISE_BLOCK, INDEX_64=needs_int64_offsets(x.numel(), ELEMENTWISE_BLOCK), ACC=tl_acc(x.dtype))
     return y
 
 
-def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, relu, write_grad_z, reduce_sums=True):
-    """(sum dz, sum dz*(x - mean), dz or empty) with dz = grad_output * relu mask. reduce_sums=False:
+def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, act, alpha, write_grad_z,
+                                  reduce_sums=True):
+    """(sum dz, sum dz*(x - mean), dz or empty) with dz = grad_output * act'(u), u recomputed from x
+    (output given: ReLU's mask output > 0, the only activation after a residual). reduce_sums=False:
     the sums as [splits, C] rows, left for BatchNorm's backward bookkeeping kernel to add up."""
     outer, channels, inner = channel_view(x)
     acc = stats_dtype(x)
@@ -135,7 +137,7 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
     launch(_bn_act_backward_reduce_kernel, (triton.cdiv(channels, block_c), splits), x.device,
         grad_output, x, output if output is not None else x, grad_z if write_grad_z else x,
         mean, scale, shift, part, outer, channels, inner, outer_per_split, splits,
-        HAS_OUTPUT=output is not None, RELU=relu, WRITE_GRAD_Z=write_grad_z,
+        HAS_OUTPUT=output is not None, ACT=act, ALPHA=alpha, WRITE_GRAD_Z=write_grad_z,
         BLOCK_R=block_r, BLOCK_C=block_c, INNER_IS_ONE=inner == 1, ACC=tl_acc(x.dtype))
     if not reduce_sums:
         return part[0], part[1], grad_z
@@ -143,13 +145,13 @@ def bn_act_backward_reduce_triton(grad_output, x, mean, scale, shift, output, re
     return sums[0], sums[1], grad_z
 
 
-def bn_act_backward_elementwise_triton(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
-    """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * relu mask."""
+def bn_act_backward_elementwise_triton(grad, x, mean, scale, shift, coef_xmu, coef_c, act, alpha):
+    """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * act'(u)."""
     _, channels, inner = channel_view(x)
     grad_input = new_output_like(x)
     if x.numel() == 0:
         return grad_input
     launch(_bn_act_backward_elementwise_kernel, _elementwise_grid(x.numel()), x.device,
-        grad, x, grad_input, mean, scale, shift, coef_xmu, coef_c, x.numel(), channels, inner, RELU=relu,
+        grad, x, grad_input, mean, scale, shift, coef_xmu, coef_c, x.numel(), channels, inner, ACT=act, ALPHA=alpha,
         BLOCK=ELEMENTWISE_BLOCK, INDEX_64=needs_int64_offsets(x.numel(), ELEMENTWISE_BLOCK), ACC=tl_acc(x.dtype))
     return grad_input

@@ -22,12 +22,13 @@ and checks wgmma, 16-byte cp.async operand copies, no spills and shared memory f
 per SM.
 
 Fusions:
-  forward prologue  a = act((x - mean[c]) * scale[c] + shift[c]) as each input tile is loaded;
+  forward prologue  a = act((x - mean[c]) * scale[c] + shift[c]) as each input tile is loaded (act:
+                    any of common.ACTIVATIONS, kernels/activation_triton.py);
                     padded positions are 0 after it (padding belongs to the normalized activation)
   forward epilogue  + bias, per-tile channel sum and centered sum of squares (BatchNorm
-                    statistics of the stored output), + residual, ReLU
-  dgrad epilogue    with the forward prologue's BN: the ReLU mask recomputed from the saved pre-BN
-                    input, and per-tile sums of dU and dU * (x - mean) for BatchNorm's backward
+                    statistics of the stored output), + residual, act
+  dgrad epilogue    with the forward prologue's BN: dU = dA * act'(U), U recomputed from the saved
+                    pre-BN input, and per-tile sums of dU and dU * (x - mean) for BatchNorm's backward
   wgrad prologue    the forward prologue recomputed from the saved pre-BN input, so the
                     normalized activation is never stored, forward or backward
 Strided dgrad is split into stride_h * stride_w phases (input pixels with the same h % s and
@@ -46,18 +47,19 @@ import triton
 import triton.language as tl
 
 from .. import common
+from .activation_triton import activate, activation_backward
 from ..common import launch as launch_kernel, new_scratch, stats_dtype, triton_interpreted
 
 
 @triton.jit
-def _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, RELU: tl.constexpr, ACC: tl.constexpr):
+def _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                  ACC: tl.constexpr):
     """act((a - mean) * scale + shift) on a loaded input tile, 0 where the tile is masked (padding)."""
     mu = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
     sc = tl.load(scale_ptr + rc, mask=cmask, other=0.0)
     sf = tl.load(shift_ptr + rc, mask=cmask, other=0.0)
     u = (a.to(ACC) - mu[None, :]) * sc[None, :] + sf[None, :]
-    if RELU:
-        u = tl.where(u < 0.0, 0.0, u)  # u < 0, not a max: NaN passes as in torch.relu
+    u = activate(u, ACT, ALPHA)
     return tl.where(amask, u, 0.0).to(a.dtype)
 
 
@@ -109,8 +111,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                      KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                      SPAN_STEP: tl.constexpr, PLAIN_GEMM: tl.constexpr,
-                     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     RELU: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr, PROLOGUE_ALPHA: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                     STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr):
     M = N * P * Q
@@ -155,7 +158,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
         amask = valid[:, None] & cmask[None, :]
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=amask, other=0.0)
         if PROLOGUE:
-            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
+            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_ACT, PROLOGUE_ALPHA, ACC)
         if GROUPED:  # this tile's dense block-diagonal weight slice (see grouped_weight_tiles)
             kl = (step % c_blocks) * BLOCK_K + rk
             b = tl.load(w_ptr + ((pid_n * (KH * KW) + tap) * w_span + kl)[:, None] * BLOCK_N
@@ -182,8 +185,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, mean_ptr, scale_ptr
     if HAS_RES:
         r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + rn[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=omask, other=0.0).to(ACC)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)
+    acc = activate(acc, ACT, ALPHA)
     y_off = (img.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
@@ -196,7 +198,7 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                        SPAN_STEP: tl.constexpr, TAP_CHECK: tl.constexpr,
                        EPILOGUE_BN: tl.constexpr, ACCUMULATE: tl.constexpr,
-                       EPILOGUE_RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       EPILOGUE_ACT: tl.constexpr, EPILOGUE_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     num_n = tl.cdiv(C_in, BLOCK_N)
     pid = tl.program_id(0)
@@ -256,14 +258,14 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
 
     omask = mmask[:, None] & cmask[None, :]
     if EPILOGUE_BN:
-        # dU = dA * relu'(U), U = (x - mean) * scale + shift recomputed exactly as the forward prologue did
+        # dU = dA * act'(U), U = (x - mean) * scale + shift recomputed exactly as the forward prologue did
         x_off = (img.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
         mu = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
         xmu = tl.load(x_ptr + x_off, mask=omask, other=0.0).to(ACC) - mu[None, :]
-        if EPILOGUE_RELU:
+        if EPILOGUE_ACT != 0:
             sc = tl.load(scale_ptr + rc, mask=cmask, other=0.0)
             sf = tl.load(shift_ptr + rc, mask=cmask, other=0.0)
-            acc = tl.where(xmu * sc[None, :] + sf[None, :] > 0.0, acc, 0.0)
+            acc = activation_backward(acc, xmu * sc[None, :] + sf[None, :], EPILOGUE_ACT, EPILOGUE_ALPHA)
         acc = tl.where(omask, acc, 0.0)
         if not ACCUMULATE:
             # the sums of dU as stored (rounded to dx's dtype): BatchNorm's backward subtracts their
@@ -290,7 +292,7 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_per_split, num_c,
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                        SPAN_STEP: tl.constexpr, PROLOGUE: tl.constexpr,
-                       PROLOGUE_RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PROLOGUE_ACT: tl.constexpr, PROLOGUE_ALPHA: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -323,7 +325,7 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
         a_off = (img.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc
         a = tl.load(x_ptr + a_off, mask=amask, other=0.0)
         if PROLOGUE:
-            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_RELU, ACC)
+            a = _act_prologue(a, amask, rc, cmask, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_ACT, PROLOGUE_ALPHA, ACC)
         acc = _mma(acc, g, a, UPCAST, PRECISION, ACC)
     # rows [split, o, tap, c - first channel of o's group]: only the block diagonal is a real weight
     if GROUPED:
@@ -630,11 +632,12 @@ def tuned_configs() -> Dict[tuple, tuple]:
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 # ---------------------------------------------------------------------------------------------
-def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False,
-                 residual=None, relu=False, stats=False, out_format=torch.contiguous_format, out=None):
+def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_act=0,
+                 in_alpha=0.0, residual=None, act=0, alpha=0.0, stats=False, out_format=torch.contiguous_format,
+                 out=None):
     """y [N, C_out, P, Q] in x's dtype and `out_format` (or written into `out`, any strides: a
     channel slice of a larger buffer), and, when `stats`, the float partial statistics of y (before
-    residual and ReLU) as (rows [T], sum [T, C_out], m2 [T, C_out]): tile t summarizes rows[t]
+    residual and activation) as (rows [T], sum [T, C_out], m2 [T, C_out]): tile t summarizes rows[t]
     values per channel (views of [T, C_out + 1] buffers whose last column the kernel fills with
     the tile's row count: no host-side tensor op)."""
     N, P, Q, C_out = geo.N, geo.P, geo.Q, geo.C_out
@@ -662,8 +665,8 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
             *geo.conv_scalars,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bn, C_out, geo.cout_g, geo.cin_g, grouped),
             PLAIN_GEMM=geo.is_plain_gemm, PROLOGUE=in_scale is not None,
-            PROLOGUE_RELU=in_relu,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
+            PROLOGUE_ACT=int(in_act), PROLOGUE_ALPHA=float(in_alpha),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=int(act), ALPHA=float(alpha), STATS=stats,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
 
@@ -684,9 +687,10 @@ def conv_forward(x, weight, bias, geo: ConvGeometry, *, in_mean=None, in_scale=N
 
 
 def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, in_scale=None, in_shift=None,
-                    in_relu=False, out_format=torch.contiguous_format, out=None, out_scale=None, reduce_sums=True):
+                    in_act=0, in_alpha=0.0, out_format=torch.contiguous_format, out=None, out_scale=None,
+                    reduce_sums=True):
     """dA [N, C_in, H, W] = the gradient of the conv's input. With the forward prologue's BN given
-    (x, in_mean, in_scale, in_shift): dU = dA * relu'(U) instead, with float per-channel sums
+    (x, in_mean, in_scale, in_shift): dU = dA * act'(U) instead, with float per-channel sums
     sum(dU) and sum(dU * (x - mean)). With `out` (any strides) and `out_scale` [C_in]:
     out += out_scale * dU in place, and out is returned. reduce_sums=False: the sums as [T, C_in]
     per-tile rows, left for BatchNorm's backward bookkeeping kernel to add up (one launch fewer)."""
@@ -725,7 +729,7 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
             *_nchw_strides(target), *_nchw_strides(xs),
             *geo.conv_scalars, num_m, num_m * phases,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bn, C_in, geo.cin_g, geo.cout_g, grouped),
-            EPILOGUE_BN=epilogue, ACCUMULATE=accumulate, EPILOGUE_RELU=in_relu,
+            EPILOGUE_BN=epilogue, ACCUMULATE=accumulate, EPILOGUE_ACT=int(in_act), EPILOGUE_ALPHA=float(in_alpha),
             TAP_CHECK=any(s > 1 and d > 1 for s, d in zip(geo.stride, geo.dilation)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
@@ -762,7 +766,8 @@ def conv_input_grad(grad_y, weight, geo: ConvGeometry, *, x=None, in_mean=None, 
     return dx, sums[0], sums[1]
 
 
-def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_relu=False):
+def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=None, in_shift=None, in_act=0,
+                     in_alpha=0.0):
     """dW [C_out, C_in/groups, KH, KW] as float32 (float64 for float64), from the conv's output
     gradient and its pre-prologue input x (the prologue is recomputed)."""
     M = geo.N * geo.P * geo.Q
@@ -793,7 +798,7 @@ def conv_weight_grad(grad_y, x, geo: ConvGeometry, *, in_mean=None, in_scale=Non
             grad_y, x, ws, in_mean if prologue else ws, in_scale if prologue else ws, in_shift if prologue else ws,
             *geo.flat, *_nchw_strides(grad_y), *_nchw_strides(x), *geo.conv_scalars, m_per_split, num_c,
             KH=geo.KH, KW=geo.KW, GROUPED=grouped, **_span_constexprs(bo, geo.C_out, geo.cout_g, geo.cin_g, grouped),
-            PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
+            PROLOGUE=prologue, PROLOGUE_ACT=int(in_act), PROLOGUE_ALPHA=float(in_alpha),
             BLOCK_O=bo, BLOCK_C=bc, BLOCK_M=bm, ACC=acc_dtype, UPCAST=upcast, PRECISION=precision,
             num_warps=warps, num_stages=stages)
 

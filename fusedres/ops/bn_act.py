@@ -1,7 +1,10 @@
 """Op: normalize-activate y = act((x - mean[c]) * scale[c] + shift[c] + residual) and its backward.
 
 Forward is one elementwise pass. With mean and scale absent it is the epilogue of a BN-folded conv,
-y = act(conv + bias[c] + residual). Backward, with dz = grad * relu_mask:
+y = act(conv + bias[c] + residual). act: any of common.ACTIVATIONS (an Activation; True / False
+mean ReLU / none); the kernels take its code and alpha. Backward, with dz = grad * act'(u),
+u = (x - mean) * scale + shift recomputed from x (after a residual add, ReLU only, whose mask is
+output > 0):
   bn_act_backward_reduce       one pass: sum(dz), sum(dz * (x - mean)), and dz when asked
   bn_act_backward_elementwise  one pass: grad_input = scale * dz + (x - mean) * coef_xmu + coef_c
 Reference here; kernels in fusedres/kernels/bn_act_triton.py, csrc/cpu/bn_act_cpu.cpp and
@@ -13,21 +16,43 @@ from typing import Optional, Tuple
 import torch
 
 from . import validate
-from ..common import dense, like, per_channel, stats_dtype
+from ..common import ACTIVATIONS, RELU, Activation, as_activation, dense, like, per_channel, stats_dtype
 from .bn_finalize import channel_sums
 from .registry import call, dispatch, register, register_fake, register_loader
 
 
-def _relu_mask(x, mean, scale, shift, output):
-    if output is not None:
-        return output > 0
-    return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(shift, x) > 0
+def activation_of(act, alpha: float = 0.0) -> Activation:
+    """The Activation an op's (act, alpha) arguments name: an activation code (int) and alpha as
+    the kernels take them, or anything common.as_activation takes (then alpha is its own)."""
+    if isinstance(act, int) and not isinstance(act, bool):
+        if not 0 <= act < len(ACTIVATIONS):
+            raise ValueError(f"fusedres: act must be an activation code in [0, {len(ACTIVATIONS)}) "
+                             f"({ACTIVATIONS}), got {act}")
+        return Activation(ACTIVATIONS[act], float(alpha))
+    return as_activation(act)
+
+
+def act_args(act) -> Tuple[int, float]:
+    """(code, alpha) of an Activation or a ReLU flag, as the kernels take them (the hot path)."""
+    if act is True:
+        return 1, 0.0
+    if act is False:
+        return 0, 0.0
+    return act.code, act.alpha
+
+
+def _activation_backward(grad, x, mean, scale, shift, output, act: Activation):
+    if output is not None:  # ReLU after a residual add: its mask from the output
+        return torch.where(output > 0, grad, 0)
+    u = (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(shift, x)
+    return act.backward(grad, u)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain PyTorch references, computed in the statistics dtype (float32, float64 for float64 x).
 # ---------------------------------------------------------------------------------------------
-def bn_act_forward_reference(x, mean, scale, shift, residual, relu):
+def bn_act_forward_reference(x, mean, scale, shift, residual, act, alpha=0.0):
+    act = activation_of(act, alpha)
     acc = stats_dtype(x)
     z = x.to(acc)
     if mean is not None:
@@ -37,17 +62,17 @@ def bn_act_forward_reference(x, mean, scale, shift, residual, relu):
     z = z + per_channel(shift, x)
     if residual is not None:
         z = z + residual.to(acc)
-    if relu:
-        z = torch.relu(z)
-    return z.to(x.dtype)
+    return act.apply(z).to(x.dtype)
 
 
-def bn_act_backward_reduce_reference(grad_output, x, mean, scale, shift, output, relu, write_grad_z):
+def bn_act_backward_reduce_reference(grad_output, x, mean, scale, shift, output, act, alpha=0.0,
+                                     write_grad_z=False):
+    act = activation_of(act, alpha)
+    _check_output(output, act)
     acc = stats_dtype(x)
     xf = x.to(acc)
-    dz = grad_output.to(acc)
-    if relu:
-        dz = torch.where(_relu_mask(xf, mean, scale, shift, None if output is None else output.to(acc)), dz, 0)
+    dz = _activation_backward(grad_output.to(acc), xf, mean, scale, shift,
+                              None if output is None else output.to(acc), act)
     dims = [0] + list(range(2, x.dim()))
     sum_dz = dz.sum(dims)
     sum_dz_xmu = (dz * (xf - per_channel(mean, x))).sum(dims)
@@ -55,15 +80,20 @@ def bn_act_backward_reduce_reference(grad_output, x, mean, scale, shift, output,
     return sum_dz, sum_dz_xmu, grad_z
 
 
-def bn_act_backward_elementwise_reference(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
+def bn_act_backward_elementwise_reference(grad, x, mean, scale, shift, coef_xmu, coef_c, act, alpha=0.0):
+    act = activation_of(act, alpha)
     acc = stats_dtype(x)
     xf = x.to(acc)
-    dz = grad.to(acc)
-    if relu:
-        dz = torch.where(_relu_mask(xf, mean, scale, shift, None), dz, 0)
+    dz = _activation_backward(grad.to(acc), xf, mean, scale, shift, None, act)
     xmu = xf - per_channel(mean, x)
     dx = per_channel(scale, x) * dz + xmu * per_channel(coef_xmu, x) + per_channel(coef_c, x)
     return dx.to(x.dtype)
+
+
+def _check_output(output, act: Activation) -> None:
+    if output is not None and not act.is_relu:
+        raise ValueError(f"fusedres: output (the ReLU mask's source after a residual add) is given only with "
+                         f"act = ReLU, got act {act.name!r}")
 
 
 register("bn_act_forward", "reference")(bn_act_forward_reference)
@@ -96,35 +126,37 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fusedres::bn_act_forward", mutates_args=())
 def _forward_op(x: Tensor, mean: Optional[Tensor], scale: Optional[Tensor], shift: Tensor,
-                residual: Optional[Tensor], relu: bool) -> Tensor:
-    return dispatch("bn_act_forward", x.device, x, mean, scale, shift, residual, relu)
+                residual: Optional[Tensor], act: int, alpha: float) -> Tensor:
+    return dispatch("bn_act_forward", x.device, x, mean, scale, shift, residual, act, alpha)
 
 
 @torch.library.custom_op("fusedres::bn_act_backward_reduce", mutates_args=())
 def _backward_reduce_op(grad_output: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
-                        output: Optional[Tensor], relu: bool, write_grad_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                        output: Optional[Tensor], act: int, alpha: float, write_grad_z: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
     sum_dz, sum_dz_xmu, grad_z = dispatch("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
-                                          output, relu, write_grad_z)
+                                          output, act, alpha, write_grad_z)
     return channel_sums(sum_dz), channel_sums(sum_dz_xmu), grad_z
 
 
 @torch.library.custom_op("fusedres::bn_act_backward_elementwise", mutates_args=())
 def _backward_elementwise_op(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
-                             coef_xmu: Tensor, coef_c: Tensor, relu: bool) -> Tensor:
-    return dispatch("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, relu)
+                             coef_xmu: Tensor, coef_c: Tensor, act: int, alpha: float) -> Tensor:
+    return dispatch("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, act,
+                    alpha)
 
 
-def _forward_fake(x, mean, scale, shift, residual, relu):
+def _forward_fake(x, mean, scale, shift, residual, act, alpha):
     return torch.empty_like(x)
 
 
-def _backward_reduce_fake(grad_output, x, mean, scale, shift, output, relu, write_grad_z):
+def _backward_reduce_fake(grad_output, x, mean, scale, shift, output, act, alpha, write_grad_z):
     acc = stats_dtype(x)
     grad_z = torch.empty_like(x, dtype=grad_output.dtype) if write_grad_z else grad_output.new_empty(0)
     return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc), grad_z
 
 
-def _backward_elementwise_fake(grad, x, mean, scale, shift, coef_xmu, coef_c, relu):
+def _backward_elementwise_fake(grad, x, mean, scale, shift, coef_xmu, coef_c, act, alpha):
     return torch.empty_like(x)
 
 
@@ -146,7 +178,7 @@ def _params(x, **vectors):
 
 
 def bn_act_forward(x: torch.Tensor, mean: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                   shift: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+                   shift: torch.Tensor, residual: Optional[torch.Tensor] = None, act=RELU) -> torch.Tensor:
     """y = act((x - mean) * scale + shift + residual).
 
     Args:
@@ -154,25 +186,29 @@ def bn_act_forward(x: torch.Tensor, mean: Optional[torch.Tensor], scale: Optiona
         mean, scale (Tensor[C], optional): absent means 0 and 1.
         shift (Tensor[C]): beta in training, the folded bias in inference.
         residual (Tensor[N, C, H, W], optional): added before the activation.
-        relu: ReLU if True, identity if False.
+        act: an Activation (common.ACTIVATIONS: none, relu, relu6, silu, hardswish, leaky_relu with
+            its slope as alpha, gelu, gelu_tanh), its name, or a bool (True: ReLU, False: none).
     """
+    code, alpha = act_args(as_activation(act))
     validate.activation(x, "x")
     if shift is None:
         raise ValueError("fusedres: shift must be a tensor of per-channel values, got None")
     validate.same_shape(x, residual, "residual")
     x = dense(x)
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
-    return call("bn_act_forward", x.device, x, mean, scale, shift, like(residual, x), bool(relu))
+    return call("bn_act_forward", x.device, x, mean, scale, shift, like(residual, x), code, alpha)
 
 
 def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
-                           shift: torch.Tensor, output: Optional[torch.Tensor] = None, relu: bool = True,
+                           shift: torch.Tensor, output: Optional[torch.Tensor] = None, act=RELU,
                            write_grad_z: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum(dz), sum(dz * (x - mean)), dz or an empty tensor), per channel, dz = grad * relu mask.
+    """(sum(dz), sum(dz * (x - mean)), dz or an empty tensor), per channel, dz = grad * act'(u).
 
-    The mask is output > 0 when the forward output is given (needed with a residual), else it is
-    recomputed from x as (x - mean) * scale + shift > 0.
+    u = (x - mean) * scale + shift is recomputed from x; with the forward output given (ReLU after
+    a residual add, where u is not x's alone; act must then be ReLU) the mask is output > 0.
     """
+    act = as_activation(act)
+    _check_output(output, act)
     validate.activation(x, "x")
     validate.same_shape(x, grad_output, "grad_output")
     validate.same_shape(x, output, "output")
@@ -180,18 +216,19 @@ def bn_act_backward_reduce(grad_output: torch.Tensor, x: torch.Tensor, mean: tor
     mean, scale, shift = _params(x, mean=mean, scale=scale, shift=shift)
     grad_output = like(grad_output.to(x.dtype), x)
     sum_dz, sum_dz_xmu, grad_z = call("bn_act_backward_reduce", x.device, grad_output, x, mean, scale, shift,
-                                      like(output, x), bool(relu), bool(write_grad_z))
+                                      like(output, x), *act_args(act), bool(write_grad_z))
     return channel_sums(sum_dz), channel_sums(sum_dz_xmu), grad_z
 
 
 def bn_act_backward_elementwise(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
                                 shift: torch.Tensor, coef_xmu: torch.Tensor, coef_c: torch.Tensor,
-                                relu: bool = True) -> torch.Tensor:
-    """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * [(x-mean)*scale+shift > 0] if relu."""
+                                act=RELU) -> torch.Tensor:
+    """grad_input = scale * dz + (x - mean) * coef_xmu + coef_c, dz = grad * act'((x - mean) * scale + shift)."""
+    code, alpha = act_args(as_activation(act))
     validate.activation(x, "x")
     validate.same_shape(x, grad, "grad")
     x = dense(x)
     mean, scale, shift, coef_xmu, coef_c = _params(x, mean=mean, scale=scale, shift=shift,
                                                    coef_xmu=coef_xmu, coef_c=coef_c)
     grad = like(grad.to(x.dtype), x)
-    return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, bool(relu))
+    return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, code, alpha)

@@ -4,7 +4,7 @@
                       per input channel (optional), with the BatchNorm statistics (mean, biased
                       variance) of conv2d(pro(x), W) + bias when asked, from the kernel epilogue's
                       per-tile partials
-  conv2d_input_grad   the gradient of pro(x)'s conv; with the prologue's BN given, dU = dA * relu'(U)
+  conv2d_input_grad   the gradient of pro(x)'s conv; with the prologue's BN given, dU = dA * act'(U)
                       (U the prologue's pre-activation) and its per-channel sums for BatchNorm's backward
   conv2d_weight_grad  the weight gradient, recomputing pro(x) from x
 Reference here (plain PyTorch; it materializes pro(x)); Triton kernels in
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..common import memory_format, per_channel, poison_outputs, stats_dtype, tracing
 from . import validate
-from .bn_act import bn_act_forward_reference
+from ..common import as_activation
+from .bn_act import act_args, activation_of, bn_act_forward_reference
 from .bn_finalize import StatsPartials, channel_sums, merge_partials
 from .registry import available_backend, dispatch, get_backend, kernel, register, register_loader
 
@@ -32,17 +33,17 @@ class ChannelMoments(NamedTuple):
     var: torch.Tensor  # [C]
 
 
-def _prologue_reference(x, in_mean, in_scale, in_shift, in_relu):
+def _prologue_reference(x, in_mean, in_scale, in_shift, in_act, in_alpha):
     """pro(x), rounded to x's dtype as the kernels round it: bn_act_forward's reference."""
     if in_scale is None:
         return x
-    return bn_act_forward_reference(x, in_mean, in_scale, in_shift, None, in_relu)
+    return bn_act_forward_reference(x, in_mean, in_scale, in_shift, None, in_act, in_alpha)
 
 
 def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                             in_relu, residual, relu, stats, out=None):
+                             in_act, in_alpha, residual, act, alpha, stats, out=None):
     acc = stats_dtype(x)
-    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
+    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_act, in_alpha)
     z = F.conv2d(a, weight, None, stride, padding, dilation, groups).to(acc)
     if bias is not None:
         z = z + per_channel(bias.to(acc), x)
@@ -55,8 +56,7 @@ def conv2d_forward_reference(x, weight, bias, stride, padding, dilation, groups,
         partials = StatsPartials(torch.full((1,), float(count), dtype=acc, device=x.device), s[None], m2[None])
     if residual is not None:
         z = z + residual.to(acc)
-    if relu:
-        z = torch.relu(z)
+    z = activation_of(act, alpha).apply(z)
     if out is not None:
         return out.copy_(z), partials
     return z.to(x.dtype).contiguous(memory_format=memory_format(x)), partials
@@ -68,7 +68,7 @@ def _accumulate_reference(out, out_scale, da):
 
 
 def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                                in_relu, out=None, out_scale=None):
+                                in_act, in_alpha, out=None, out_scale=None):
     acc = stats_dtype(grad_y)  # summed in float32 as the kernels' accumulators are, rounded once
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), grad_y.to(acc), stride, padding, dilation, groups)
     if in_scale is None:
@@ -76,8 +76,7 @@ def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, gr
             return _accumulate_reference(out, out_scale, da), None, None
         return da.to(grad_y.dtype).contiguous(memory_format=memory_format(x)), None, None
     xmu = x.to(acc) - per_channel(in_mean, x)
-    if in_relu:
-        da = torch.where(xmu * per_channel(in_scale, x) + per_channel(in_shift, x) > 0, da, 0)
+    da = activation_of(in_act, in_alpha).backward(da, xmu * per_channel(in_scale, x) + per_channel(in_shift, x))
     if out is not None:  # dU is never rounded: added into out in float32, summed unrounded
         return _accumulate_reference(out, out_scale, da), da.sum((0, 2, 3)), (da * xmu).sum((0, 2, 3))
     du = da.to(grad_y.dtype)  # summed as stored, as the kernels do
@@ -86,8 +85,8 @@ def conv2d_input_grad_reference(grad_y, weight, x, stride, padding, dilation, gr
 
 
 def conv2d_weight_grad_reference(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                                 in_relu):
-    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_relu)
+                                 in_act, in_alpha):
+    a = _prologue_reference(x, in_mean, in_scale, in_shift, in_act, in_alpha)
     return torch.nn.grad.conv2d_weight(a.to(stats_dtype(x)), weight.shape, grad_y.to(stats_dtype(x)), stride,
                                        padding, dilation, groups)
 
@@ -104,23 +103,23 @@ def _load_triton(op: str):
     def geometry(x, weight, stride, padding, dilation, groups):
         return ct.geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
 
-    def forward(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu, residual,
-                relu, stats, out=None):
+    def forward(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                residual, act, alpha, stats, out=None):
         y, partials = ct.conv_forward(x, weight, bias, geometry(x, weight, stride, padding, dilation, groups),
-                                      in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
-                                      residual=residual, relu=relu, stats=stats, out_format=memory_format(x), out=out)
+                                      in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha,
+                                      residual=residual, act=act, alpha=alpha, stats=stats, out_format=memory_format(x), out=out)
         return y, None if partials is None else StatsPartials(*partials)
 
-    def input_grad(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
+    def input_grad(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                    out=None, out_scale=None):
         # the BatchNorm sums stay [T, C] per-tile rows: the bookkeeping kernel adds them up
         return ct.conv_input_grad(grad_y, weight, geometry(x, weight, stride, padding, dilation, groups), x=x,
-                                  in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
+                                  in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha,
                                   out_format=memory_format(x), out=out, out_scale=out_scale, reduce_sums=False)
 
-    def weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu):
+    def weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha):
         return ct.conv_weight_grad(grad_y, x, geometry(x, weight, stride, padding, dilation, groups),
-                                   in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu)
+                                   in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha)
 
     return {"conv2d_forward": forward, "conv2d_input_grad": input_grad, "conv2d_weight_grad": weight_grad}[op]
 
@@ -146,12 +145,12 @@ def _empty(ref: Tensor, dtype=None) -> Tensor:
 @torch.library.custom_op("fusedres::conv2d_forward", mutates_args=("out",))
 def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
-                       in_shift: Optional[Tensor], in_relu: bool, residual: Optional[Tensor], relu: bool,
+                       in_shift: Optional[Tensor], in_act: int, in_alpha: float, residual: Optional[Tensor], act: int, alpha: float,
                        stats: bool, out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     if out is not None and poison_outputs():
         out.fill_(float("nan"))
     y, partials = dispatch("conv2d_forward", x.device, x, weight, bias, tuple(stride), tuple(padding),
-                           tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu, residual, relu, stats, out)
+                           tuple(dilation), groups, in_mean, in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
     if out is not None:
         y = _empty(x)
     if partials is None:
@@ -161,8 +160,8 @@ def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
 
 
 @_conv2d_forward_op.register_fake
-def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
-                         residual, relu, stats, out):
+def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                         residual, act, alpha, stats, out):
     shape = _output_shape(x, weight, stride, padding, dilation)
     y = _empty(x) if out is not None else torch.empty(shape, dtype=x.dtype, device=x.device,
                                                       memory_format=memory_format(x))
@@ -174,10 +173,10 @@ def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_
 @torch.library.custom_op("fusedres::conv2d_input_grad", mutates_args=("out",))
 def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: List[int], padding: List[int],
                           dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
-                          in_shift: Optional[Tensor], in_relu: bool, out: Optional[Tensor],
+                          in_shift: Optional[Tensor], in_act: int, in_alpha: float, out: Optional[Tensor],
                           out_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     dx, sum_du, sum_du_xmu = dispatch("conv2d_input_grad", x.device, grad_y, weight, x, tuple(stride),
-                                      tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_relu,
+                                      tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                                       out, out_scale)
     acc = stats_dtype(grad_y)
     return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else channel_sums(sum_du),
@@ -186,7 +185,7 @@ def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: Lis
 
 @_conv2d_input_grad_op.register_fake
 def _conv2d_input_grad_fake(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                            in_relu, out, out_scale):
+                            in_act, in_alpha, out, out_scale):
     dx = _empty(grad_y) if out is not None else torch.empty(x.shape, dtype=grad_y.dtype, device=x.device,
                                                             memory_format=memory_format(x))
     c = x.shape[1] if in_scale is not None else 0
@@ -197,15 +196,15 @@ def _conv2d_input_grad_fake(grad_y, weight, x, stride, padding, dilation, groups
 @torch.library.custom_op("fusedres::conv2d_weight_grad", mutates_args=())
 def _conv2d_weight_grad_op(grad_y: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
                            dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
-                           in_shift: Optional[Tensor], in_relu: bool) -> Tensor:
+                           in_shift: Optional[Tensor], in_act: int, in_alpha: float) -> Tensor:
     dw = dispatch("conv2d_weight_grad", x.device, grad_y, x, weight, tuple(stride), tuple(padding), tuple(dilation),
-                  groups, in_mean, in_scale, in_shift, in_relu)
+                  groups, in_mean, in_scale, in_shift, in_act, in_alpha)
     return weight_grad_like(dw, weight)
 
 
 @_conv2d_weight_grad_op.register_fake
 def _conv2d_weight_grad_fake(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                             in_relu):
+                             in_act, in_alpha):
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format(weight))
 
 
@@ -322,16 +321,17 @@ def gpu_shape_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                    groups: int = 1, *, in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
-                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                   residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False,
+                   in_shift: Optional[torch.Tensor] = None, in_act=False,
+                   residual: Optional[torch.Tensor] = None, act=False, stats: bool = False,
                    out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[ChannelMoments]]:
     """y = act(conv2d(pro(x), weight) + bias + residual), pro(x) = act((x - in_mean) * in_scale + in_shift).
 
     Args:
         x (Tensor[N, C_in, H, W]); weight (Tensor[C_out, C_in/groups, kh, kw]) of x's dtype; bias (Tensor[C_out]).
         in_mean, in_scale, in_shift (Tensor[C_in]): the input's BatchNorm, applied as each tile is
-            loaded; padding is zero after it. in_relu: ReLU after it.
-        residual (Tensor[N, C_out, P, Q]): added after the bias; relu: ReLU last.
+            loaded; padding is zero after it. in_act: the activation after
+            it (an Activation of common.ACTIVATIONS, its name, or a bool: True ReLU, False none).
+        residual (Tensor[N, C_out, P, Q]): added after the bias; act: the activation last.
         stats: also return the ChannelMoments (mean, biased variance) of conv2d(pro(x)) + bias as
             stored in y's dtype (before residual and ReLU), merged from the epilogue's per-tile partials.
         out (Tensor[N, C_out, P, Q]): written in place instead of a new tensor; any strides, e.g. a
@@ -350,7 +350,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if out is not None:
         _check_out(out, out_shape, x.dtype, x.device, "out")
     y, moments = conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale,
-                                          in_shift, bool(in_relu), residual, bool(relu), bool(stats), out)
+                                          in_shift, *act_args(as_activation(in_act)), residual, *act_args(as_activation(act)), bool(stats), out)
     return y, as_moments(moments)
 
 
@@ -360,28 +360,28 @@ def as_moments(stats):
     return ChannelMoments(*merge_partials(stats)) if isinstance(stats, StatsPartials) else stats
 
 
-def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_relu,
-                             residual, relu, stats, out=None):
+def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                             residual, act, alpha, stats, out=None):
     """conv2d_forward without checks (the autograd Functions' short path, see ops.direct): (y or
     `out`, StatsPartials (eager) or ChannelMoments (traced) when stats, else None)."""
     if tracing():
         y, mean, var = torch.ops.fusedres.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, in_mean,
-                                                         in_scale, in_shift, in_relu, residual, relu, stats, out)
+                                                         in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
         return (y if out is None else out), (ChannelMoments(mean, var) if stats else None)
     if out is not None and poison_outputs():
         out.fill_(float("nan"))
     y, partials = kernel("conv2d_forward", x.device)(x, weight, bias, stride, padding, dilation, groups, in_mean,
-                                                     in_scale, in_shift, in_relu, residual, relu, stats, out)
+                                                     in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
     return (y if out is None else out), partials
 
 
 def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: Sequence[int] = (1, 1),
                       padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
                       in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
-                      in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
+                      in_shift: Optional[torch.Tensor] = None, in_act=False,
                       out: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None):
     """(dA, None, None) with dA the gradient of the conv's input; with the prologue's BN given,
-    (dU, sum(dU), sum(dU * (x - in_mean))) with dU = dA * relu'(U), U = (x - mean) * scale + shift.
+    (dU, sum(dU), sum(dU * (x - in_mean))) with dU = dA * in_act'(U), U = (x - mean) * scale + shift.
     x is the forward's input (its shape always; its values only for the prologue).
     With `out` (x's shape, grad_y's dtype or float32, any strides) the result is accumulated in place instead,
     out += out_scale * dU (out_scale [C_in], default 1), summed in float32 and rounded once, and
@@ -400,21 +400,21 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     elif out_scale is not None:
         raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
     dx, sum_du, sum_du_xmu = conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean,
-                                                         in_scale, in_shift, bool(in_relu), out, out_scale)
+                                                         in_scale, in_shift, *act_args(as_activation(in_act)), out, out_scale)
     return dx, channel_sums(sum_du), channel_sums(sum_du_xmu)
 
 
 def conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                                in_relu, out=None, out_scale=None):
+                                in_act, in_alpha, out=None, out_scale=None):
     """conv2d_input_grad without checks (ops.direct): (dx or `out`, sums, sums), the sums [C] or
     [T, C] per-tile rows (None without the prologue's BatchNorm)."""
     if tracing():
         dx, sum_du, sum_du_xmu = torch.ops.fusedres.conv2d_input_grad(grad_y, weight, x, stride, padding, dilation,
-                                                                      groups, in_mean, in_scale, in_shift, in_relu,
+                                                                      groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                                                                       out, out_scale)
     else:
         dx, sum_du, sum_du_xmu = kernel("conv2d_input_grad", x.device)(grad_y, weight, x, stride, padding, dilation,
-                                                                       groups, in_mean, in_scale, in_shift, in_relu,
+                                                                       groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                                                                        out, out_scale)
     if in_scale is None:
         sum_du = sum_du_xmu = None
@@ -424,21 +424,21 @@ def conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, gr
 def conv2d_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = (1, 1),
                        padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
                        in_mean: Optional[torch.Tensor] = None, in_scale: Optional[torch.Tensor] = None,
-                       in_shift: Optional[torch.Tensor] = None, in_relu: bool = False) -> torch.Tensor:
+                       in_shift: Optional[torch.Tensor] = None, in_act=False) -> torch.Tensor:
     """The weight gradient, in weight's dtype and memory format (summed in float32 / float64)."""
     stride, padding, dilation = check_conv(x, weight, None, stride, padding, dilation, groups)
     in_mean, in_scale, in_shift = _check_prologue(x, in_mean, in_scale, in_shift)
     validate.activation(grad_y, "grad_y")
     return conv2d_weight_grad_unchecked(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale,
-                                        in_shift, bool(in_relu))
+                                        in_shift, *act_args(as_activation(in_act)))
 
 
 def conv2d_weight_grad_unchecked(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift,
-                                 in_relu):
+                                 in_act, in_alpha):
     """conv2d_weight_grad without checks (ops.direct), in the weight's dtype and memory format."""
     if tracing():
         return torch.ops.fusedres.conv2d_weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
-                                                     in_scale, in_shift, in_relu)
+                                                     in_scale, in_shift, in_act, in_alpha)
     dw = kernel("conv2d_weight_grad", x.device)(grad_y, x, weight, stride, padding, dilation, groups, in_mean,
-                                                in_scale, in_shift, in_relu)
+                                                in_scale, in_shift, in_act, in_alpha)
     return weight_grad_like(dw, weight)

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..common import per_channel, stats_dtype
+from ..common import Activation, per_channel, stats_dtype
 from ..kernels import conv_onednn
 from .registry import available_backend, register
 
@@ -29,6 +29,20 @@ class PostOp(NamedTuple):
     name: str  # silu, hardswish, hardtanh, gelu, leaky_relu
     scalars: tuple = ()  # hardtanh: (min, max); leaky_relu: (negative_slope,)
     algorithm: Optional[str] = None  # gelu: "none" or "tanh"
+
+    @property
+    def activation(self) -> Optional[Activation]:
+        """The same function as one of the kernels' activations (common.ACTIVATIONS), or None
+        (a Hardtanh other than ReLU6's 0..6)."""
+        if self.name in ("silu", "hardswish"):
+            return Activation(self.name)
+        if self.name == "leaky_relu":
+            return Activation("leaky_relu", float(self.scalars[0]) if self.scalars else 0.01)
+        if self.name == "gelu":
+            return Activation("gelu_tanh" if self.algorithm == "tanh" else "gelu")
+        if self.name == "hardtanh" and tuple(self.scalars) == (0.0, 6.0):
+            return Activation("relu6")
+        return None
 
     @property
     def attr(self) -> str:

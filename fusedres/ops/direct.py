@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..common import tracing
+from .bn_act import act_args
 from .bn_finalize import (StatsPartials, bn_backward_finalize_reference, finalize_from_moments, mark_running_written,
                           running_update)
 from .conv import (ChannelMoments, conv2d_forward_unchecked, conv2d_input_grad_unchecked,  # noqa: F401
@@ -49,20 +50,24 @@ def bn_stats(x: Tensor, eps: float, running_mean: Optional[Tensor], running_var:
 
 
 def bn_act_forward(x: Tensor, mean: Optional[Tensor], scale: Optional[Tensor], shift: Tensor,
-                   residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    return call("bn_act_forward", x.device, x, mean, scale, shift, residual, relu)
+                   residual: Optional[Tensor] = None, act=True) -> Tensor:
+    """act: an Activation, or True / False for ReLU / none (so for every bn_act op here)."""
+    return call("bn_act_forward", x.device, x, mean, scale, shift, residual, *act_args(act))
 
 
 def bn_act_backward_reduce(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
-                           output: Optional[Tensor] = None, relu: bool = True, write_grad_z: bool = False
+                           output: Optional[Tensor] = None, act=True, write_grad_z: bool = False
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sum dz, sum dz * (x - mean) as [C] or [T, C] rows, dz or an empty tensor)."""
-    return call("bn_act_backward_reduce", x.device, grad, x, mean, scale, shift, output, relu, write_grad_z)
+    """(sum dz, sum dz * (x - mean) as [C] or [T, C] rows, dz or an empty tensor); output: ReLU's
+    mask source after a residual add (act ReLU only)."""
+    return call("bn_act_backward_reduce", x.device, grad, x, mean, scale, shift, output, *act_args(act),
+                write_grad_z)
 
 
 def bn_act_backward_elementwise(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
-                                coef_xmu: Tensor, coef_c: Tensor, relu: bool = True) -> Tensor:
-    return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c, relu)
+                                coef_xmu: Tensor, coef_c: Tensor, act=True) -> Tensor:
+    return call("bn_act_backward_elementwise", x.device, grad, x, mean, scale, shift, coef_xmu, coef_c,
+                *act_args(act))
 
 
 def conv2d_bias_act_inference(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride, padding,
