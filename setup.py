@@ -89,7 +89,12 @@ def _extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx_flags = ["-O3"]  # the language standard is torch.utils.cpp_extension's choice (C++20 since 2.10)
+    # the language standard is torch.utils.cpp_extension's choice (C++20 since 2.10).
+    # -fno-trapping-math: floating-point operations may run where a branch would have skipped them
+    # (no trap is ever enabled), so a select such as LeakyReLU's u > 0 ? u : u * slope becomes a
+    # vector blend instead of a branch per element (10 ms -> under 1 ms over 2.4M values);
+    # -fno-math-errno: libm calls need not set errno. Neither changes a value: IEEE results, NaN kept.
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]

@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <bit>
 #include <type_traits>
 
 #include <c10/util/Exception.h>
@@ -33,12 +34,43 @@ enum ActivationCode : int {
 };
 constexpr int kActivationCount = 8;
 
+#ifndef __CUDA_ARCH__
+// exp for float on the CPU, written so that a loop over it vectorizes (libm's expf is a call per
+// element: SiLU's normalize pass over 2.4M values took 5.7 ms against 0.36 with no activation).
+// Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial (truncation
+// 5e-9 relative, below float's 6e-8 ulp), 2^k built in the exponent bits. Inputs clamped to
+// [-87, 88] (2^k stays a normal float); NaN stays NaN (the comparisons are false for it).
+inline float cpu_expf(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = x * 1.44269504088896341f;
+  const int k = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round half away: a truncating convert
+  const float kf = static_cast<float>(k);
+  const float r = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;  // ln2 split so kf * hi is exact
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * std::bit_cast<float>(static_cast<int32_t>((k + 127) << 23));  // (a memcpy here did not vectorize)
+}
+#endif
+
 // expf / exp and the rest by the accumulation type (float for float, half and bfloat16 inputs)
+#ifdef __CUDA_ARCH__
 FUSEDRES_HOST_DEVICE float act_exp(float v) { return expf(v); }
+FUSEDRES_HOST_DEVICE float act_tanh(float v) { return tanhf(v); }
+#else
+FUSEDRES_HOST_DEVICE float act_exp(float v) { return cpu_expf(v); }
+// tanh(v) = 2 / (1 + e^(-2v)) - 1 on cpu_expf, vectorizable (within ~1e-7 of tanhf near 0, where
+// GELU multiplies it by 0.5 v: relative to its output)
+inline float act_tanh(float v) { return 2.0f / (1.0f + cpu_expf(-2.0f * v)) - 1.0f; }
+#endif
 FUSEDRES_HOST_DEVICE double act_exp(double v) { return exp(v); }
 FUSEDRES_HOST_DEVICE float act_erf(float v) { return erff(v); }
 FUSEDRES_HOST_DEVICE double act_erf(double v) { return erf(v); }
-FUSEDRES_HOST_DEVICE float act_tanh(float v) { return tanhf(v); }
 FUSEDRES_HOST_DEVICE double act_tanh(double v) { return tanh(v); }
 
 template <typename T>
@@ -58,7 +90,7 @@ FUSEDRES_HOST_DEVICE T activate(T u, T alpha) {
     const T r = u + T(3);
     return u * (r < T(0) ? T(0) : (r > T(6) ? T(6) : r)) / T(6);
   } else if constexpr (ACT == kActLeakyRelu) {
-    return u > T(0) ? u : u * alpha;
+    return u * (u > T(0) ? T(1) : alpha);  // (u * 1 is u: a select of the factor, then one multiply)
   } else if constexpr (ACT == kActGelu) {
     return T(0.5) * u * (T(1) + act_erf(u * T(0.7071067811865476)));
   } else if constexpr (ACT == kActGeluTanh) {
@@ -75,14 +107,16 @@ FUSEDRES_HOST_DEVICE T activation_backward(T g, T u, T alpha) {
   if constexpr (ACT == kActRelu) {
     return u > T(0) ? g : T(0);
   } else if constexpr (ACT == kActRelu6) {
-    return (u <= T(0) || u >= T(6)) ? T(0) : g;
+    const bool pass = (u > T(0)) & (u < T(6));  // & not ||: a select, no branch per element
+    return pass ? g : T(0);
   } else if constexpr (ACT == kActSilu) {
     const T s = act_sigmoid(u);
     return g * s * (T(1) + u * (T(1) - s));
   } else if constexpr (ACT == kActHardswish) {
-    return u <= T(-3) ? T(0) : (u < T(3) ? g * (u / T(3) + T(0.5)) : g);
+    const T slope = u < T(3) ? u / T(3) + T(0.5) : T(1);
+    return u <= T(-3) ? T(0) : g * slope;
   } else if constexpr (ACT == kActLeakyRelu) {
-    return u > T(0) ? g : g * alpha;
+    return g * (u > T(0) ? T(1) : alpha);
   } else if constexpr (ACT == kActGelu) {
     const T cdf = T(0.5) * (T(1) + act_erf(u * T(0.7071067811865476)));
     const T pdf = act_exp(T(-0.5) * u * u) * T(0.3989422804014327);

@@ -58,11 +58,33 @@ struct DzSums {
     s1 += dz * xmu;
   }
 
-  // rows [o0, o1) of a channels_last array: s0[c], s1[c] += over the rows
+  // rows [o0, o1) of a channels_last array: s0[c], s1[c] += over the rows. The members are read
+  // into locals first: the stores into s0 / s1 could otherwise alias them (a reload per element,
+  // and no vectorized loop: 5x the time of the NCHW loop with a ReLU mask, 25x with ReLU6's).
   void rows(int64_t o0, int64_t o1, int64_t C, acc_t* __restrict__ s0, acc_t* __restrict__ s1) const {
+    const scalar_t* __restrict__ gp = g;
+    const scalar_t* __restrict__ xp = x;
+    const scalar_t* __restrict__ op = out;
+    scalar_t* __restrict__ dzp = dz_out;
+    const acc_t* __restrict__ mup = mu;
+    const acc_t* __restrict__ scp = sc;
+    const acc_t* __restrict__ shp = sh;
+    const acc_t a = alpha;
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t base = o * C;
-      for (int64_t c = 0; c < C; ++c) element(c, base + c, s0[c], s1[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = base + c;
+        const acc_t xmu = static_cast<acc_t>(xp[i]) - mup[c];
+        acc_t dz = static_cast<acc_t>(gp[i]);
+        if constexpr (FROM_OUTPUT) {
+          dz = static_cast<acc_t>(op[i]) > acc_t(0) ? dz : acc_t(0);
+        } else {
+          dz = activation_backward<ACT>(dz, xmu * scp[c] + shp[c], a);
+        }
+        if constexpr (WRITE) dzp[i] = static_cast<scalar_t>(dz);
+        s0[c] += dz;
+        s1[c] += dz * xmu;
+      }
     }
   }
 };
@@ -153,7 +175,8 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::T
     auto run = [&](auto act_c, auto has_residual_c) {
       constexpr int ACT = decltype(act_c)::value;
       constexpr bool HAS_RESIDUAL = decltype(has_residual_c)::value;
-      for_each_element(v, [&](int64_t c, int64_t i) {
+      // captured by value: locals the stores into yp cannot alias
+      for_each_element(v, [=](int64_t c, int64_t i) {
         acc_t z = (static_cast<acc_t>(xp[i]) - mup[c]) * scp[c] + shp[c];
         if constexpr (HAS_RESIDUAL) z += static_cast<acc_t>(rp[i]);
         yp[i] = static_cast<scalar_t>(activate<ACT>(z, a));
@@ -249,10 +272,11 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
     const acc_t a = static_cast<acc_t>(alpha);
     dispatch_activation(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
-      for_each_element(v, [&](int64_t c, int64_t i) {
-        const acc_t xmu = static_cast<acc_t>(xp[i]) - mu[c];
-        const acc_t dz = activation_backward<ACT>(static_cast<acc_t>(gp[i]), xmu * sc[c] + sh[c], a);
-        dxp[i] = static_cast<scalar_t>(sc[c] * dz + xmu * kx[c] + kc[c]);
+      const acc_t *mup = mu.data(), *scp = sc.data(), *shp = sh.data(), *kxp = kx.data(), *kcp = kc.data();
+      for_each_element(v, [=](int64_t c, int64_t i) {  // by value: locals the stores cannot alias
+        const acc_t xmu = static_cast<acc_t>(xp[i]) - mup[c];
+        const acc_t dz = activation_backward<ACT>(static_cast<acc_t>(gp[i]), xmu * scp[c] + shp[c], a);
+        dxp[i] = static_cast<scalar_t>(scp[c] * dz + xmu * kxp[c] + kcp[c]);
       });
     });
   });

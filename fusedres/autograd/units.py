@@ -497,6 +497,8 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
             packed = pack(weight, conv, x.shape) if pack is not None else None
             return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
         act = post_op.activation if post_op is not None else None
+        if act is not None and not conv_kernels and not ops.activation_inside(act, x.device):
+            act = None  # (the C++ CPU normalize pass's exp / erf: aten's vectorized function after it)
         if tracing() and not conv_kernels:
             y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
             return y if post_op is None else post_op.apply(y)
