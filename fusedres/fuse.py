@@ -32,6 +32,7 @@ from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (drop_derived, norm_unfusable_reason, norm_with_relu, norm_with_tail, post_op_of,
                              unfusable_reason)
+from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
                       FusedUnits, NormReLUSpec, RunSpec)
 
@@ -453,10 +454,11 @@ def _replace_nodes(graph: torch.fx.Graph, nodes, target: str, args: tuple, erase
 
 def _grow_run(first, module: nn.Module, calls, refused):
     """The run of units starting at conv node `first`: (nodes it replaces in forward order, (conv,
-    norm) targets, final ReLU, the join's other operand or None), or None if `first` starts none.
-    conv -> norm (-> ReLU -> conv -> norm)* (-> ReLU), each value used only by the next op; a
-    norm with another activation inside ends it; where the last norm has nothing after it, an add
-    of another tensor (then a ReLU or not) is the run's join."""
+    norm) targets, final ReLU, the join's other operand or None, the tail ops.PostOp or None), or
+    None if `first` starts none. conv -> norm (-> ReLU -> conv -> norm)* (-> ReLU), each value used
+    only by the next op; a norm with another activation inside ends it; where the last norm has
+    nothing after it, an add of another tensor (then a ReLU or not) is the run's join, else one
+    other activation (a module or a functional: _tail_of) is its tail."""
     nodes, units, final_relu, conv = [], [], False, first
     while True:
         bn = _unit_at(conv, module, calls, refused)
@@ -496,7 +498,41 @@ def _grow_run(first, module: nn.Module, calls, refused):
                 if relu is not None and _is_relu(relu, module) and relu.args[0] is add:
                     nodes.append(relu)
                     final_relu = True
-    return nodes, tuple(units), final_relu, other
+    tail = None
+    if not final_relu and other is None and not norm_with_tail(last_norm):
+        act = _single_user(nodes[-1])
+        tail = _tail_of(act, module) if act is not None and act.args and act.args[0] is nodes[-1] else None
+        if tail is not None:
+            nodes.append(act)
+    return nodes, tuple(units), final_relu, other, tail
+
+
+def _tail_of(node, module: nn.Module):
+    """The ops.PostOp that graph node `node` computes from its first argument alone, or None: an
+    activation module of post_op_of, or F.silu / F.hardswish / F.relu6 / F.gelu / F.leaky_relu
+    (with `inplace` or not, which changes no value)."""
+    if node.op == "call_module":
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        return post_op_of(module.get_submodule(node.target))
+    if node.op != "call_function":
+        return None
+    kwargs = dict(node.kwargs)
+    kwargs.pop("inplace", None)
+    extra = list(node.args[1:])
+    if node.target in (F.silu, F.hardswish, F.relu6):
+        if len(extra) > 1 or (extra and not isinstance(extra[0], bool)) or kwargs:
+            return None
+        return PostOp("hardtanh", (0.0, 6.0)) if node.target is F.relu6 else PostOp(node.target.__name__)
+    if node.target is F.gelu and not extra and set(kwargs) <= {"approximate"}:
+        approximate = kwargs.get("approximate", "none")
+        return PostOp("gelu", (), approximate) if approximate in ("none", "tanh") else None
+    if node.target is F.leaky_relu:
+        slope = kwargs.pop("negative_slope", extra.pop(0) if extra else 0.01)
+        if kwargs or len(extra) > 1 or not isinstance(slope, (int, float)) or isinstance(slope, bool):
+            return None
+        return PostOp("leaky_relu", (float(slope),))
+    return None
 
 
 def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpec], dict]:
@@ -515,10 +551,10 @@ def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpe
         run = _grow_run(node, module, calls, refused)
         if run is None:
             continue
-        nodes, units, final_relu, other = run
+        nodes, units, final_relu, other, tail = run
         target = f"_fusedres_run{len(specs)}"
         _replace_nodes(graph, nodes, target, (node.args[0],) + ((other,) if other is not None else ()), erased)
-        specs.append(RunSpec(target, units, final_relu, other is not None))
+        specs.append(RunSpec(target, units, final_relu, other is not None, tail))
     for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
         if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
                 or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):

@@ -439,10 +439,11 @@ class FusedUnits(FusedResidual):
     unregistered, for fusedres.unfuse."""
 
     def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False,
-                 tail: Optional[str] = None) -> None:
+                 tail: Optional[str] = None, tail_post_op=None) -> None:
         super().__init__(block, units, (), final_relu, ())
         self.join = bool(join)
         self.tail_name = tail  # an activation child run after the units (a Sequential's SiLU, ReLU6, ...)
+        self.tail_post_op = tail_post_op  # or an ops.PostOp that a traced forward called after them
         if view:
             # a view (FusedSequential's, FusedGraph's): its owner builds a new one whenever a child
             # changes, so its units and fallback reason are found once, not per call (~3 us each,
@@ -479,6 +480,8 @@ class FusedUnits(FusedResidual):
             return out
         if self.tail_name is not None:
             return self._modules[self.tail_name](out)
+        if self.tail_post_op is not None:
+            return self.tail_post_op.apply(out)
         return norm_tail(self._units()[-1][1], out)
 
     def _tail_post_op(self):
@@ -487,6 +490,8 @@ class FusedUnits(FusedResidual):
             return None
         if self.tail_name is not None:
             return post_op_of(self._modules[self.tail_name])
+        if self.tail_post_op is not None:
+            return self.tail_post_op
         norm = self._units()[-1][1]
         if norm_with_tail(norm) and type(norm._modules.get("drop")) is nn.Identity:
             return post_op_of(norm._modules.get("act"))
@@ -548,6 +553,8 @@ class FusedUnits(FusedResidual):
             out = out + residual
         if self.tail_name is not None:
             out = self._modules[self.tail_name](out)
+        elif self.tail_post_op is not None:
+            out = self.tail_post_op.apply(out)
         return torch.relu(out) if self._final_relu else out
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -673,13 +680,14 @@ class UnitRun(nn.Module):
     convs and norms as children (their paths in the traced module, '.' written '__'). What a
     FusedUnits view over the run falls back to."""
 
-    def __init__(self, modules, units, final_relu: bool, join: bool) -> None:
+    def __init__(self, modules, units, final_relu: bool, join: bool, tail=None) -> None:
         super().__init__()
         for name, module in modules.items():
             self._modules[name] = module
         self.units = tuple(tuple(u) for u in units)
         self.final_relu = bool(final_relu)
         self.join = bool(join)
+        self.tail = tail  # an ops.PostOp after the last unit (the traced forward's activation call)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, (conv, bn) in enumerate(self.units):
@@ -688,6 +696,8 @@ class UnitRun(nn.Module):
                 x = torch.relu(x)
         if residual is not None:
             x = x + residual
+        if self.tail is not None:
+            x = self.tail.apply(x)
         return torch.relu(x) if self.final_relu else x
 
 
@@ -734,6 +744,7 @@ class RunSpec(NamedTuple):
     units: tuple  # ((conv path, norm path), ...) in the traced module
     final_relu: bool
     join: bool  # a residual add after the last unit (its other operand the call's second argument)
+    tail: Optional[object] = None  # an ops.PostOp activation after the last unit (a module or a functional)
 
 
 class NormReLUSpec(NamedTuple):
@@ -786,8 +797,8 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
                     continue
                 names = {path: path.replace(".", "__") for unit in spec.units for path in unit}
                 part = UnitRun({names[p]: self.get_submodule(p) for p in names},
-                               [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join)
-                view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True)
+                               [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail)
+                view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail)
                 view.training = self.training
                 root._modules[spec.target] = view
                 views.append(view)

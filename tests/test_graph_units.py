@@ -376,3 +376,59 @@ def test_activations_after_a_unit_run_inside_its_batchnorm_ops_in_training(devic
         assert not ran if inside else ran, sorted(ran)
     with backend(name, device):
         compare_train_then_eval(model, fused, x, 1e-10, steps=2)
+
+
+class FunctionalTails(nn.Module):
+    """Units whose activation a hand-written forward calls as a functional (and one module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(6, 6, 3, 1, 1, bias=False) for _ in range(7))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(6) for _ in range(7))
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        c, b = self.convs, self.bns
+        x = F.silu(b[0](c[0](x)), inplace=True)
+        x = F.hardswish(b[1](c[1](x)))
+        x = F.relu6(b[2](c[2](x)))
+        x = F.leaky_relu(b[3](c[3](x)), 0.2)
+        x = F.gelu(b[4](c[4](x)), approximate="tanh")
+        x = self.act(b[5](c[5](x)))
+        return F.hardtanh(b[6](c[6](x)), -1.0, 2.0)  # not one of the kernels': after the unit
+
+
+@pytest.mark.parametrize("device,name", BACKEND_CASES)
+def test_functional_activations_after_a_unit_are_its_tail(device, name):
+    """Issue 24's item 2 for functionals: F.silu / F.hardswish / F.relu6 / F.leaky_relu / F.gelu
+    (and an activation module) after a unit in a traced forward are the unit's tail: inside its
+    BatchNorm passes in training where the backend applies them (counted: no aten activation op
+    but the Hardtanh's, and SiLU / GELU's on the C++ CPU kernels), values and gradients in float64
+    equal the original's through train steps and eval; pickling keeps them."""
+    torch.manual_seed(0)
+    model = randomize_bn(FunctionalTails()).double()
+    fused = fusedres.fuse(copy.deepcopy(model))
+    assert isinstance(fused, FusedGraph) and fusedres.fuse_report(fused).bn_fused == 7
+    tails = [spec.tail for spec in fused.__dict__["_fusedres_programs"][True][1]]
+    assert [t.name if t is not None else None for t in tails] == [
+        "silu", "hardswish", "hardtanh", "leaky_relu", "gelu", "silu", None], tails  # (F.hardtanh: not a tail)
+    x = activation((2, 6, 7, 5), torch.float64, device, torch.channels_last) * 2
+    with backend(name, device):
+        xf = x.clone().requires_grad_(True)
+        with _AtenOps() as seen:  # (on a copy: this step's statistics and gradients stay out of the comparison)
+            copy.deepcopy(fused)(xf).square().sum().backward()
+    ran = ATEN_ACTIVATION_OPS & set(seen.names)
+    expected = {"hardtanh", "hardtanh_backward"}
+    if name == "cpu":
+        expected |= {"silu", "silu_backward", "gelu", "gelu_backward"}
+    if name != "reference":
+        assert ran == expected, sorted(ran)
+    with backend(name, device):
+        compare_train_then_eval(model, fused, x, 1e-10, steps=2)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert [s.tail for s in again.__dict__["_fusedres_programs"][True][1]] == tails
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), fused(x), rtol=0, atol=0)
