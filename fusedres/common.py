@@ -129,7 +129,8 @@ class Activation(NamedTuple):
     """The activation a unit applies after BatchNorm (+ residual): ACTIVATIONS[code], alpha =
     LeakyReLU's negative slope (0 otherwise). Each backward is torch's own formula, so a fused
     unit's gradient is stock's: ReLU passes where u > 0; ReLU6 where 0 < u < 6 (hardtanh's);
-    Hardswish's slope is 0 up to -3, u / 3 + 1/2 below 3, 1 from 3 (torch's sides); GELU erf or tanh as torch's gelu_backward."""
+    Hardswish's slope is 0 up to -3, u / 3 + 1/2 below 3, 1 from 3 (torch's sides); GELU erf or
+    tanh as torch's gelu_backward."""
     name: str = "relu"
     alpha: float = 0.0
 

@@ -351,8 +351,8 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_activations_after_a_unit_run_inside_its_batchnorm_ops_in_training(device, name, act, where):
     """Issue 24's item 2: in training (and eval with gradients) the unit's activation, forward and
     backward, is inside its normalize pass and its backward passes on every backend (no aten
-    activation op runs: counted; the reference backend's passes are plain PyTorch), values and gradients in float64 equal stock's through train
-    steps and eval. A Hardtanh other than ReLU6's 0..6 is not one of the kernels' activations: it
+    activation op runs: counted; the reference backend's passes are plain PyTorch), values and
+    gradients in float64 equal stock's through train steps and eval. A Hardtanh other than ReLU6's 0..6 is not one of the kernels' activations: it
     runs as its own op after the unit; so do SiLU and GELU on the C++ CPU kernels
     (ops.activation_inside)."""
     torch.manual_seed(0)

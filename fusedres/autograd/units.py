@@ -127,8 +127,9 @@ def inside_and_after(act: Activation, residual) -> Tuple[Activation, Optional[Ac
 def bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats: BatchNormStats, residual, batch_stats, act: Activation,
                         sync=None, count=None):
     """(y, SavedBN): y = act((z - mean) * scale + shift + residual); ctx gets the flags
-    bn_act_backward needs (act: ReLU or none with a residual, see inside_and_after). With `sync` (ops.SyncGroup), the statistics are of the batch over every
-    process, `count` values per channel."""
+    bn_act_backward needs (act: ReLU or none with a residual, see inside_and_after). With `sync`
+    (ops.SyncGroup), the statistics are of the batch over every process, `count` values per
+    channel."""
     if residual is not None and act.name not in ("relu", "none"):
         raise ValueError(f"fusedres: a {act.name} after a residual add runs after the unit (inside_and_after)")
     y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, like(residual, z), act)

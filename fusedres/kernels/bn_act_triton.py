@@ -91,7 +91,8 @@ def _bn_act_backward_reduce_kernel(grad_ptr, x_ptr, output_ptr, grad_z_ptr, mean
 @triton.jit
 def _bn_act_backward_elementwise_kernel(grad_ptr, x_ptr, grad_input_ptr, mean_ptr, scale_ptr, shift_ptr,
                                         coef_xmu_ptr, coef_c_ptr, numel, C, inner, ACT: tl.constexpr,
-                                        ALPHA: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+                                        ALPHA: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+                                        ACC: tl.constexpr):
     offs, mask = _flat_offsets(numel, BLOCK, INDEX_64)
     c = (offs // inner) % C
     sc = tl.load(scale_ptr + c, mask=mask, other=0.0)

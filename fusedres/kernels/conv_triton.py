@@ -198,7 +198,8 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, x_ptr, mean_ptr, scale_ptr, shift_
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                        SPAN_STEP: tl.constexpr, TAP_CHECK: tl.constexpr,
                        EPILOGUE_BN: tl.constexpr, ACCUMULATE: tl.constexpr,
-                       EPILOGUE_ACT: tl.constexpr, EPILOGUE_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       EPILOGUE_ACT: tl.constexpr, EPILOGUE_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     num_n = tl.cdiv(C_in, BLOCK_N)
     pid = tl.program_id(0)
@@ -292,7 +293,8 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, ws_ptr, mean_ptr, scale_ptr, shift_ptr,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_per_split, num_c,
                        KH: tl.constexpr, KW: tl.constexpr, GROUPED: tl.constexpr, SPAN_ALIGN: tl.constexpr,
                        SPAN_STEP: tl.constexpr, PROLOGUE: tl.constexpr,
-                       PROLOGUE_ACT: tl.constexpr, PROLOGUE_ALPHA: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PROLOGUE_ACT: tl.constexpr, PROLOGUE_ALPHA: tl.constexpr, BLOCK_O: tl.constexpr,
+                       BLOCK_C: tl.constexpr,
                        BLOCK_M: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     tap = tl.program_id(1)

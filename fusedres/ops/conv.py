@@ -106,20 +106,25 @@ def _load_triton(op: str):
     def forward(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                 residual, act, alpha, stats, out=None):
         y, partials = ct.conv_forward(x, weight, bias, geometry(x, weight, stride, padding, dilation, groups),
-                                      in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha,
-                                      residual=residual, act=act, alpha=alpha, stats=stats, out_format=memory_format(x), out=out)
+                                      in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act,
+                                      in_alpha=in_alpha,
+                                      residual=residual, act=act, alpha=alpha, stats=stats,
+                                      out_format=memory_format(x), out=out)
         return y, None if partials is None else StatsPartials(*partials)
 
     def input_grad(grad_y, weight, x, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
                    out=None, out_scale=None):
         # the BatchNorm sums stay [T, C] per-tile rows: the bookkeeping kernel adds them up
         return ct.conv_input_grad(grad_y, weight, geometry(x, weight, stride, padding, dilation, groups), x=x,
-                                  in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha,
+                                  in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act,
+                                  in_alpha=in_alpha,
                                   out_format=memory_format(x), out=out, out_scale=out_scale, reduce_sums=False)
 
-    def weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha):
+    def weight_grad(grad_y, x, weight, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act,
+                    in_alpha):
         return ct.conv_weight_grad(grad_y, x, geometry(x, weight, stride, padding, dilation, groups),
-                                   in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act, in_alpha=in_alpha)
+                                   in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, in_act=in_act,
+                                   in_alpha=in_alpha)
 
     return {"conv2d_forward": forward, "conv2d_input_grad": input_grad, "conv2d_weight_grad": weight_grad}[op]
 
@@ -145,12 +150,14 @@ def _empty(ref: Tensor, dtype=None) -> Tensor:
 @torch.library.custom_op("fusedres::conv2d_forward", mutates_args=("out",))
 def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
-                       in_shift: Optional[Tensor], in_act: int, in_alpha: float, residual: Optional[Tensor], act: int, alpha: float,
+                       in_shift: Optional[Tensor], in_act: int, in_alpha: float, residual: Optional[Tensor], act: int,
+                       alpha: float,
                        stats: bool, out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     if out is not None and poison_outputs():
         out.fill_(float("nan"))
     y, partials = dispatch("conv2d_forward", x.device, x, weight, bias, tuple(stride), tuple(padding),
-                           tuple(dilation), groups, in_mean, in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
+                           tuple(dilation), groups, in_mean, in_scale, in_shift, in_act, in_alpha, residual, act,
+                           alpha, stats, out)
     if out is not None:
         y = _empty(x)
     if partials is None:
@@ -160,7 +167,8 @@ def _conv2d_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
 
 
 @_conv2d_forward_op.register_fake
-def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act,
+                         in_alpha,
                          residual, act, alpha, stats, out):
     shape = _output_shape(x, weight, stride, padding, dilation)
     y = _empty(x) if out is not None else torch.empty(shape, dtype=x.dtype, device=x.device,
@@ -176,7 +184,8 @@ def _conv2d_input_grad_op(grad_y: Tensor, weight: Tensor, x: Tensor, stride: Lis
                           in_shift: Optional[Tensor], in_act: int, in_alpha: float, out: Optional[Tensor],
                           out_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     dx, sum_du, sum_du_xmu = dispatch("conv2d_input_grad", x.device, grad_y, weight, x, tuple(stride),
-                                      tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                                      tuple(padding), tuple(dilation), groups, in_mean, in_scale, in_shift, in_act,
+                                      in_alpha,
                                       out, out_scale)
     acc = stats_dtype(grad_y)
     return (_empty(grad_y) if out is not None else dx, _empty(x, acc) if sum_du is None else channel_sums(sum_du),
@@ -350,7 +359,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if out is not None:
         _check_out(out, out_shape, x.dtype, x.device, "out")
     y, moments = conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale,
-                                          in_shift, *act_args(as_activation(in_act)), residual, *act_args(as_activation(act)), bool(stats), out)
+                                          in_shift, *act_args(as_activation(in_act)), residual,
+                                          *act_args(as_activation(act)), bool(stats), out)
     return y, as_moments(moments)
 
 
@@ -360,18 +370,21 @@ def as_moments(stats):
     return ChannelMoments(*merge_partials(stats)) if isinstance(stats, StatsPartials) else stats
 
 
-def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+def conv2d_forward_unchecked(x, weight, bias, stride, padding, dilation, groups, in_mean, in_scale, in_shift, in_act,
+                             in_alpha,
                              residual, act, alpha, stats, out=None):
     """conv2d_forward without checks (the autograd Functions' short path, see ops.direct): (y or
     `out`, StatsPartials (eager) or ChannelMoments (traced) when stats, else None)."""
     if tracing():
         y, mean, var = torch.ops.fusedres.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, in_mean,
-                                                         in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
+                                                         in_scale, in_shift, in_act, in_alpha, residual, act, alpha,
+                                                         stats, out)
         return (y if out is None else out), (ChannelMoments(mean, var) if stats else None)
     if out is not None and poison_outputs():
         out.fill_(float("nan"))
     y, partials = kernel("conv2d_forward", x.device)(x, weight, bias, stride, padding, dilation, groups, in_mean,
-                                                     in_scale, in_shift, in_act, in_alpha, residual, act, alpha, stats, out)
+                                                     in_scale, in_shift, in_act, in_alpha, residual, act, alpha,
+                                                     stats, out)
     return (y if out is None else out), partials
 
 
@@ -400,7 +413,8 @@ def conv2d_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     elif out_scale is not None:
         raise ValueError("fusedres: out_scale scales what is accumulated into out; give out too")
     dx, sum_du, sum_du_xmu = conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, groups, in_mean,
-                                                         in_scale, in_shift, *act_args(as_activation(in_act)), out, out_scale)
+                                                         in_scale, in_shift, *act_args(as_activation(in_act)), out,
+                                                         out_scale)
     return dx, channel_sums(sum_du), channel_sums(sum_du_xmu)
 
 
@@ -410,11 +424,13 @@ def conv2d_input_grad_unchecked(grad_y, weight, x, stride, padding, dilation, gr
     [T, C] per-tile rows (None without the prologue's BatchNorm)."""
     if tracing():
         dx, sum_du, sum_du_xmu = torch.ops.fusedres.conv2d_input_grad(grad_y, weight, x, stride, padding, dilation,
-                                                                      groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                                                                      groups, in_mean, in_scale, in_shift, in_act,
+                                                                      in_alpha,
                                                                       out, out_scale)
     else:
         dx, sum_du, sum_du_xmu = kernel("conv2d_input_grad", x.device)(grad_y, weight, x, stride, padding, dilation,
-                                                                       groups, in_mean, in_scale, in_shift, in_act, in_alpha,
+                                                                       groups, in_mean, in_scale, in_shift, in_act,
+                                                                       in_alpha,
                                                                        out, out_scale)
     if in_scale is None:
         sum_du = sum_du_xmu = None
