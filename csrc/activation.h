@@ -9,7 +9,6 @@
 #include <math.h>
 
 #include <cstdint>
-#include <bit>
 #include <type_traits>
 
 #include <c10/util/Exception.h>
@@ -54,7 +53,9 @@ inline float cpu_expf(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * std::bit_cast<float>(static_cast<int32_t>((k + 127) << 23));  // (a memcpy here did not vectorize)
+  // __builtin_bit_cast (GCC >= 11, Clang): std::bit_cast needs C++20, and torch 2.11 builds these
+  // files as C++17; a memcpy here did not vectorize
+  return p * __builtin_bit_cast(float, static_cast<int32_t>((k + 127) << 23));
 }
 #endif
 
