@@ -758,8 +758,9 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
                 if tail is not None:
                     tail_module = module._modules[tail]
                     if post_op_of(tail_module).activation is not None:  # one of the kernels' activations
-                        part += (f" ({type(tail_module).__name__}: inside the unit's BatchNorm ops in training, the "
-                                 f"conv's post-op / epilogue in inference)")
+                        part += (f" ({type(tail_module).__name__}: inside the unit's BatchNorm ops in training where "
+                                 f"the backend applies it (ops.activation_inside), the conv's post-op / epilogue "
+                                 f"in inference)")
                     else:  # in inference the conv's oneDNN post-op; in training a module after the unit
                         part += f" ({type(tail_module).__name__}: a post-op in inference, its module in training)"
                 elif not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):

@@ -45,7 +45,7 @@ from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_s
                              uses_fused_training, cpu_train_path)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
-from .ops import activation_inside, fold_bn, kernel_unsupported_reason, pack_weight
+from .ops import fold_bn, kernel_unsupported_reason, pack_weight
 
 
 class PackedWeights:
@@ -104,9 +104,7 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         post-op or the kernels' epilogue; else applied after."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
-            inside = post_op.activation if post_op is not None else None
-            if inside is not None and not activation_inside(inside, x.device):
-                inside = None
+            inside = post_op.kernel_activation(x.device) if post_op is not None else None
             out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
                                 relu if inside is None else inside)
             return out if post_op is None or inside is not None else post_op.apply(out)
@@ -499,8 +497,8 @@ class FusedUnits(FusedResidual):
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         post_op = self._tail_post_op()
-        inside = post_op.activation if post_op is not None else None
-        if inside is not None and activation_inside(inside, x.device):  # inside the last unit's BN passes
+        inside = post_op.kernel_activation(x.device) if post_op is not None else None
+        if inside is not None:  # inside the last unit's BatchNorm passes
             return super()._chain(units, x, residual, inside)
         return self._with_tail(super()._chain(units, x, residual, relu))
 

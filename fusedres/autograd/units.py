@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..common import RELU, Activation, as_activation, dense, like, stats_dtype, tracing  # noqa: F401  (tracing: re-exported for the modules)
+from ..common import RELU, Activation, as_activation, dense, like, stats_dtype
+from ..common import tracing  # noqa: F401  (re-exported for the modules)
 from ..ops import direct
 from ..ops.conv_inference import conv2d_bias_act_inference_reference
 from ..ops.bn_finalize import scale_shift as bn_scale_shift  # noqa: F401  (re-exported)
@@ -130,7 +131,7 @@ def bn_act_forward_save(ctx, z, bn_weight, bn_bias, stats: BatchNormStats, resid
     bn_act_backward needs (act: ReLU or none with a residual, see inside_and_after). With `sync`
     (ops.SyncGroup), the statistics are of the batch over every process, `count` values per
     channel."""
-    if residual is not None and act.name not in ("relu", "none"):
+    if inside_and_after(act, residual)[1] is not None:
         raise ValueError(f"fusedres: a {act.name} after a residual add runs after the unit (inside_and_after)")
     y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, like(residual, z), act)
     ctx.sync = sync if batch_stats else None
@@ -497,9 +498,9 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
                 ops.onednn_unsupported_reason(x, weight) is None):
             packed = pack(weight, conv, x.shape) if pack is not None else None
             return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
-        act = post_op.activation if post_op is not None else None
-        if act is not None and not conv_kernels and not ops.activation_inside(act, x.device):
-            act = None  # (the C++ CPU normalize pass's exp / erf: aten's vectorized function after it)
+        act = None
+        if post_op is not None:  # the conv kernels' epilogue applies every one; the BatchNorm ops' pass: see there
+            act = post_op.activation if conv_kernels else post_op.kernel_activation(x.device)
         if tracing() and not conv_kernels:
             y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
             return y if post_op is None else post_op.apply(y)

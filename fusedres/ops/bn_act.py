@@ -18,7 +18,7 @@ import torch
 from . import validate
 from ..common import ACTIVATIONS, RELU, Activation, as_activation, dense, like, per_channel, stats_dtype
 from .bn_finalize import channel_sums
-from .registry import call, dispatch, register, register_fake, register_loader
+from .registry import available_backend, call, dispatch, register, register_fake, register_loader
 
 
 def activation_of(act, alpha: float = 0.0) -> Activation:
@@ -53,7 +53,6 @@ def activation_inside(act: Activation, device: torch.device) -> bool:
     at no real cost (every activation on CUDA and Triton; on the C++ CPU kernels the cheap ones)."""
     if act.name in CPU_CHEAP_ACTIVATIONS:
         return True
-    from .registry import available_backend
     return available_backend("bn_act_forward", device) != "cpu"
 
 
