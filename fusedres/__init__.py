@@ -9,7 +9,7 @@ Layers, each importing only those below it (tests/test_layering.py holds this):
      fused block shares) -> modules (FusedBasicBlock, FusedBottleneck, FusedResidual, FusedUnits,
      FusedSequential, FusedGraph, FusedNormReLU) and
      dense_modules (FusedDenseLayer, FusedDenseBlock, FusedTransition)
-  -> fuse(model): blocks found by what they compute (torch.fx), swapped in
+  -> fuse(model): blocks found by what they compute (torch.fx), swapped in; memory_report(model, x)
 The reference models (fusedres.models) import nothing of fusedres.
 """
 import torch as _torch
@@ -27,13 +27,16 @@ from .block_plumbing import train_choices as cpu_train_choices  # noqa: F401,E40
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual,  # noqa: F401,E402
                       FusedSequential, FusedUnits)
 from .ops import backends, get_backend, set_backend, use_backend  # noqa: F401,E402
+from .memory import MemoryReport, memory_report  # noqa: F401,E402
+from .modules import set_memory_efficient  # noqa: F401,E402
 
 __version__ = "0.1.0"
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual", "FusedUnits", "FusedSequential", "FusedGraph",
            "FusedNormReLU", "FusedDenseLayer", "FusedDenseBlock",
            "FusedTransition", "SyncBatchNorm2d", "convert_sync_batchnorm", "fuse", "fuse_report", "unfuse", "refresh",
            "FuseReport", "backends", "get_backend", "set_backend", "use_backend",
-           "conv_bn_act", "conv_bias_act_inference", "extension_loaded", "cpu_train_choices"]
+           "conv_bn_act", "conv_bias_act_inference", "extension_loaded", "cpu_train_choices",
+           "memory_report", "MemoryReport", "set_memory_efficient"]
 
 
 def extension_loaded() -> bool:

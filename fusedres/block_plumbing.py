@@ -3,6 +3,7 @@ input checks, the fallback to the reference forward (its reason found once per s
 submodules, warned once), whether gradients are needed, the conv's arguments, and on the CPU in
 training the choice between the fused units and the stock forward (measured once per shape).
 """
+import contextlib
 import os
 import threading
 import time
@@ -360,14 +361,55 @@ _train_choices: Dict[tuple, TrainPathChoice] = {}
 _choice_lock = threading.Lock()
 
 
+_forced_path = threading.local()
+
+
+@contextlib.contextmanager
+def forced_train_path(path: Optional[str]):
+    """Within the block, cpu_train_path() is `path` on this thread (None: as set outside):
+    memory_report's way to show either path without touching the environment."""
+    if path is not None and path not in TRAIN_PATHS:
+        raise ValueError(f"fusedres: train_path must be one of {TRAIN_PATHS} or None, got {path!r}")
+    before = getattr(_forced_path, "path", None)
+    _forced_path.path = path if path is not None else before
+    try:
+        yield
+    finally:
+        _forced_path.path = before
+
+
 def cpu_train_path() -> str:
     """FUSEDRES_CPU_TRAIN_PATH: "measure" (default) times the fused and the stock forward +
     backward of each distinct block once (per block structure, input shape, dtype, memory format)
-    and keeps the faster; "fused" / "stock" force one (the tests run "fused")."""
+    and keeps the faster (within train_slowdown_allowed() where the fused units keep less);
+    "fused" / "stock" force one (the tests run "fused"). forced_train_path overrides it."""
+    forced = getattr(_forced_path, "path", None)
+    if forced is not None:
+        return forced
     value = os.environ.get("FUSEDRES_CPU_TRAIN_PATH", "measure") or "measure"
     if value not in TRAIN_PATHS:
         raise ValueError(f"fusedres: FUSEDRES_CPU_TRAIN_PATH must be one of {TRAIN_PATHS}, got {value!r}")
     return value
+
+
+DEFAULT_TRAIN_SLOWDOWN = 0.05
+
+
+def train_slowdown_allowed() -> float:
+    """FUSEDRES_CPU_TRAIN_SLOWDOWN (default 0.05): how much slower than stock (a fraction of its
+    forward + backward time) the measured choice still takes the fused units where they keep less
+    for backward than stock (a run of two or more units: the lean units keep no activation between
+    them). 0 takes whichever is faster."""
+    value = os.environ.get("FUSEDRES_CPU_TRAIN_SLOWDOWN", "")
+    if not value:
+        return DEFAULT_TRAIN_SLOWDOWN
+    try:
+        allowed = float(value)
+    except ValueError:
+        allowed = -1.0
+    if not allowed >= 0.0:
+        raise ValueError(f"fusedres: FUSEDRES_CPU_TRAIN_SLOWDOWN must be a number >= 0, got {value!r}")
+    return allowed
 
 
 def train_choices() -> Dict[tuple, TrainPathChoice]:
@@ -407,7 +449,8 @@ def _median_ms(times) -> float:
 
 
 def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[torch.Tensor], torch.Tensor],
-                        stock: Callable[[torch.Tensor], torch.Tensor], repeats: int = 3) -> bool:
+                        stock: Callable[[torch.Tensor], torch.Tensor], repeats: int = 3,
+                        slowdown: float = 0.0) -> bool:
     """For a CPU forward that autograd will differentiate (training, or eval with gradients):
     whether `fused` (the fused units) or `stock` (the reference forward, aten's native BatchNorm)
     runs. On the CPU aten's conv dominates either way and aten's channels_last BatchNorm is one
@@ -422,7 +465,9 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
     choice by timing could differ between runs), with hooks on the block's modules or parameters
     (the stock forward, which calls them), re-entered while measuring (the fused units), past
     MAX_MEASURED_SHAPES shapes of one structure (its last choice), or where
-    FUSEDRES_CPU_TRAIN_PATH forces one."""
+    FUSEDRES_CPU_TRAIN_PATH forces one. `slowdown`: the fused units run while their median is at
+    most (1 + slowdown) x stock's (the caller's allowance where they save memory,
+    train_slowdown_allowed(); inf: always, without measuring, as with memory_efficient)."""
     if x.device.type != "cpu" or tracing():
         return True
     forced = cpu_train_path()
@@ -435,13 +480,14 @@ def uses_fused_training(module: nn.Module, x: torch.Tensor, fused: Callable[[tor
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     structure, norms = _structure(module)
     key = (structure, tuple(n.training for n in norms), tuple(x.shape), x.dtype, x.stride(), autocast,
-           x.requires_grad, torch.is_grad_enabled())
+           x.requires_grad, torch.is_grad_enabled(), slowdown)
     choice = _train_choices.get(key)
     if choice is None:
         with _choice_lock:  # (held while measuring: two threads measure one block once, not twice at once)
             choice = _train_choices.get(key)
             if choice is None:
-                choice = _train_choices[key] = _choose(module, structure, x, fused, stock, repeats)
+                choice = _train_choices[key] = _choose(module, (structure, slowdown), x, fused, stock, repeats,
+                                                       slowdown)
     return choice.path == "fused"
 
 
@@ -466,12 +512,14 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
 
 
-def _choose(module, structure, x, fused, stock, repeats) -> TrainPathChoice:
+def _choose(module, structure, x, fused, stock, repeats, slowdown) -> TrainPathChoice:
     if _has_hooks(module):
         return TrainPathChoice("stock", None, None, "hooks on the block's modules or parameters: the stock "
                                                     "forward, which calls them, not measured")
     if _synchronized(module):
         return TrainPathChoice("fused", None, None, "synchronized norm in a distributed run: not measured")
+    if slowdown == float("inf"):
+        return TrainPathChoice("fused", None, None, "memory_efficient: the fused units, not measured")
     earlier = _measured_per_structure.setdefault(structure, [])
     if len(earlier) >= MAX_MEASURED_SHAPES:
         last = earlier[-1]
@@ -479,7 +527,7 @@ def _choose(module, structure, x, fused, stock, repeats) -> TrainPathChoice:
                                                       f"already measured")
     _measuring.active = True
     try:
-        choice = _measure(module, x, fused, stock, repeats)
+        choice = _measure(module, x, fused, stock, repeats, slowdown)
     finally:
         _measuring.active = False
     earlier.append(choice)
@@ -492,7 +540,7 @@ def _synchronized(module: nn.Module) -> bool:
             and any(isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm2d)) for m in module.modules()))
 
 
-def _measure(module: nn.Module, x: torch.Tensor, fused, stock, repeats: int) -> TrainPathChoice:
+def _measure(module: nn.Module, x: torch.Tensor, fused, stock, repeats: int, slowdown: float) -> TrainPathChoice:
     """Times fused and stock on copies of x. Tensors are saved for backward plainly (no enclosing
     saved-tensor hooks: a non-reentrant checkpoint's would recompute the block from inside it),
     each run gets its own copy of x (a stock forward may add into its input in place), and the
@@ -518,6 +566,7 @@ def _measure(module: nn.Module, x: torch.Tensor, fused, stock, repeats: int) -> 
             for b, saved in buffers:
                 b.copy_(saved)
     fused_ms, stock_ms = _median_ms(times["fused"]), _median_ms(times["stock"])
-    path = "fused" if fused_ms <= stock_ms else "stock"
+    path = "fused" if fused_ms <= stock_ms * (1.0 + slowdown) else "stock"
+    allowed = f" (fused allowed up to {1.0 + slowdown:.2f}x: it keeps less for backward)" if slowdown else ""
     return TrainPathChoice(path, fused_ms, stock_ms, f"measured forward + backward: fused {fused_ms:.2f} ms, "
-                                                     f"stock {stock_ms:.2f} ms")
+                                                     f"stock {stock_ms:.2f} ms{allowed}")

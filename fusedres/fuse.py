@@ -34,10 +34,11 @@ from .block_plumbing import (drop_derived, norm_unfusable_reason, norm_with_relu
                              unfusable_reason)
 from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
-                      FusedUnits, NormReLUSpec, RunSpec)
+                      FusedUnits, NormReLUSpec, RunSpec, set_memory_efficient)
 
 _FUSED = (FusedResidual, FusedSequential, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
           FusedTransition, FusedGraph)
+FUSED_TYPES = _FUSED  # the module types fuse() swaps in
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 REPORT_ATTR = "_fusedres_report"
@@ -807,7 +808,7 @@ def _recurse(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
 
 
 def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
-         process_group: Optional[object] = None) -> nn.Module:
+         process_group: Optional[object] = None, memory_efficient: bool = False) -> nn.Module:
     """`model` with every block fusedres can prove equivalent swapped for a fused one.
 
     The fused blocks hold the original submodules under their original names, so
@@ -824,9 +825,18 @@ def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
     Dense blocks and transitions run their own forward with the synchronized norms (their fused
     path does not synchronize), as the report says. A model converted with
     nn.SyncBatchNorm.convert_sync_batchnorm is fused the same way.
+
+    In training every fused unit keeps its pre-BN conv output and per-channel statistics for
+    backward, never its normalized activation (recomputed in backward where it is consumed).
+    memory_efficient=True (the name of torchvision's DenseNet option) also drops the pre-BN output
+    of the cheapest convs (a bottleneck's expanding 1x1, an inverted residual's projection) and
+    runs them again in backward, and takes the fused units on the CPU even where they measure
+    slower than stock; fusedres.memory_report shows what either keeps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.fuse: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"fusedres.fuse: memory_efficient must be a bool, got {type(memory_efficient).__name__}")
     check_sync_args(sync_bn, process_group, "fusedres.fuse")
     if not inplace:
         model = copy.deepcopy(model)
@@ -836,6 +846,8 @@ def fuse(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
     fused = _swap(model, "", entries)
     if inplace and fused is not model:
         fused = _become(model, fused)
+    if memory_efficient:  # (False leaves an already fused module's setting: fusedres.set_memory_efficient)
+        set_memory_efficient(fused, True)
     object.__setattr__(fused, REPORT_ATTR, FuseReport(entries, batchnorm_entries(fused, entries)))
     return fused
 

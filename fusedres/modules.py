@@ -42,7 +42,7 @@ from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
                              derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_tail,
                              norm_unfusable_reason, norm_with_tail, post_op_of, runs_reference, unfusable_reason,
-                             uses_fused_training, cpu_train_path)
+                             train_slowdown_allowed, uses_fused_training, cpu_train_path)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
@@ -90,6 +90,9 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
     (conv, bn) units, ReLU between them) and may override `_shortcut()` and `_final_relu`."""
 
     _final_relu = True  # ReLU after the residual add
+    # fuse(model, memory_efficient=True): recompute the cheapest convs in backward too
+    # (autograd.recomputed_units), and take the fused units on the CPU without measuring
+    fusedres_memory_efficient = False
 
     def _core_units(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
                     conv_kernels: Optional[bool] = None, post_op=None) -> torch.Tensor:
@@ -106,7 +109,7 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
             inside = post_op.kernel_activation(x.device) if post_op is not None else None
             out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
-                                relu if inside is None else inside)
+                                relu if inside is None else inside, self.fusedres_memory_efficient)
             return out if post_op is None or inside is not None else post_op.apply(out)
         out = x
         last = len(units) - 1
@@ -162,10 +165,18 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
                 fused = functools.partial(self._core_forward, residual=residual)
                 def stock(t: torch.Tensor) -> torch.Tensor:
                     return self._stock_forward(t, residual)
-            if not uses_fused_training(self, x, fused, stock):
+            if not uses_fused_training(self, x, fused, stock, slowdown=self._train_slowdown(units)):
                 self._stock_chosen(x, residual)
                 return stock(x)
         return self._core_forward(x, units, residual)
+
+    def _train_slowdown(self, units) -> float:
+        """How much slower than stock the CPU's measured choice still takes the fused units: any
+        with memory_efficient; block_plumbing.train_slowdown_allowed() where they keep less for
+        backward than stock (two or more units: no activation kept between them); else 0."""
+        if self.fusedres_memory_efficient:
+            return float("inf")
+        return train_slowdown_allowed() if len(units) > 1 else 0.0
 
     def _stock_chosen(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         """Told when the CPU's measured choice ran the stock forward (FusedUnits views remember it)."""
@@ -518,7 +529,8 @@ class FusedUnits(FusedResidual):
         autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         return (x.shape, x.stride(), x.dtype, x.requires_grad, torch.is_grad_enabled(), autocast,
                 tuple(bn.training for _, bn in self._units()), cpu_train_path(),
-                torch.are_deterministic_algorithms_enabled(), residual is None)
+                torch.are_deterministic_algorithms_enabled(), residual is None,
+                self._train_slowdown(self._units()))
 
     def _stock_chosen(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         if "_fixed_units" not in self.__dict__:  # (not a view: its children may change)
@@ -598,7 +610,9 @@ class SequentialRun(NamedTuple):
 class HoldsViews:
     """Mixin of the modules that run unregistered FusedUnits views over their children
     (FusedSequential, FusedGraph; derived_holders(): the views built so far): a mode flip reaches
-    the views, a move drops their caches."""
+    the views, a move drops their caches, fusedres_memory_efficient reaches the views (set_memory_efficient)."""
+
+    fusedres_memory_efficient = False
 
     def train(self, mode: bool = True):
         for view in self.derived_holders():
@@ -639,6 +653,7 @@ class FusedSequential(HoldsViews, nn.Sequential):
                 part = nn.Sequential(collections.OrderedDict((n, self._modules[n]) for n in names[run.start:run.stop]))
                 part.training = self.training
                 views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail)
+                views[run.start].fusedres_memory_efficient = self.fusedres_memory_efficient
             return views
 
         return cached_per_submodules(self, "_fusedres_views", build)
@@ -697,6 +712,20 @@ class UnitRun(nn.Module):
         if self.tail is not None:
             x = self.tail.apply(x)
         return torch.relu(x) if self.final_relu else x
+
+
+def set_memory_efficient(model: nn.Module, enabled: bool) -> int:
+    """Sets fusedres_memory_efficient on every fused module of `model` and its views (built before
+    or later); returns how many modules it set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (_FusedBlockBase, HoldsViews)):
+            m.fusedres_memory_efficient = bool(enabled)
+            count += 1
+            if isinstance(m, HoldsViews):
+                for view in m.derived_holders():
+                    view.fusedres_memory_efficient = bool(enabled)
+    return count
 
 
 class FusedNormReLU(CachesDerivedValues, nn.Module):
@@ -798,6 +827,7 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
                                [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail)
                 view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail)
                 view.training = self.training
+                view.fusedres_memory_efficient = self.fusedres_memory_efficient
                 root._modules[spec.target] = view
                 views.append(view)
             # (a copy: a GraphModule owns its graph; the kept one stays unowned, picklable)

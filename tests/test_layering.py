@@ -6,7 +6,7 @@
   3 autograd                         torch.autograd.Functions
   4 batchnorm, block_plumbing,       the modules, split by job
     modules, dense_modules
-  5 fuse                             fuse(model)
+  5 fuse, memory                     fuse(model); memory_report(model, x)
   6 fusedres/__init__, __main__
 Each file imports only layers below its own, or public names of its own layer (no sideways
 import of a `_private` name or module). The reference models (fusedres/models) are what the fused
@@ -22,7 +22,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fusedres"
 MODEL_FILES = sorted((PACKAGE / "models").glob("*.py"))
 LAYER_OF = {"common": 0, "_versions": 0, "models": 0, "kernels": 1, "_extension": 1, "_C": 1, "ops": 2, "autograd": 3,
-            "batchnorm": 4, "block_plumbing": 4, "modules": 4, "dense_modules": 4, "fuse": 5, "__init__": 6,
+            "batchnorm": 4, "block_plumbing": 4, "modules": 4, "dense_modules": 4, "fuse": 5, "memory": 5, "__init__": 6,
             "__main__": 6}
 THIRD_PARTY_OF_KERNELS = {"torch", "triton"}
 

@@ -253,12 +253,19 @@ class ConvBNUnits(torch.autograd.Function):
     units on aten's conv and the core BatchNorm ops, as ONE autograd Function. A Python Function
     costs ~20 us to apply and ~70 us as a node of the backward engine (measured on the CPU:
     an empty one); one per block instead of one per unit is most of what a block's host time
-    can lose to aten's C++ autograd nodes. Saved per unit: its conv's input and weight, the
-    pre-BN z, the per-channel statistics (and the block output, for the last ReLU's mask with a
-    residual).
+    can lose to aten's C++ autograd nodes.
 
-    specs: per unit (ConvSpec, BNSpec); tensors: per unit (weight, bias, gamma, beta,
-    running_mean, running_var), None where absent."""
+    Saved (the lean units): the block input x, per unit its conv weight, the pre-BN z and the
+    per-channel statistics, and for a last ReLU after a residual the block output (its mask; the
+    next block's input, kept anyway). Nothing else activation-sized: unit k's conv input
+    h_k = act(BN_{k-1}(z_{k-1})) is recomputed in backward by one normalize pass, used by the
+    conv's backward and freed before the next unit's (stock keeps both z and h per unit: a
+    bottleneck 12 widths, this 10; a basic block 4, this 3). A unit whose spec says recompute
+    (memory_efficient: a 1x1 conv after a kept z) keeps no z either: backward runs its conv
+    again on the recomputed h (its bias saved for that).
+
+    specs: per unit (ConvSpec, BNSpec, recompute_z); tensors: per unit (weight, bias, gamma,
+    beta, running_mean, running_var), None where absent."""
 
     @staticmethod
     def forward(ctx, x, residual, specs, residual_is_x, *tensors):
@@ -268,18 +275,18 @@ class ConvBNUnits(torch.autograd.Function):
             residual = x
         ctx.residual_is_x = residual_is_x
         h = x
-        saved, counts = [], []
+        saved, counts = [x], []
         last = len(specs) - 1
-        for k, (conv, bn) in enumerate(specs):
+        for k, (conv, bn, recompute_z) in enumerate(specs):
             weight, bias, gamma, beta, running_mean, running_var = tensors[6 * k:6 * k + 6]
             z = dense(F.conv2d(h, weight, bias, *conv))
             stats, count = batchnorm_stats(z, bn.batch_stats, bn.eps, running_mean, running_var, bn.momentum, gamma,
                                            beta, bn.sync)
             res = like(residual, z) if k == last and residual is not None else None
-            y = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, res, bn.act)
-            saved += [h, weight, z, stats.mean, stats.scale, stats.shift, stats.invstd]
+            h = direct.bn_act_forward(z, stats.mean, stats.scale, stats.shift, res, bn.act)
+            saved += [weight, bias if recompute_z else None, None if recompute_z else z, stats.mean, stats.scale,
+                      stats.shift, stats.invstd]
             counts.append(count)
-            h = y
         ctx.specs = specs
         ctx.counts = counts
         ctx.has_residual = residual is not None
@@ -292,15 +299,49 @@ class ConvBNUnits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
-        output = saved[-1]
+        x, output = saved[0], saved[-1]
+        per_unit = [saved[1 + 7 * k:8 + 7 * k] for k in range(len(ctx.specs))]
         needs = ctx.needs_input_grad
         grads = [None] * len(ctx.dtypes)
         grad_residual = None
         g = grad_y
         last = len(ctx.specs) - 1
+
+        def conv_input(k, z_before):
+            """h_k: x, or act(BN_{k-1}(z_{k-1})) recomputed (one pass; freed after unit k's conv)."""
+            if k == 0:
+                return x
+            _, _, _, mean, scale, shift, _ = per_unit[k - 1]
+            return direct.bn_act_forward(z_before, mean, scale, shift, None, ctx.specs[k - 1][1].act)
+
+        def pre_bn(k, h):
+            """z_k: kept, or (recompute_z) unit k's conv run again on its recomputed input h_k."""
+            weight, bias, z = per_unit[k][:3]
+            return z if z is not None else dense(F.conv2d(h, weight, bias, *ctx.specs[k][0]))
+
+        def z_before(k):
+            """z_{k-1}, for h_k: kept, or recomputed from its own input (x or a kept z_{k-2}:
+            recomputed_units never names two units in a row)."""
+            z = per_unit[k - 1][2]
+            if z is None:
+                z = pre_bn(k - 1, conv_input(k - 1, per_unit[k - 2][2] if k > 1 else None))
+            return z
+
+        z_carry = None  # z_k recomputed at unit k + 1's step for h_{k+1}: unit k's own step takes it
         for k in range(last, -1, -1):
-            conv, bn = ctx.specs[k]
-            h, weight, z, mean, scale, shift, invstd = saved[7 * k:7 * k + 7]
+            conv, bn, _ = ctx.specs[k]
+            weight, _, z, mean, scale, shift, invstd = per_unit[k]
+            base = 4 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, then the tensors
+            need_h = k > 0 or needs[0]
+            need_w, need_b = needs[base], needs[base + 1]
+            h = None
+            if z is None:  # recomputed (memory_efficient): at unit k + 1's step, or here from h_k
+                if z_carry is not None:
+                    z = z_carry
+                else:
+                    h = conv_input(k, z_before(k) if k > 0 else None)
+                    z = pre_bn(k, h)
+            z_carry = None
             g = like(g, z)
             if k == last and ctx.mask_from_output:  # dz is also the residual's gradient: written once
                 sum_dz, sum_dz_xmu, g_bn = direct.bn_act_backward_reduce(g, z, mean, scale, shift, output,
@@ -311,9 +352,6 @@ class ConvBNUnits(torch.autograd.Function):
                 g_bn, act = g, bn.act
                 if k == last and ctx.has_residual:
                     grad_residual = g
-            base = 4 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, then the tensors
-            need_h = k > 0 or needs[0]
-            need_w, need_b = needs[base], needs[base + 1]
             grad_gamma, grad_beta, coef_xmu, coef_c = backward_bookkeeping(
                 sum_dz, sum_dz_xmu, invstd, scale, ctx.counts[k], bn.batch_stats, bn.sync if bn.batch_stats else None)
             if needs[base + 2]:
@@ -323,8 +361,16 @@ class ConvBNUnits(torch.autograd.Function):
             if not (need_h or need_w or need_b):
                 continue
             grad_z = direct.bn_act_backward_elementwise(g_bn, z, mean, scale, shift, coef_xmu, coef_c, act=act)
+            del z
+            if h is None:
+                z_prev = z_before(k) if k > 0 else None
+                h = conv_input(k, z_prev)
+                if k > 0 and per_unit[k - 1][2] is None:
+                    z_carry = z_prev
+                del z_prev
             g, grads[6 * k], grads[6 * k + 1] = conv_backward(grad_z, h, weight, ctx.dtypes[6 * k + 1] is not None,
                                                               *conv, (need_h, need_w, need_b))
+            del h, grad_z
         if ctx.residual_is_x:
             grad_x = None
             if needs[0]:  # the input's gradient: through the units and through the shortcut
@@ -335,25 +381,45 @@ class ConvBNUnits(torch.autograd.Function):
         return (g if needs[0] else None, grad_residual, None, None, *grads)
 
 
+def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
+    """Per unit, whether memory_efficient recomputes its pre-BN z in backward instead of keeping
+    it: a 1x1 conv (not grouped) that is the last unit or widens its input (a bottleneck's
+    expanding conv3, a shortcut's downsample, an inverted residual's projection and its
+    expansion), where its input is the units' input or one normalize pass from a kept z (never
+    two units in a row). Its cost: that conv's forward once more per step (ResNet-50's conv3s and
+    downsamples: ~27% of its forward FLOPs, ~9% of a training step's)."""
+    flags = []
+    last = len(convs) - 1
+    for k, conv in enumerate(convs):
+        out_channels, in_per_group = conv.weight.shape[:2]
+        pointwise = conv.groups == 1 and tuple(conv.weight.shape[2:]) == (1, 1)
+        flags.append(pointwise and (k == 0 or not flags[k - 1]) and (k == last or out_channels > in_per_group))
+    return tuple(flags)
+
+
 def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[torch.Tensor] = None,
-                  act=True) -> torch.Tensor:
+                  act=True, memory_efficient: bool = False) -> torch.Tensor:
     """act(BN_n(conv_n(act_1(... act_1(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
     BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
     path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
     (checked when built); unit k < n applies its bn.act, the last `act` (an Activation, or a bool:
-    ReLU / none). Under autocast the convs run in the autocast dtype; BN math is float32."""
+    ReLU / none). Under autocast the convs run in the autocast dtype; BN math is float32.
+    Backward keeps the pre-BN z of each unit, not its activation (ConvBNUnits); memory_efficient
+    also drops the z of the units recomputed_units names, running their conv again in backward."""
     inside, after = inside_and_after(as_activation(act), residual)
     if after is not None:
-        return after.apply(conv_bn_units(x, units, residual, inside))
+        return after.apply(conv_bn_units(x, units, residual, inside, memory_efficient))
     dtype = autocast_dtype(x)
     specs, tensors = [], []
     last = len(units) - 1
+    recompute = recomputed_units([u.conv for u in units]) if memory_efficient else (False,) * len(units)
     for k, (conv, bn) in enumerate(units):
         weight, bias = conv.weight, conv.bias
         if dtype is not None:
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        specs.append((conv.spec, BNSpec(bn.eps, bn.momentum, bn.batch_stats, inside if k == last else bn.act, bn.sync)))
+        specs.append((conv.spec, BNSpec(bn.eps, bn.momentum, bn.batch_stats, inside if k == last else bn.act, bn.sync),
+                      recompute[k]))
         tensors += [weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     residual_is_x = residual is x
     if residual_is_x:

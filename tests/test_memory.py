@@ -1,0 +1,163 @@
+"""What a fused training forward keeps for backward (counted in bytes, never timed), memory_efficient's
+recompute, and fusedres.memory_report.
+
+The lean units keep per unit its pre-BN conv output z and per-channel statistics, plus the block
+input and (ReLU after a residual) the block output; stock keeps z and the activation per unit.
+Budgets below are those tensors' exact bytes, plus a per-channel allowance for the statistics."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from fusedres.memory import REST, saved_bytes_by_path
+from fusedres.models import resnet
+from fusedres.autograd.units import ConvArgs, recomputed_units
+
+FLOAT = 4
+
+
+def _stats_allowance(model: nn.Module) -> int:
+    """Bytes of per-channel tensors a forward may keep: 8 float64 vectors per BatchNorm channel."""
+    return sum(8 * 8 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _saved(model: nn.Module, x: torch.Tensor) -> int:
+    return saved_bytes_by_path(model, x, [])[REST]
+
+
+def _block(kind: str, downsample: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "basic":
+        block = resnet.BasicBlock(8, 8) if not downsample else resnet.BasicBlock(
+            6, 8, stride=2, downsample=nn.Sequential(resnet.conv1x1(6, 8, 2), nn.BatchNorm2d(8)))
+    else:
+        block = resnet.Bottleneck(16, 4) if not downsample else resnet.Bottleneck(
+            8, 4, stride=2, downsample=nn.Sequential(resnet.conv1x1(8, 16, 2), nn.BatchNorm2d(16)))
+    return block.train()
+
+
+# (block kind, downsample, memory_efficient) -> activation-sized tensors kept, in channels at the
+# block's output resolution (conv1 of a strided torchvision block runs at the input's: counted so)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("kind,downsample,efficient", [
+    ("basic", False, False), ("basic", True, False), ("bottleneck", False, False), ("bottleneck", True, False),
+    ("bottleneck", False, True), ("bottleneck", True, True), ("basic", True, True)])
+def test_fused_block_keeps_pre_bn_outputs_only(kind, downsample, efficient, fmt):
+    block = _block(kind, downsample)
+    n, h = 3, 10
+    c_in = block.conv1.in_channels
+    x = (torch.randn(n, c_in, h, h) + 0.5).contiguous(memory_format=fmt)
+    fused = fusedres.fuse(nn.Sequential(block), memory_efficient=efficient)
+    stock_bytes, fused_bytes = _saved(block, x), _saved(fused, x)
+    h_out = h // 2 if downsample else h
+    width = block.conv1.out_channels
+    out = block.bn2.num_features if kind == "basic" else block.bn3.num_features
+    in_res = n * h * h * FLOAT  # bytes per channel at the input's resolution
+    out_res = n * h_out * h_out * FLOAT
+    if kind == "basic":
+        # z1, z2, the block output (ReLU mask); a downsample's z; stock adds the activation between
+        kept = width * out_res + out * out_res + out * out_res + (out * out_res if downsample else 0)
+        stock_kept = kept + width * out_res
+        if efficient and downsample:  # the downsample's 1x1 is recomputed (conv1, conv2 are 3x3)
+            kept -= out * out_res
+    else:
+        # z1 (input resolution), z2, z3, output; downsample z; stock: + h1, h2
+        kept = width * in_res + width * out_res + 2 * out * out_res + (out * out_res if downsample else 0)
+        stock_kept = kept + width * in_res + width * out_res
+        if efficient:  # conv3 (the expanding 1x1) and the downsample recomputed
+            kept -= out * out_res + (out * out_res if downsample else 0)
+    allowance = _stats_allowance(block)
+    assert kept <= fused_bytes <= kept + allowance, (fused_bytes, kept)
+    assert stock_kept <= stock_bytes <= stock_kept + allowance, (stock_bytes, stock_kept)
+
+
+@pytest.mark.parametrize("efficient", [False, True], ids=["lean", "memory_efficient"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_lean_and_memory_efficient_models_train_like_stock(arch, efficient):
+    """Three float64 SGD steps of the fused model (lean units; memory_efficient recomputing its
+    convs in backward) end with stock's parameters, running statistics and loss."""
+    torch.manual_seed(3)
+    stock = getattr(resnet, arch)(num_classes=5).double()
+    fused = fusedres.fuse(stock, memory_efficient=efficient)
+    assert efficient == any(getattr(m, "fusedres_memory_efficient", False) for m in fused.modules())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.002, momentum=0.9) for m in (stock, fused)]
+    for step in range(3):
+        x = torch.randn(2, 3, 40 + step, 36, dtype=torch.float64) + 0.3
+        losses = []
+        for m, opt in zip((stock, fused), opts):
+            opt.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        # (a ResNet-50 at 40x36 normalizes 2-4 values per channel in layer4: float64 rounding grows
+        # to ~1e-9 in three steps, for the code before the lean units too)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-7)
+    fused_state = fused.state_dict()
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(fused_state[key], value, rtol=1e-6, atol=1e-8, msg=key)
+
+
+def test_recomputed_units_are_pointwise_widening_or_last_never_two_in_a_row():
+    def conv(c_out, c_in, k=1, groups=1):
+        return ConvArgs(torch.empty(c_out, c_in // groups, k, k), None, (1, 1), (0, 0), (1, 1), groups)
+
+    assert recomputed_units([conv(4, 16), conv(4, 4, 3), conv(16, 4)]) == (False, False, True)  # bottleneck
+    assert recomputed_units([conv(24, 4), conv(24, 24, 3, 24), conv(4, 24)]) == (True, False, True)  # inverted
+    assert recomputed_units([conv(16, 8)]) == (True,)  # a downsample
+    assert recomputed_units([conv(8, 8, 3), conv(8, 8, 3)]) == (False, False)  # basic block
+    assert recomputed_units([conv(16, 8), conv(32, 16), conv(8, 32)]) == (True, False, True)
+    assert recomputed_units([conv(8, 8, 1, 2)]) == (False,)  # grouped
+
+
+def test_memory_report_rows_totals_and_chart(tmp_path):
+    torch.manual_seed(0)
+    model = resnet.resnet18(num_classes=4)
+    x = torch.randn(2, 3, 48, 48) + 0.2
+    report = fusedres.memory_report(model, x)
+    assert model.training and not any(isinstance(m, fusedres.FusedBasicBlock) for m in model.modules())
+    paths = [r.path for r in report.rows]
+    assert "layer1.0" in paths and "layer4.1" in paths and paths[-1] == REST
+    assert report.stock_bytes == sum(r.stock_bytes for r in report.rows) > 0
+    assert 0.5 < report.ratio < 0.95
+    identity = [r for r in report.rows if r.path == "layer1.1"][0]  # 3 of stock's 4 tensors, + statistics
+    assert 0.75 <= identity.ratio < 0.77, identity
+    text = str(report)
+    assert "layer2.1" in text and "total" in text and f"{report.ratio:.3f}x" in text
+    assert report.as_dict()["fused_bytes"] == report.fused_bytes
+    efficient = fusedres.memory_report(model, x, memory_efficient=True)
+    assert efficient.memory_efficient and efficient.fused_bytes < report.fused_bytes
+    again = fusedres.memory_report(fusedres.fuse(model), x)  # a fused model: its stock form from unfuse
+    assert again.stock_bytes == report.stock_bytes and again.fused_bytes == report.fused_bytes
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="matplotlib"):
+            report.save_png(str(tmp_path / "m.png"))
+    else:
+        path = report.save_png(str(tmp_path / "m.png"))
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_arguments_are_checked():
+    with pytest.raises(TypeError, match="memory_efficient must be a bool"):
+        fusedres.fuse(resnet.resnet18(), memory_efficient="yes")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fusedres.memory_report("resnet18", torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="train_path"):
+        fusedres.memory_report(resnet.resnet18(), torch.randn(2, 3, 32, 32), train_path="fastest")
+
+
+def test_memory_efficient_setting_reaches_views_built_before_and_after():
+    seq = nn.Sequential(nn.Conv2d(4, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 4, 1, bias=False), nn.BatchNorm2d(4))
+    fused = fusedres.fuse(seq)
+    fused(torch.randn(2, 4, 5, 5))  # views built
+    views = fused.derived_holders()
+    assert views and not any(v.fusedres_memory_efficient for v in views)
+    assert fusedres.set_memory_efficient(fused, True) == 1
+    assert all(v.fusedres_memory_efficient for v in fused.derived_holders())
+    x = torch.randn(2, 4, 5, 5)
+    assert _saved(fused, x) < _saved(seq, x)
