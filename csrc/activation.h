@@ -16,7 +16,7 @@
 #ifdef __CUDACC__
 #define FUSEDRES_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define FUSEDRES_HOST_DEVICE inline
+#define FUSEDRES_HOST_DEVICE inline __attribute__((always_inline))  // (a call in a loop stops its vectorization)
 #endif
 
 namespace fusedres {
@@ -39,7 +39,7 @@ constexpr int kActivationCount = 8;
 // Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial (truncation
 // 5e-9 relative, below float's 6e-8 ulp), 2^k built in the exponent bits. Inputs clamped to
 // [-87, 88] (2^k stays a normal float); NaN stays NaN (the comparisons are false for it).
-inline float cpu_expf(float x) {
+inline __attribute__((always_inline)) float cpu_expf(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = x * 1.44269504088896341f;
   const int k = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round half away: a truncating convert
@@ -67,7 +67,7 @@ FUSEDRES_HOST_DEVICE float act_tanh(float v) { return tanhf(v); }
 FUSEDRES_HOST_DEVICE float act_exp(float v) { return cpu_expf(v); }
 // tanh(v) = 2 / (1 + e^(-2v)) - 1 on cpu_expf, vectorizable (within ~1e-7 of tanhf near 0, where
 // GELU multiplies it by 0.5 v: relative to its output)
-inline float act_tanh(float v) { return 2.0f / (1.0f + cpu_expf(-2.0f * v)) - 1.0f; }
+inline __attribute__((always_inline)) float act_tanh(float v) { return 2.0f / (1.0f + cpu_expf(-2.0f * v)) - 1.0f; }
 #endif
 FUSEDRES_HOST_DEVICE double act_exp(double v) { return exp(v); }
 FUSEDRES_HOST_DEVICE float act_erf(float v) { return erff(v); }

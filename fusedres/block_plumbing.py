@@ -263,6 +263,15 @@ def post_op_of(module: Optional[nn.Module]):
     return None
 
 
+def norm_post_op(norm: nn.Module):
+    """The ops.PostOp of the activation inside timm's BatchNormAct2d (norm_with_tail) where it is
+    one of the kernels' activations and nothing else is inside (`drop` an nn.Identity), else None."""
+    if not norm_with_tail(norm) or type(norm._modules.get("drop")) is not nn.Identity:
+        return None
+    op = post_op_of(norm._modules.get("act"))
+    return op if op is not None and op.activation is not None else None
+
+
 def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False,
                      tail_ok: bool = False) -> Optional[str]:
     """None if conv -> bn can run as a fused unit, else why not. sync_ok: a synchronized norm
@@ -426,7 +435,7 @@ def _structure(module: nn.Module) -> tuple:
         if original is not None:
             parts.append((type(original).__qualname__, getattr(module, "unit_names", None),
                           getattr(module, "shortcut_names", None), getattr(module, "shortcut_pools", None),
-                          getattr(module, "_final_relu", None)))
+                          getattr(module, "_final_relu", None), getattr(module, "between", None)))
         for name, m in module.named_modules():
             if isinstance(m, nn.Conv2d):
                 parts.append((name, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups,

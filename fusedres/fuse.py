@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import (drop_derived, norm_unfusable_reason, norm_with_relu, norm_with_tail, post_op_of,
-                             unfusable_reason)
+from .block_plumbing import (drop_derived, norm_post_op, norm_unfusable_reason, norm_with_relu, norm_with_tail,
+                             post_op_of, unfusable_reason)
 from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
                       FusedUnits, NormReLUSpec, RunSpec, set_memory_efficient)
@@ -315,37 +315,83 @@ def _chain_match(nodes, block: nn.Module, x, last, final_relu: bool, visited) ->
     return _Plan(tuple(units), None, final_relu), ""
 
 
+def _kernel_post_op(module: nn.Module):
+    """The ops.PostOp of an activation module the kernels apply between units (ReLU6, SiLU,
+    Hardswish, LeakyReLU, GELU: common.ACTIVATIONS), else None."""
+    op = post_op_of(module)
+    return op if op is not None and op.activation is not None else None
+
+
+def _unit_group(child: nn.Module) -> bool:
+    """Whether `child` is a plain nn.Sequential (or subclass with its forward: torchvision's
+    Conv2dNormActivation) of exactly conv, norm[, activation], an activation a ReLU or one the
+    kernels apply: its children stand in the parent's run as if they were the parent's own."""
+    if not isinstance(child, nn.Sequential) or type(child).forward is not nn.Sequential.forward:
+        return False
+    parts = list(child._modules.values())
+    if len(parts) not in (2, 3) or not isinstance(parts[0], nn.Conv2d):
+        return False
+    if not isinstance(parts[1], nn.modules.batchnorm._NormBase):
+        return False
+    return len(parts) == 2 or type(parts[2]) is nn.ReLU or _kernel_post_op(parts[2]) is not None
+
+
 def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
-    """The runs of an nn.Sequential's children that FusedSequential runs fused: conv -> BN (-> ReLU
+    """The runs of an nn.Sequential's children that FusedSequential runs fused: conv -> BN (-> act
     -> conv -> BN)* (-> ReLU), each child a plain nn.Conv2d / nn.BatchNorm2d (or a synchronized
-    one, or timm's BatchNormAct2d with a ReLU or nothing inside, which stands for BN -> ReLU or BN)
-    / nn.ReLU (SequentialRun fields); and (conv name, why) for each conv followed by a norm that
-    could not be fused."""
-    names = list(seq._modules)
-    children = list(seq._modules.values())
+    one, or timm's BatchNormAct2d, which stands for BN -> its activation) / an activation, or a
+    Sequential of conv, norm[, act] (_unit_group: Conv2dNormActivation, whose children join the
+    run under dotted names; a run takes such a child whole). act between units: ReLU or one the
+    kernels apply (SequentialRun.between); and (conv name, why) for each conv followed by a norm
+    that could not be fused."""
+    top = list(seq._modules.values())
+    # the children as the run sees them: a unit group's own children in its place, dotted names
+    names, children, owner = [], [], []
+    for index, (name, child) in enumerate(seq._modules.items()):
+        if _unit_group(child):
+            for sub, grandchild in child._modules.items():
+                names.append(f"{name}.{sub}")
+                children.append(grandchild)
+                owner.append(index)
+        else:
+            names.append(name)
+            children.append(child)
+            owner.append(index)
+    starts = {owner.index(i) for i in range(len(top))}  # the first item of each top-level child
     runs, refused = [], {}
 
     def unit_at(i):
-        if i + 1 >= len(children) or not isinstance(children[i], nn.Conv2d):
+        if i not in starts or i + 1 >= len(children) or not isinstance(children[i], nn.Conv2d):
             return None
         if not isinstance(children[i + 1], nn.modules.batchnorm._NormBase):
             return None
-        # (a norm with another activation inside ends the run: relu_after)
         why = unfusable_reason(children[i], children[i + 1], relu_inside_ok=True, tail_ok=True)
         if why is not None:
             refused[names[i]] = why
             return None
         return names[i], names[i + 1]
 
-    def relu_after(j):
-        """(whether a ReLU follows the unit whose norm is child j - 1, the index after it)"""
-        if norm_with_relu(children[j - 1]):
-            return True, j
-        if norm_with_tail(children[j - 1]):  # its own activation runs after the unit
-            return False, j
+    def act_after(j):
+        """(the activation after the unit whose norm is item j - 1: "relu", an ops.PostOp the
+        kernels apply, "norm" (the norm's own: its PostOp where the kernels apply it), or None;
+        the index after it)"""
+        norm = children[j - 1]
+        if norm_with_relu(norm):
+            return "relu", j
+        if norm_with_tail(norm):
+            return ("norm" if norm_post_op(norm) is not None else None), j
         if j < len(children) and type(children[j]) is nn.ReLU:
-            return True, j + 1
-        return False, j
+            return "relu", j + 1
+        if j < len(children) and _kernel_post_op(children[j]) is not None and owner[j] == owner[j - 1]:
+            return _kernel_post_op(children[j]), j + 1  # a unit group's own activation
+        if j < len(children) and _kernel_post_op(children[j]) is not None and j + 1 < len(children) and (
+                unit_at(j + 1) is not None):
+            return _kernel_post_op(children[j]), j + 1  # an activation child with a unit after it
+        return None, j
+
+    def top_index(i):
+        """The top-level index where item i starts or, past the end, len(top)."""
+        return owner[i] if i < len(children) else len(top)
 
     i = 0
     while i < len(children):
@@ -353,19 +399,27 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
         if unit is None:
             i += 1
             continue
-        start, units = i, [unit]
-        relu, i = relu_after(i + 2)
-        while relu:
-            nxt = unit_at(i)
+        start, units, between = i, [unit], []
+        act, j = act_after(i + 2)
+        while act is not None:
+            nxt = unit_at(j) if j in starts else None
             if nxt is None:
                 break
+            between.append(None if act in ("relu", "norm") else act)
             units.append(nxt)
-            relu, i = relu_after(i + 2)
+            act, j = act_after(j + 2)
+        relu = act == "relu"
         tail = None
-        if (not relu and not norm_with_tail(children[i - 1]) and i < len(children)
-                and post_op_of(children[i]) is not None):  # an activation oneDNN applies as the conv's post-op
-            tail, i = names[i], i + 1
-        runs.append((start, i, tuple(units), relu, tail))
+        if act not in (None, "relu", "norm"):  # a unit's activation other than ReLU ends the run: its tail
+            tail = names[j - 1]
+        elif act is None and not norm_with_tail(children[j - 1]) and j < len(children) and j in starts and (
+                post_op_of(children[j]) is not None):  # an activation oneDNN applies as the conv's post-op
+            tail, j = names[j], j + 1
+        if j < len(children) and j not in starts:  # (a unit group's run always takes it whole)
+            i = j + 1
+            continue
+        runs.append((top_index(start), top_index(j), tuple(units), relu, tail, tuple(between)))
+        i = j
     return runs, list(refused.items())
 
 
@@ -456,11 +510,12 @@ def _replace_nodes(graph: torch.fx.Graph, nodes, target: str, args: tuple, erase
 def _grow_run(first, module: nn.Module, calls, refused):
     """The run of units starting at conv node `first`: (nodes it replaces in forward order, (conv,
     norm) targets, final ReLU, the join's other operand or None, the tail ops.PostOp or None), or
-    None if `first` starts none. conv -> norm (-> ReLU -> conv -> norm)* (-> ReLU), each value used
-    only by the next op; a norm with another activation inside ends it; where the last norm has
-    nothing after it, an add of another tensor (then a ReLU or not) is the run's join, else one
-    other activation (a module or a functional: _tail_of) is its tail."""
-    nodes, units, final_relu, conv = [], [], False, first
+    None if `first` starts none, and per unit but the last the ops.PostOp after it (None: ReLU
+    or the norm's own). conv -> norm (-> act -> conv -> norm)* (-> ReLU), each value used only by
+    the next op, act a ReLU, one the kernels apply (a module or a functional: _tail_of) or a norm's
+    own (timm's BatchNormAct2d); where the last norm has nothing after it, an add of another
+    tensor (then a ReLU or not) is the run's join, else one other activation is its tail."""
+    nodes, units, between, final_relu, conv = [], [], [], False, first
     while True:
         bn = _unit_at(conv, module, calls, refused)
         if bn is None:
@@ -468,17 +523,36 @@ def _grow_run(first, module: nn.Module, calls, refused):
         units.append((conv.target, bn.target))
         nodes += [conv, bn]
         final_relu = False
-        if norm_with_tail(module.get_submodule(bn.target)):
-            break
-        relu = _relu_after_norm(bn, module)
-        if relu is None:
-            break
-        if relu is not bn:
-            nodes.append(relu)
+        norm = module.get_submodule(bn.target)
+        op = None  # the activation after the unit where it is not a ReLU (between units: inside the kernels)
+        if norm_with_tail(norm):
+            if norm_post_op(norm) is None:
+                break
+            act = bn  # the norm's own activation
+        else:
+            act = _relu_after_norm(bn, module)
+            if act is None:  # another activation the kernels apply, then a unit: the run goes on
+                user = _single_user(bn)
+                op = _tail_of(user, module) if user is not None and user.args and user.args[0] is bn else None
+                if op is None or op.activation is None:
+                    break
+                act = user
+        nxt = _single_user(act)
+        goes_on = nxt is not None and _unit_at(nxt, module, calls, {}) is not None and nxt.args[0] is act
+        if op is not None or norm_with_tail(norm):
+            if not goes_on:
+                break  # the activation is the run's tail (below), or the norm's own
+            if act is not bn:
+                nodes.append(act)
+            between.append(op)
+            conv = nxt
+            continue
+        if act is not bn:
+            nodes.append(act)
         final_relu = True
-        nxt = _single_user(relu)
-        if nxt is None or _unit_at(nxt, module, calls, {}) is None or nxt.args[0] is not relu:
+        if not goes_on:
             break
+        between.append(None)
         conv = nxt
     if not units:
         return None
@@ -505,7 +579,7 @@ def _grow_run(first, module: nn.Module, calls, refused):
         tail = _tail_of(act, module) if act is not None and act.args and act.args[0] is nodes[-1] else None
         if tail is not None:
             nodes.append(act)
-    return nodes, tuple(units), final_relu, other, tail
+    return nodes, tuple(units), final_relu, other, tail, tuple(between)
 
 
 def _tail_of(node, module: nn.Module):
@@ -552,10 +626,10 @@ def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpe
         run = _grow_run(node, module, calls, refused)
         if run is None:
             continue
-        nodes, units, final_relu, other, tail = run
+        nodes, units, final_relu, other, tail, between = run
         target = f"_fusedres_run{len(specs)}"
         _replace_nodes(graph, nodes, target, (node.args[0],) + ((other,) if other is not None else ()), erased)
-        specs.append(RunSpec(target, units, final_relu, other is not None, tail))
+        specs.append(RunSpec(target, units, final_relu, other is not None, tail, between))
     for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
         if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
                 or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):
@@ -602,7 +676,9 @@ def _describe_runs(specs) -> str:
         if isinstance(spec, NormReLUSpec):
             parts.append(f"{spec.norm} -> relu (no conv)")
             continue
-        chain = " -> relu -> ".join(f"{c} -> {b}" for c, b in spec.units)
+        acts = [("relu" if op is None else op.name) for op in spec.between]
+        chain = f"{spec.units[0][0]} -> {spec.units[0][1]}" + "".join(
+            f" -> {a} -> {c} -> {b}" for a, (c, b) in zip(acts, spec.units[1:]))
         parts.append(chain + (" + residual" if spec.join else "") + (" -> relu" if spec.final_relu else ""))
     return "; ".join(parts)
 
@@ -754,14 +830,15 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             names = list(module._modules)
             children = list(module._modules.values())
             parts = []
-            for start, stop, _, relu, tail in runs:
+            for start, stop, _, relu, tail, between in runs:
                 part = " -> ".join(names[start:stop])
+                if any(op is not None for op in between):
+                    part += f" ({', '.join(op.name for op in between if op is not None)} between units, inside the kernels)"
                 if tail is not None:
-                    tail_module = module._modules[tail]
+                    tail_module = module.get_submodule(tail)
                     if post_op_of(tail_module).activation is not None:  # one of the kernels' activations
-                        part += (f" ({type(tail_module).__name__}: inside the unit's BatchNorm ops in training where "
-                                 f"the backend applies it (ops.activation_inside), the conv's post-op / epilogue "
-                                 f"in inference)")
+                        part += (f" ({type(tail_module).__name__}: inside the unit's BatchNorm ops in training, "
+                                 f"the conv's post-op / epilogue in inference)")
                     else:  # in inference the conv's oneDNN post-op; in training a module after the unit
                         part += f" ({type(tail_module).__name__}: a post-op in inference, its module in training)"
                 elif not relu and stop < len(children) and type(children[stop]).__module__.endswith("activation"):
@@ -770,7 +847,10 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
                 parts.append(part)
             what = "; ".join(parts)
             entries.append(Entry(path, kind, "swapped", f"FusedSequential (fused runs: {what})"))
-            return _recurse(fused, path, entries)  # its other children are fused in turn
+            # its other children are fused in turn (a unit group inside a run is the run's)
+            in_runs = {names[i] for start, stop, *_ in runs for i in range(start, stop)}
+            return _map_children(fused, lambda name, child: child if name in in_runs else _swap(
+                child, f"{path}.{name}" if path else name, entries))
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not any(
             isinstance(m, nn.Conv2d) for m in module.modules()):
         return _recurse(module, path, entries)

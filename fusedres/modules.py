@@ -41,7 +41,8 @@ from .autograd import (Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_u
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
                              derived_cache, drop_derived, eval_bn_stats, grad_needed, inference, norm_tail,
-                             norm_unfusable_reason, norm_with_tail, post_op_of, runs_reference, unfusable_reason,
+                             norm_post_op, norm_unfusable_reason, norm_with_tail, post_op_of, runs_reference,
+                             unfusable_reason,
                              train_slowdown_allowed, uses_fused_training, cpu_train_path)
 from .common import tracing
 from .models.resnet import BasicBlock, Bottleneck
@@ -85,6 +86,13 @@ class PackedWeights:
         return (PackedWeights, ())
 
 
+def with_between(bns, between) -> list:
+    """BNArgs of each unit with the activation after it (between[k], an ops.PostOp, None for ReLU)
+    for all but the last (whose activation the caller passes)."""
+    return [b if k >= len(between) or between[k] is None else b._replace(act=between[k].activation)
+            for k, b in enumerate(bns)]
+
+
 class _FusedBlockBase(CachesDerivedValues, nn.Module):
     """forward() plumbing shared by the fused blocks; subclasses define `_units()` (the main path's
     (conv, bn) units, ReLU between them) and may override `_shortcut()` and `_final_relu`."""
@@ -106,8 +114,10 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         ops where it is one of theirs (PostOp.activation), in inference the last conv's oneDNN
         post-op or the kernels' epilogue; else applied after."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
+        between = self._between_post_ops(units)
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
-            inside = post_op.kernel_activation(x.device) if post_op is not None else None
+            bns = with_between(bns, between)
+            inside = post_op.activation if post_op is not None else None
             out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
                                 relu if inside is None else inside, self.fusedres_memory_efficient)
             return out if post_op is None or inside is not None else post_op.apply(out)
@@ -116,14 +126,20 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         for i, (conv, bn) in enumerate(units):
             weight, bias, packs = self._folded(conv, bn)
             out = conv_bias_act_inference_unchecked(out, weight, bias, residual if i == last else None,
-                                                    conv_args(conv).spec, relu if i == last else True, conv_kernels,
-                                                    packs.get if packs is not None else None,
-                                                    post_op if i == last else None)
+                                                    conv_args(conv).spec, relu if i == last else between[i] is None,
+                                                    conv_kernels, packs.get if packs is not None else None,
+                                                    post_op if i == last else between[i])
         return out
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         """The units as one conv_bn_chain on the fused conv kernels."""
-        return conv_bn_chain(x, [Unit(conv_args(c), bn_args(b)) for c, b in units], residual, relu)
+        bns = with_between([bn_args(b) for _, b in units], self._between_post_ops(units))
+        return conv_bn_chain(x, [Unit(conv_args(c), b) for (c, _), b in zip(units, bns)], residual, relu)
+
+    def _between_post_ops(self, units) -> tuple:
+        """Per unit but the last, the activation after it as an ops.PostOp, None for ReLU (a
+        residual block's units: ReLU between every two)."""
+        return (None,) * (len(units) - 1)
 
     def _use_chain(self, x: torch.Tensor, units, differentiated: bool) -> bool:
         """Training, or eval with gradients (`differentiated`), where every conv runs on the fused
@@ -448,9 +464,13 @@ class FusedUnits(FusedResidual):
     unregistered, for fusedres.unfuse."""
 
     def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False,
-                 tail: Optional[str] = None, tail_post_op=None) -> None:
+                 tail: Optional[str] = None, tail_post_op=None, between=None) -> None:
         super().__init__(block, units, (), final_relu, ())
         self.join = bool(join)
+        # per unit but the last, the activation after it: an ops.PostOp one of the kernels' activations
+        # (ReLU6, SiLU, Hardswish, ... child or functional), None for a ReLU; a norm with its own
+        # activation inside (timm's BatchNormAct2d) stands for that one
+        self.between = tuple(between) if between else (None,) * (len(self.unit_names) - 1)
         self.tail_name = tail  # an activation child run after the units (a Sequential's SiLU, ReLU6, ...)
         self.tail_post_op = tail_post_op  # or an ops.PostOp that a traced forward called after them
         if view:
@@ -470,14 +490,31 @@ class FusedUnits(FusedResidual):
     def _shortcut(self, x: torch.Tensor, chain: bool = False, conv_kernels: Optional[bool] = None) -> None:
         return None
 
+    def _between_post_ops(self, units) -> tuple:
+        ops = []
+        for (_, bn), between in zip(units, self.between):
+            ops.append(norm_post_op(bn) if norm_with_tail(bn) else between)
+        return tuple(ops)
+
+    def _apply_between(self, k: int, bn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """The stock activation after unit k (not the last) on out = bn(conv(...)): a norm with
+        its own inside applied it already."""
+        if norm_with_tail(bn):
+            return out
+        between = self.between[k]
+        return torch.relu(out) if between is None else between.apply(out)
+
     def _fallback_reason(self) -> Optional[str]:
         units = self._units()
         last = len(units) - 1
         for k, (conv, bn) in enumerate(units):
             # a norm with its ReLU inside (timm's BatchNormAct2d) where a ReLU follows it anyway;
-            # with another activation inside, as the last unit (its activation runs after it)
-            relu_after = k < last or self._final_relu
-            why = unfusable_reason(conv, bn, relu_inside_ok=relu_after, tail_ok=not relu_after and not self.join)
+            # with another activation inside, as the last unit (its activation runs after it) or
+            # between units where the kernels apply it
+            relu_after = (k < last and self.between[k] is None) or (k == last and self._final_relu)
+            tail_ok = (k == last and not self._final_relu and not self.join) or (
+                k < last and norm_with_tail(bn) and norm_post_op(bn) is not None)
+            why = unfusable_reason(conv, bn, relu_inside_ok=relu_after, tail_ok=tail_ok)
             if why is not None:
                 return why
         return None
@@ -488,7 +525,7 @@ class FusedUnits(FusedResidual):
         if self._final_relu or self.join:
             return out
         if self.tail_name is not None:
-            return self._modules[self.tail_name](out)
+            return self.get_submodule(self.tail_name)(out)
         if self.tail_post_op is not None:
             return self.tail_post_op.apply(out)
         return norm_tail(self._units()[-1][1], out)
@@ -498,7 +535,7 @@ class FusedUnits(FusedResidual):
         if self._final_relu or self.join:
             return None
         if self.tail_name is not None:
-            return post_op_of(self._modules[self.tail_name])
+            return post_op_of(self.get_submodule(self.tail_name))
         if self.tail_post_op is not None:
             return self.tail_post_op
         norm = self._units()[-1][1]
@@ -508,7 +545,7 @@ class FusedUnits(FusedResidual):
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         post_op = self._tail_post_op()
-        inside = post_op.kernel_activation(x.device) if post_op is not None else None
+        inside = post_op.activation if post_op is not None else None
         if inside is not None:  # inside the last unit's BatchNorm passes
             return super()._chain(units, x, residual, inside)
         return self._with_tail(super()._chain(units, x, residual, relu))
@@ -558,11 +595,11 @@ class FusedUnits(FusedResidual):
         for i, (conv, bn) in enumerate(units):
             out = bn(conv(out))  # (a norm's own activation inside: applied here)
             if i < len(units) - 1:
-                out = torch.relu(out)
+                out = self._apply_between(i, bn, out)
         if residual is not None:
             out = out + residual
         if self.tail_name is not None:
-            out = self._modules[self.tail_name](out)
+            out = self.get_submodule(self.tail_name)(out)
         elif self.tail_post_op is not None:
             out = self.tail_post_op.apply(out)
         return torch.relu(out) if self._final_relu else out
@@ -605,6 +642,7 @@ class SequentialRun(NamedTuple):
     units: tuple  # ((conv name, bn name), ...)
     final_relu: bool
     tail: Optional[str] = None  # the run's last child: an activation other than ReLU (ops.PostOp), run after
+    between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
 
 
 class HoldsViews:
@@ -652,7 +690,8 @@ class FusedSequential(HoldsViews, nn.Sequential):
             for run in self.runs:
                 part = nn.Sequential(collections.OrderedDict((n, self._modules[n]) for n in names[run.start:run.stop]))
                 part.training = self.training
-                views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail)
+                views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail,
+                                              between=run.between)
                 views[run.start].fusedres_memory_efficient = self.fusedres_memory_efficient
             return views
 
@@ -693,7 +732,7 @@ class UnitRun(nn.Module):
     convs and norms as children (their paths in the traced module, '.' written '__'). What a
     FusedUnits view over the run falls back to."""
 
-    def __init__(self, modules, units, final_relu: bool, join: bool, tail=None) -> None:
+    def __init__(self, modules, units, final_relu: bool, join: bool, tail=None, between=None) -> None:
         super().__init__()
         for name, module in modules.items():
             self._modules[name] = module
@@ -701,12 +740,15 @@ class UnitRun(nn.Module):
         self.final_relu = bool(final_relu)
         self.join = bool(join)
         self.tail = tail  # an ops.PostOp after the last unit (the traced forward's activation call)
+        # per unit but the last: the ops.PostOp after it, None for ReLU or the norm's own activation
+        self.between = tuple(between) if between else (None,) * (len(self.units) - 1)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, (conv, bn) in enumerate(self.units):
-            x = self._modules[bn](self._modules[conv](x))
-            if i < len(self.units) - 1:
-                x = torch.relu(x)
+            norm = self._modules[bn]
+            x = norm(self._modules[conv](x))
+            if i < len(self.units) - 1 and not norm_with_tail(norm):
+                x = torch.relu(x) if self.between[i] is None else self.between[i].apply(x)
         if residual is not None:
             x = x + residual
         if self.tail is not None:
@@ -772,6 +814,7 @@ class RunSpec(NamedTuple):
     final_relu: bool
     join: bool  # a residual add after the last unit (its other operand the call's second argument)
     tail: Optional[object] = None  # an ops.PostOp activation after the last unit (a module or a functional)
+    between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
 
 
 class NormReLUSpec(NamedTuple):
@@ -824,8 +867,10 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
                     continue
                 names = {path: path.replace(".", "__") for unit in spec.units for path in unit}
                 part = UnitRun({names[p]: self.get_submodule(p) for p in names},
-                               [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail)
-                view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail)
+                               [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail,
+                               spec.between)
+                view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail,
+                                  between=spec.between)
                 view.training = self.training
                 view.fusedres_memory_efficient = self.fusedres_memory_efficient
                 root._modules[spec.target] = view

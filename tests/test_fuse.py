@@ -474,7 +474,7 @@ class Gate(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2's: expand (ReLU6, not fused as an activation), depthwise, gate, project, add."""
+    """MobileNetV2's (with a gate): expand (ReLU6), depthwise, gate, project, add."""
 
     def __init__(self, c, hidden):
         super().__init__()
@@ -514,8 +514,12 @@ def test_units_everywhere_are_fused_and_match(device, name):
     assert isinstance(fused, fusedres.FusedSequential) and isinstance(fused[7], fusedres.FusedUnits)
     assert [r.units for r in fused.runs] == [(("0", "1"), ("3", "4"))]  # one run: ReLU between the units
     assert fused[9].runs[0].units == (("0", "1"), ("3", "4")) and fused[9].runs[0].final_relu is False
+    # the expand and depthwise Sequentials (conv, norm, act) are one run of the outer Sequential,
+    # ReLU6 between them inside the kernels; the gate ends it
     assert isinstance(fused[8].conv, fusedres.FusedSequential)
-    assert isinstance(fused[8].conv[0], fusedres.FusedSequential)
+    assert fused[8].conv.runs[0][:3] == (0, 2, (("0.0", "0.1"), ("1.0", "1.1")))
+    assert fused[8].conv.runs[0].between[0].name == "hardtanh" and fused[8].conv.runs[0].final_relu
+    assert type(fused[8].conv[0]) is nn.Sequential
     assert list(fused.state_dict()) == list(model.state_dict())
     x = activation((2, 3, 13, 11), torch.float64, device, torch.channels_last)
     with backend(name, device):

@@ -566,7 +566,7 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
             return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
         act = None
         if post_op is not None:  # the conv kernels' epilogue applies every one; the BatchNorm ops' pass: see there
-            act = post_op.activation if conv_kernels else post_op.kernel_activation(x.device)
+            act = post_op.activation
         if tracing() and not conv_kernels:
             y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
             return y if post_op is None else post_op.apply(y)

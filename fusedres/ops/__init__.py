@@ -4,7 +4,7 @@ Public functions (checked, any layout) here; the autograd Functions' unchecked s
 ops.direct.
 """
 from . import direct  # noqa: F401
-from .bn_act import activation_inside, bn_act_backward_elementwise, bn_act_backward_reduce, bn_act_forward  # noqa: F401
+from .bn_act import bn_act_backward_elementwise, bn_act_backward_reduce, bn_act_forward  # noqa: F401
 from .bn_finalize import (StatsPartials, bn_backward_finalize, bn_forward_finalize, merge_partials,  # noqa: F401
                           running_update)
 from .bn_stats import bn_stats, bn_stats_from_moments, channel_var_mean  # noqa: F401

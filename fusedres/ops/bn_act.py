@@ -41,21 +41,6 @@ def act_args(act) -> Tuple[int, float]:
     return act.code, act.alpha
 
 
-# Activations the C++ CPU kernels apply at about the cost of ReLU (measured, 2 threads, 2.4M
-# float32 values: the normalize pass 0.4-1.0 ms, each backward pass 0.7-1.1 ms). SiLU and GELU
-# take exp / erf per element there: 17-40 ms a pass, 20-40x aten's vectorized functions; they stay
-# correct on that backend but the modules keep them outside its passes (see activation_inside).
-CPU_CHEAP_ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "leaky_relu")
-
-
-def activation_inside(act: Activation, device: torch.device) -> bool:
-    """Whether the backend that runs the BatchNorm ops on `device` applies `act` inside its passes
-    at no real cost (every activation on CUDA and Triton; on the C++ CPU kernels the cheap ones)."""
-    if act.name in CPU_CHEAP_ACTIVATIONS:
-        return True
-    return available_backend("bn_act_forward", device) != "cpu"
-
-
 def _activation_backward(grad, x, mean, scale, shift, output, act: Activation):
     if output is not None:  # ReLU after a residual add: its mask from the output
         return torch.where(output > 0, grad, 0)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ..common import Activation, per_channel, stats_dtype
 from ..kernels import conv_onednn
-from .bn_act import activation_inside
 from .registry import available_backend, register
 
 OP = "conv2d_bias_act_inference"
@@ -44,12 +43,6 @@ class PostOp(NamedTuple):
         if self.name == "hardtanh" and tuple(self.scalars) == (0.0, 6.0):
             return Activation("relu6")
         return None
-
-    def kernel_activation(self, device: torch.device) -> Optional[Activation]:
-        """self.activation where the BatchNorm ops on `device` apply it inside their passes
-        (activation_inside), else None: then it runs after them as its function (apply)."""
-        act = self.activation
-        return act if act is not None and activation_inside(act, device) else None
 
     @property
     def attr(self) -> str:
