@@ -34,7 +34,7 @@ from .block_plumbing import (drop_derived, norm_post_op, norm_unfusable_reason, 
                              post_op_of, unfusable_reason)
 from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
-                      FusedUnits, NormReLUSpec, RunSpec, set_memory_efficient)
+                      FusedUnits, NormReLUSpec, RunSpec, is_plain_max_pool, set_memory_efficient)
 
 _FUSED = (FusedResidual, FusedSequential, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
           FusedTransition, FusedGraph)
@@ -418,7 +418,10 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
         if j < len(children) and j not in starts:  # (a unit group's run always takes it whole)
             i = j + 1
             continue
-        runs.append((top_index(start), top_index(j), tuple(units), relu, tail, tuple(between)))
+        pool = None
+        if relu and tail is None and j < len(children) and is_plain_max_pool(children[j]):  # a stem's max pool
+            pool, j = names[j], j + 1
+        runs.append((top_index(start), top_index(j), tuple(units), relu, tail, tuple(between), pool))
         i = j
     return runs, list(refused.items())
 
@@ -579,7 +582,14 @@ def _grow_run(first, module: nn.Module, calls, refused):
         tail = _tail_of(act, module) if act is not None and act.args and act.args[0] is nodes[-1] else None
         if tail is not None:
             nodes.append(act)
-    return nodes, tuple(units), final_relu, other, tail, tuple(between)
+    pool = None
+    if final_relu and other is None:  # a stem's max pool: its input need not be kept
+        user = _single_user(nodes[-1])
+        if (user is not None and user.op == "call_module" and user.args == (nodes[-1],) and not user.kwargs
+                and calls[user.target] == 1 and is_plain_max_pool(module.get_submodule(user.target))):
+            nodes.append(user)
+            pool = user.target
+    return nodes, tuple(units), final_relu, other, tail, tuple(between), pool
 
 
 def _tail_of(node, module: nn.Module):
@@ -626,10 +636,10 @@ def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpe
         run = _grow_run(node, module, calls, refused)
         if run is None:
             continue
-        nodes, units, final_relu, other, tail, between = run
+        nodes, units, final_relu, other, tail, between, pool = run
         target = f"_fusedres_run{len(specs)}"
         _replace_nodes(graph, nodes, target, (node.args[0],) + ((other,) if other is not None else ()), erased)
-        specs.append(RunSpec(target, units, final_relu, other is not None, tail, between))
+        specs.append(RunSpec(target, units, final_relu, other is not None, tail, between, pool))
     for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
         if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
                 or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):
@@ -679,7 +689,8 @@ def _describe_runs(specs) -> str:
         acts = [("relu" if op is None else op.name) for op in spec.between]
         chain = f"{spec.units[0][0]} -> {spec.units[0][1]}" + "".join(
             f" -> {a} -> {c} -> {b}" for a, (c, b) in zip(acts, spec.units[1:]))
-        parts.append(chain + (" + residual" if spec.join else "") + (" -> relu" if spec.final_relu else ""))
+        parts.append(chain + (" + residual" if spec.join else "") + (" -> relu" if spec.final_relu else "")
+                     + (f" -> {spec.pool}" if spec.pool else ""))
     return "; ".join(parts)
 
 
@@ -830,7 +841,7 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             names = list(module._modules)
             children = list(module._modules.values())
             parts = []
-            for start, stop, _, relu, tail, between in runs:
+            for start, stop, _, relu, tail, between, pool in runs:
                 part = " -> ".join(names[start:stop])
                 if any(op is not None for op in between):
                     part += f" ({', '.join(op.name for op in between if op is not None)} between units, inside the kernels)"

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .autograd import (Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_unsupported_reason,
+from .autograd import (PoolSpec, Unit, autocast_dtype, bn_relu, bn_relu_inference, chain_unsupported_reason,
                        conv_bias_act_inference_unchecked, conv_bn_chain, conv_bn_units)
 from .batchnorm import bn_args, check_sync_args, convert_sync_batchnorm
 from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_submodules, check_block_input, conv_args,
@@ -86,6 +86,21 @@ class PackedWeights:
         return (PackedWeights, ())
 
 
+def pool_spec(pool: nn.MaxPool2d) -> PoolSpec:
+    """An nn.MaxPool2d's arguments as pairs (autograd.PoolSpec)."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return PoolSpec(pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation),
+                    bool(pool.ceil_mode))
+
+
+def is_plain_max_pool(module: nn.Module) -> bool:
+    """An nn.MaxPool2d (exactly) that returns no indices: what a unit run may end with."""
+    return type(module) is nn.MaxPool2d and not module.return_indices
+
+
 def with_between(bns, between) -> list:
     """BNArgs of each unit with the activation after it (between[k], an ops.PostOp, None for ReLU)
     for all but the last (whose activation the caller passes)."""
@@ -103,7 +118,7 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
     fusedres_memory_efficient = False
 
     def _core_units(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
-                    conv_kernels: Optional[bool] = None, post_op=None) -> torch.Tensor:
+                    conv_kernels: Optional[bool] = None, post_op=None, pool: Optional[nn.Module] = None) -> torch.Tensor:
         """act(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) on the core path: in training
         or with gradients one ConvBNUnits Function for all the units (aten's conv, the BatchNorm
         ops); in eval without gradients, per unit BN folded into the conv (cached) and bias +
@@ -112,15 +127,19 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         block forward; None: asked per conv). post_op: an activation other than ReLU after the
         last unit (relu False): in training the last unit's own activation inside the BatchNorm
         ops where it is one of theirs (PostOp.activation), in inference the last conv's oneDNN
-        post-op or the kernels' epilogue; else applied after."""
+        post-op or the kernels' epilogue; else applied after. pool: an nn.MaxPool2d after it all
+        (a stem's; inside the one Function in training, which keeps its indices, not its input)."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
         between = self._between_post_ops(units)
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
             bns = with_between(bns, between)
             inside = post_op.activation if post_op is not None else None
+            pool_inside = pool is not None and (post_op is None or inside is not None)
             out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
-                                relu if inside is None else inside, self.fusedres_memory_efficient)
-            return out if post_op is None or inside is not None else post_op.apply(out)
+                                relu if inside is None else inside, self.fusedres_memory_efficient,
+                                pool_spec(pool) if pool_inside else None)
+            out = out if post_op is None or inside is not None else post_op.apply(out)
+            return out if pool is None or pool_inside else pool(out)
         out = x
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
@@ -129,7 +148,7 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
                                                     conv_args(conv).spec, relu if i == last else between[i] is None,
                                                     conv_kernels, packs.get if packs is not None else None,
                                                     post_op if i == last else between[i])
-        return out
+        return out if pool is None else pool(out)
 
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         """The units as one conv_bn_chain on the fused conv kernels."""
@@ -208,15 +227,15 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         return kernel_unsupported_reason(x, units[0][0].weight, autocast_dtype(x)) is not None
 
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
-                      post_op=None) -> torch.Tensor:
+                      post_op=None, pool=None) -> torch.Tensor:
         """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference);
-        post_op: _core_units'."""
+        post_op, pool: _core_units'."""
         units = units or self._units()
         conv_kernels = None
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
         identity = self._shortcut(x, conv_kernels=conv_kernels) if residual is None else residual
-        return self._core_units(units, x, identity, self._final_relu, conv_kernels, post_op)
+        return self._core_units(units, x, identity, self._final_relu, conv_kernels, post_op, pool)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """(weight, bias, packs): BN folded into conv, cached until anything it derives from changes
@@ -464,9 +483,10 @@ class FusedUnits(FusedResidual):
     unregistered, for fusedres.unfuse."""
 
     def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False,
-                 tail: Optional[str] = None, tail_post_op=None, between=None) -> None:
+                 tail: Optional[str] = None, tail_post_op=None, between=None, pool: Optional[str] = None) -> None:
         super().__init__(block, units, (), final_relu, ())
         self.join = bool(join)
+        self.pool_name = pool  # an nn.MaxPool2d child after the last unit's ReLU (a stem's), or None
         # per unit but the last, the activation after it: an ops.PostOp one of the kernels' activations
         # (ReLU6, SiLU, Hardswish, ... child or functional), None for a ReLU; a norm with its own
         # activation inside (timm's BatchNormAct2d) stands for that one
@@ -543,19 +563,30 @@ class FusedUnits(FusedResidual):
             return post_op_of(norm._modules.get("act"))
         return None
 
+    def _pool(self) -> Optional[nn.Module]:
+        return self.get_submodule(self.pool_name) if self.pool_name is not None else None
+
+    def _pooled(self, out: torch.Tensor) -> torch.Tensor:
+        pool = self._pool()
+        return out if pool is None else pool(out)
+
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         post_op = self._tail_post_op()
         inside = post_op.activation if post_op is not None else None
         if inside is not None:  # inside the last unit's BatchNorm passes
-            return super()._chain(units, x, residual, inside)
-        return self._with_tail(super()._chain(units, x, residual, relu))
+            return self._pooled(super()._chain(units, x, residual, inside))
+        return self._pooled(self._with_tail(super()._chain(units, x, residual, relu)))
 
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
-                      post_op=None) -> torch.Tensor:
+                      post_op=None, pool=None) -> torch.Tensor:
         post_op = self._tail_post_op()
         if post_op is not None:  # the tail on every core path: in inference the last conv's post-op
-            return super()._core_forward(x, units, residual, post_op)
-        return self._with_tail(super()._core_forward(x, units, residual))
+            return super()._core_forward(x, units, residual, post_op, self._pool())
+        nothing_after = self._final_relu or self.join or (self.tail_name is None and self.tail_post_op is None
+                                                          and not norm_with_tail(self._units()[-1][1]))
+        if self._pool() is not None and nothing_after:  # the pool inside the units' Function
+            return super()._core_forward(x, units, residual, None, self._pool())
+        return self._pooled(self._with_tail(super()._core_forward(x, units, residual)))
 
     MEMO_SIZE = 8  # inputs remembered per view
 
@@ -602,7 +633,7 @@ class FusedUnits(FusedResidual):
             out = self.get_submodule(self.tail_name)(out)
         elif self.tail_post_op is not None:
             out = self.tail_post_op.apply(out)
-        return torch.relu(out) if self._final_relu else out
+        return self._pooled(torch.relu(out) if self._final_relu else out)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         name = f"FusedUnits({type(self.original).__name__})"
@@ -643,6 +674,7 @@ class SequentialRun(NamedTuple):
     final_relu: bool
     tail: Optional[str] = None  # the run's last child: an activation other than ReLU (ops.PostOp), run after
     between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
+    pool: Optional[str] = None  # an nn.MaxPool2d after the run's ReLU (a stem's), run last
 
 
 class HoldsViews:
@@ -691,7 +723,7 @@ class FusedSequential(HoldsViews, nn.Sequential):
                 part = nn.Sequential(collections.OrderedDict((n, self._modules[n]) for n in names[run.start:run.stop]))
                 part.training = self.training
                 views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail,
-                                              between=run.between)
+                                              between=run.between, pool=run.pool)
                 views[run.start].fusedres_memory_efficient = self.fusedres_memory_efficient
             return views
 
@@ -732,7 +764,8 @@ class UnitRun(nn.Module):
     convs and norms as children (their paths in the traced module, '.' written '__'). What a
     FusedUnits view over the run falls back to."""
 
-    def __init__(self, modules, units, final_relu: bool, join: bool, tail=None, between=None) -> None:
+    def __init__(self, modules, units, final_relu: bool, join: bool, tail=None, between=None,
+                 pool: Optional[str] = None) -> None:
         super().__init__()
         for name, module in modules.items():
             self._modules[name] = module
@@ -742,6 +775,7 @@ class UnitRun(nn.Module):
         self.tail = tail  # an ops.PostOp after the last unit (the traced forward's activation call)
         # per unit but the last: the ops.PostOp after it, None for ReLU or the norm's own activation
         self.between = tuple(between) if between else (None,) * (len(self.units) - 1)
+        self.pool = pool  # the name of an nn.MaxPool2d child run last, or None
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, (conv, bn) in enumerate(self.units):
@@ -753,7 +787,8 @@ class UnitRun(nn.Module):
             x = x + residual
         if self.tail is not None:
             x = self.tail.apply(x)
-        return torch.relu(x) if self.final_relu else x
+        x = torch.relu(x) if self.final_relu else x
+        return x if self.pool is None else self._modules[self.pool](x)
 
 
 def set_memory_efficient(model: nn.Module, enabled: bool) -> int:
@@ -815,6 +850,7 @@ class RunSpec(NamedTuple):
     join: bool  # a residual add after the last unit (its other operand the call's second argument)
     tail: Optional[object] = None  # an ops.PostOp activation after the last unit (a module or a functional)
     between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
+    pool: Optional[str] = None  # an nn.MaxPool2d after the run's ReLU (a stem's), run last
 
 
 class NormReLUSpec(NamedTuple):
@@ -866,11 +902,13 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
                     views.append(view)
                     continue
                 names = {path: path.replace(".", "__") for unit in spec.units for path in unit}
+                if spec.pool is not None:
+                    names[spec.pool] = spec.pool.replace(".", "__")
                 part = UnitRun({names[p]: self.get_submodule(p) for p in names},
                                [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail,
-                               spec.between)
+                               spec.between, names.get(spec.pool))
                 view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail,
-                                  between=spec.between)
+                                  between=spec.between, pool=names.get(spec.pool))
                 view.training = self.training
                 view.fusedres_memory_efficient = self.fusedres_memory_efficient
                 root._modules[spec.target] = view

@@ -6,7 +6,7 @@
             and epilogues), where those kernels run
   dense.py  DenseNet dense blocks over one feature buffer, and the transition
 """
-from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNUnits, ConvSpec, Unit,  # noqa: F401
+from .units import (BNAct, BNArgs, BNSpec, ConvArgs, ConvBNUnits, ConvSpec, PoolSpec, Unit,  # noqa: F401
                     conv_bias_act_inference, conv_bias_act_inference_unchecked, conv_bn_act, conv_bn_act_unchecked,
                     conv_bn_units, sync_batch_norm)
 from .chain import BNReLUConv, chain_unsupported_reason, conv_bn_chain  # noqa: F401

@@ -264,11 +264,14 @@ class ConvBNUnits(torch.autograd.Function):
     (memory_efficient: a 1x1 conv after a kept z) keeps no z either: backward runs its conv
     again on the recomputed h (its bias saved for that).
 
+    pool (PoolSpec or None): a max pool after the last unit (a ResNet stem's): its indices are kept,
+    not its input (stock keeps both); backward recomputes that input.
+
     specs: per unit (ConvSpec, BNSpec, recompute_z); tensors: per unit (weight, bias, gamma,
     beta, running_mean, running_var), None where absent."""
 
     @staticmethod
-    def forward(ctx, x, residual, specs, residual_is_x, *tensors):
+    def forward(ctx, x, residual, specs, residual_is_x, pool, *tensors):
         # residual_is_x: the identity shortcut, passed as a flag (torch.compile cannot trace a
         # Function given one tensor twice)
         if residual_is_x:
@@ -293,6 +296,12 @@ class ConvBNUnits(torch.autograd.Function):
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.dtypes = [None if t is None else t.dtype for t in tensors]
         ctx.mask_from_output = residual is not None and specs[-1][1].act.is_relu
+        ctx.pool = pool
+        if pool is not None:
+            h, indices = torch.ops.aten.max_pool2d_with_indices.default(h, *pool)
+            ctx.mark_non_differentiable(indices)
+            ctx.save_for_backward(*saved, indices)
+            return h
         ctx.save_for_backward(*saved, h if ctx.mask_from_output else None)
         return h
 
@@ -306,6 +315,12 @@ class ConvBNUnits(torch.autograd.Function):
         grad_residual = None
         g = grad_y
         last = len(ctx.specs) - 1
+        if ctx.pool is not None:  # the pool's input recomputed (one pass), its gradient from the kept indices
+            _, _, z_last, mean, scale, shift, _ = per_unit[last]
+            pooled_input = direct.bn_act_forward(z_last, mean, scale, shift, None, ctx.specs[last][1].act)
+            g = torch.ops.aten.max_pool2d_with_indices_backward.default(g, pooled_input, *ctx.pool, output)
+            output = None
+            del pooled_input
 
         def conv_input(k, z_before):
             """h_k: x, or act(BN_{k-1}(z_{k-1})) recomputed (one pass; freed after unit k's conv)."""
@@ -331,7 +346,7 @@ class ConvBNUnits(torch.autograd.Function):
         for k in range(last, -1, -1):
             conv, bn, _ = ctx.specs[k]
             weight, _, z, mean, scale, shift, invstd = per_unit[k]
-            base = 4 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, then the tensors
+            base = 5 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, pool, then the tensors
             need_h = k > 0 or needs[0]
             need_w, need_b = needs[base], needs[base + 1]
             h = None
@@ -375,10 +390,10 @@ class ConvBNUnits(torch.autograd.Function):
             grad_x = None
             if needs[0]:  # the input's gradient: through the units and through the shortcut
                 grad_x = grad_residual.to(g.dtype) if g is None else g + like(grad_residual, g).to(g.dtype)
-            return (grad_x, None, None, None, *grads)
+            return (grad_x, None, None, None, None, *grads)
         if grad_residual is not None:
             grad_residual = grad_residual.to(ctx.residual_dtype) if needs[1] else None
-        return (g if needs[0] else None, grad_residual, None, None, *grads)
+        return (g if needs[0] else None, grad_residual, None, None, None, *grads)
 
 
 def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
@@ -397,22 +412,36 @@ def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
     return tuple(flags)
 
 
+class PoolSpec(NamedTuple):
+    """A max pool's arguments as aten.max_pool2d_with_indices takes them (pairs)."""
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    ceil_mode: bool
+
+
 def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[torch.Tensor] = None,
-                  act=True, memory_efficient: bool = False) -> torch.Tensor:
+                  act=True, memory_efficient: bool = False, pool: Optional[PoolSpec] = None) -> torch.Tensor:
     """act(BN_n(conv_n(act_1(... act_1(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
     BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
     path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
     (checked when built); unit k < n applies its bn.act, the last `act` (an Activation, or a bool:
     ReLU / none). Under autocast the convs run in the autocast dtype; BN math is float32.
     Backward keeps the pre-BN z of each unit, not its activation (ConvBNUnits); memory_efficient
-    also drops the z of the units recomputed_units names, running their conv again in backward."""
+    also drops the z of the units recomputed_units names, running their conv again in backward.
+    pool: a max pool after the last unit's activation (no residual), its indices kept."""
     inside, after = inside_and_after(as_activation(act), residual)
+    if pool is not None and residual is not None:
+        raise ValueError("fusedres: conv_bn_units: a pool after the units takes no residual")
     if after is not None:
         return after.apply(conv_bn_units(x, units, residual, inside, memory_efficient))
     dtype = autocast_dtype(x)
     specs, tensors = [], []
     last = len(units) - 1
     recompute = recomputed_units([u.conv for u in units]) if memory_efficient else (False,) * len(units)
+    if pool is not None:  # (the pool's backward recomputes its input from the last z: kept)
+        recompute = recompute[:-1] + (False,)
     for k, (conv, bn) in enumerate(units):
         weight, bias = conv.weight, conv.bias
         if dtype is not None:
@@ -425,12 +454,12 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
     if residual_is_x:
         residual = None
     if dtype is None:
-        return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, *tensors)
+        return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, pool, *tensors)
     with torch.autocast(x.device.type, enabled=False):
         x_in = x.to(dtype)
         if residual_is_x and x_in is not x:  # the shortcut adds the input as it is, not its autocast copy
-            return ConvBNUnits.apply(x_in, x, tuple(specs), False, *tensors)
-        return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, *tensors)
+            return ConvBNUnits.apply(x_in, x, tuple(specs), False, pool, *tensors)
+        return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, pool, *tensors)
 
 
 def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, act=True,
