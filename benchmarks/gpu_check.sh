@@ -12,7 +12,7 @@
 #                                           installed package), toy sizes, Triton interpreted
 #
 # Stage 1's budgets, seconds (BUDGET_<part>=N overrides one): build 150, kernels 75, convs 75,
-# bottleneck 30, resnet50 140 = 470, plus ~10 for the environment. A part that runs out of time is
+# bottleneck 30, resnet50 140, memory 35 = 505, plus ~10 for the environment. A part that runs out of time is
 # killed; its JSON keeps what it measured ("finished": false; written before the part starts, so
 # there is one whenever it is killed) and the next part runs.
 # $OUT/stage1_summary.json lists every part: rc, seconds, timed_out.
@@ -93,7 +93,7 @@ if [[ $STAGES == *,1,* ]]; then
 
   DRY=()
   [ "$DRY_RUN" = 1 ] && DRY=(--dry-run)
-  for spec in kernels:75 convs:75 bottleneck:30 resnet50:140; do
+  for spec in kernels:75 convs:75 bottleneck:30 resnet50:140 memory:35; do
     part="${spec%%:*}"
     b=$(budget "$part" "${spec##*:}")
     echo "== stage 1: $part (budget ${b}s)"

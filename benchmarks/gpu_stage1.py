@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PARTS = {"kernels": 75, "convs": 75, "bottleneck": 30, "resnet50": 140}
+PARTS = {"kernels": 75, "convs": 75, "bottleneck": 30, "resnet50": 140, "memory": 35}
 
 
 class Part:
@@ -381,6 +381,45 @@ def part_resnet50(part, device, dry_run):
             del m, fn
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def part_memory(part, device, dry_run):
+    """Issue 25: the peak memory of a ResNet-50 train step (batch 256, bfloat16 autocast,
+    channels_last), stock against fused (default, and memory_efficient=True), from
+    torch.cuda.max_memory_allocated after the model, its gradients and the batch are in place;
+    and memory_report's saved-for-backward bytes of the same model. A dry run (CPU) takes a
+    ResNet-18 at batch 2 and reports the saved bytes only."""
+    import fusedres
+    from fusedres.models import resnet18, resnet50
+
+    batch, size, dtype = (2, 32, torch.float32) if dry_run else (256, 224, torch.bfloat16)
+    torch.manual_seed(0)
+    base = (resnet18 if dry_run else resnet50)(num_classes=1000).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    amp = dtype != torch.float32
+    report = fusedres.memory_report(base, x[:8] if not dry_run else x)
+    part.row(what="saved for backward (memory_report, batch 8 float32)", stock_mib=report.stock_bytes / 2**20,
+             fused_mib=report.fused_bytes / 2**20, ratio=report.ratio)
+    for impl in ("stock", "fused", "fused memory_efficient"):
+        m = copy.deepcopy(base) if impl == "stock" else fusedres.fuse(base, memory_efficient="efficient" in impl)
+        m.train()
+        for p in m.parameters():  # gradients allocated first: the peak below is the step's activations
+            p.grad = torch.zeros_like(p)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = F.cross_entropy(m(x).float(), labels)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            part.row(what="train step peak above model + gradients + batch", impl=impl, batch=batch,
+                     dtype=str(dtype)[6:], peak_mib=peak / 2**20)
+        del m, loss
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """The main job: correctness of every fused block, then benchmark tables, then where the files went.
 
-    python benchmarks/report.py [--suites overhead,stats,bn_act,conv,blocks,dense,models,e2e] [--dtypes bf16,fp32] [--batch N]
+    python benchmarks/report.py [--suites overhead,stats,bn_act,conv,blocks,dense,models,memory,e2e] [--dtypes bf16,fp32] [--batch N]
                                [--out DIR] [--quick] [--compile / --no-compile]
                                [--compile-mode default|max-autotune]
 
@@ -27,6 +27,7 @@ import bench_bn_act
 import bench_bn_stats
 import bench_conv
 import bench_dense
+import bench_memory
 import bench_models
 import e2e_train
 from common import copy_bandwidth_gbps, environment, matmul_tflops, table, write_json
@@ -91,7 +92,7 @@ def correctness(device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="overhead,stats,bn_act,conv,blocks,dense,models,e2e")
+    parser.add_argument("--suites", default="overhead,stats,bn_act,conv,blocks,dense,models,memory,e2e")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/out/<date>)")
@@ -223,6 +224,14 @@ def main(argv=None):
         print(f"\n== models: train step (fwd + bwd + SGD) and inference, {size}x{size}, channels_last")
         print(table(rows, ["model", "mode", "dtype", "batch", "impl", "ms", "images_per_s", "speedup_vs_eager",
                            "peak_MB", "memory_vs_eager"]), flush=True)
+
+    if "memory" in suites:
+        memory = bench_memory.run(out, args.quick, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        results["memory"] = memory
+        print("\n== memory (issue 25): bytes kept for backward after one training forward, batch 8, 112x112, "
+              "float32 channels_last (fusedres.memory_report; fused path = what a GPU runs; cpu_default_ratio: "
+              "what the CPU's measured choice runs); then CPU train-step time, interleaved")
+        print(bench_memory.tables(memory), flush=True)
 
     if "e2e" in suites:
         e2e_args = e2e_train.parser(device.type == "cuda").parse_args(["--out", out])

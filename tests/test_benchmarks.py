@@ -100,3 +100,25 @@ def test_cpu_models_suite_runs_every_variant_side_by_side():
     assert len(ort) == 1
     assert out["info"]["fusedres_backends"]["onednn"]["cpu"] is True  # CI's torch has oneDNN's conv ops
     assert out["info"]["environment"]["date"]
+
+
+def test_memory_suite_rows_and_interleaved_step_times(tmp_path):
+    """The memory suite's plumbing at a toy size: a row per model with stock / fused /
+    memory_efficient bytes (fused < stock, memory_efficient <= fused), the goal where the issue
+    set one, a row saying why for a model this environment cannot build; step times of the three
+    variants from one interleaved run."""
+    import bench_memory
+
+    rows = bench_memory.saved_bytes(("resnet50", "no_such_model"), batch=2, size=48, out_dir=str(tmp_path),
+                                    cpu_default=True, progress=lambda m: None)
+    resnet, missing = rows
+    assert resnet["goal"] == 0.85 and resnet["efficient_goal"] == 0.55
+    assert 0 < resnet["efficient_mib"] <= resnet["fused_mib"] < resnet["stock_mib"]
+    assert resnet["ratio"] == resnet["fused_mib"] / resnet["stock_mib"]
+    assert 0 < resnet["cpu_default_ratio"] <= 1.0 + 1e-6
+    assert [r["path"] for r in resnet["rows"]][-1] == "(rest)"
+    assert "note" in missing and "stock_mib" not in missing
+    times = bench_memory.step_times(("resnet18",), batch=2, size=48, rounds=1, progress=lambda m: None)
+    assert [r["impl"] for r in times][1:] == ["fusedres", "fusedres memory_efficient"]
+    assert times[0]["vs_stock"] == 1.0 and all(r["ms"] > 0 for r in times)
+    assert "eager" in bench_memory.tables(dict(saved=rows, step_times=times))

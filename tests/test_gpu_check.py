@@ -14,21 +14,21 @@ def test_stage1_dry_run_with_a_part_killed_at_its_budget(tmp_path):
     imported torch: the record gpu_check.sh wrote first is what it leaves); the other parts get
     budgets no machine runs out of, so nothing here depends on the machine's speed."""
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable, BUDGET_convs="3",
-               BUDGET_kernels="3000", BUDGET_bottleneck="3000", BUDGET_resnet50="3000")
+               BUDGET_kernels="3000", BUDGET_bottleneck="3000", BUDGET_resnet50="3000", BUDGET_memory="3000")
     env.pop("TRITON_INTERPRET", None)  # the script sets it for its dry run
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=4 * 3000)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # the killed part fails the run
     summary = json.loads((tmp_path / "stage1_summary.json").read_text())
     parts = {p["part"]: p for p in summary["parts"]}
-    assert list(parts) == ["environment", "build", "kernels", "convs", "bottleneck", "resnet50"]
+    assert list(parts) == ["environment", "build", "kernels", "convs", "bottleneck", "resnet50", "memory"]
     assert not summary["ok"]
     assert parts["convs"]["timed_out"] and parts["convs"]["rc"] == 124, parts["convs"]
     assert parts["convs"]["seconds"] < 60  # timeout -k 5 3: TERM at 3 s, KILL at 8 s
     killed = json.loads((tmp_path / "stage1_convs.json").read_text())
     assert killed["finished"] is False and killed["dry_run"] is True
 
-    for name in ("kernels", "bottleneck", "resnet50"):
+    for name in ("kernels", "bottleneck", "resnet50", "memory"):
         assert parts[name]["rc"] == 0 and not parts[name]["timed_out"], (name, proc.stdout[-3000:])
         data = json.loads((tmp_path / f"stage1_{name}.json").read_text())
         assert data["finished"] is True and data["dry_run"] is True and data["rows"], name
