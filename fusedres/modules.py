@@ -211,7 +211,12 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         backward than stock (two or more units: no activation kept between them); else 0."""
         if self.fusedres_memory_efficient:
             return float("inf")
-        return train_slowdown_allowed() if len(units) > 1 else 0.0
+        return train_slowdown_allowed() if len(units) > 1 or self._keeps_less_alone() else 0.0
+
+    def _keeps_less_alone(self) -> bool:
+        """Whether a single unit keeps less than stock all the same (FusedUnits: a max pool after
+        it, or an activation other than ReLU inside it)."""
+        return False
 
     def _stock_chosen(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         """Told when the CPU's measured choice ran the stock forward (FusedUnits views remember it)."""
@@ -562,6 +567,12 @@ class FusedUnits(FusedResidual):
         if norm_with_tail(norm) and type(norm._modules.get("drop")) is nn.Identity:
             return post_op_of(norm._modules.get("act"))
         return None
+
+    def _keeps_less_alone(self) -> bool:
+        # the pool's input is not kept (its indices are); a smooth activation's input is not
+        post_op = self._tail_post_op()
+        return self.pool_name is not None or (post_op is not None and post_op.activation is not None
+                                              and post_op.name not in ("hardtanh", "leaky_relu"))
 
     def _pool(self) -> Optional[nn.Module]:
         return self.get_submodule(self.pool_name) if self.pool_name is not None else None
