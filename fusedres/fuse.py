@@ -34,7 +34,7 @@ from .block_plumbing import (drop_derived, norm_post_op, norm_unfusable_reason, 
                              post_op_of, unfusable_reason)
 from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
-                      FusedUnits, NormReLUSpec, RunSpec, is_plain_max_pool, set_memory_efficient)
+                      FusedUnits, NormReLUSpec, RunSpec, gate_program, is_plain_max_pool, set_memory_efficient)
 
 _FUSED = (FusedResidual, FusedSequential, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
           FusedTransition, FusedGraph)
@@ -421,7 +421,11 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
         pool = None
         if relu and tail is None and j < len(children) and is_plain_max_pool(children[j]):  # a stem's max pool
             pool, j = names[j], j + 1
-        runs.append((top_index(start), top_index(j), tuple(units), relu, tail, tuple(between), pool))
+        first, gate = top_index(start), None
+        before = first - 1  # a squeeze-excitation child right before the run (not in the previous one)
+        if before >= 0 and (not runs or runs[-1][1] <= before) and gate_program(top[before]) is not None:
+            first, gate = before, list(seq._modules)[before]
+        runs.append((first, top_index(j), tuple(units), relu, tail, tuple(between), pool, gate))
         i = j
     return runs, list(refused.items())
 
@@ -589,7 +593,14 @@ def _grow_run(first, module: nn.Module, calls, refused):
                 and calls[user.target] == 1 and is_plain_max_pool(module.get_submodule(user.target))):
             nodes.append(user)
             pool = user.target
-    return nodes, tuple(units), final_relu, other, tail, tuple(between), pool
+    gate, source = None, first.args[0]
+    producer = first.args[0]
+    if (producer.op == "call_module" and len(producer.users) == 1 and len(producer.args) == 1 and not producer.kwargs
+            and isinstance(producer.args[0], torch.fx.Node) and calls[producer.target] == 1
+            and gate_program(module.get_submodule(producer.target)) is not None):  # x * f(x) feeding the run
+        nodes.insert(0, producer)
+        gate, source = producer.target, producer.args[0]
+    return nodes, tuple(units), final_relu, other, tail, tuple(between), pool, gate, source
 
 
 def _tail_of(node, module: nn.Module):
@@ -636,10 +647,10 @@ def _rewrite_runs(graph: torch.fx.Graph, module: nn.Module) -> Tuple[List[RunSpe
         run = _grow_run(node, module, calls, refused)
         if run is None:
             continue
-        nodes, units, final_relu, other, tail, between, pool = run
+        nodes, units, final_relu, other, tail, between, pool, gate, source = run
         target = f"_fusedres_run{len(specs)}"
-        _replace_nodes(graph, nodes, target, (node.args[0],) + ((other,) if other is not None else ()), erased)
-        specs.append(RunSpec(target, units, final_relu, other is not None, tail, between, pool))
+        _replace_nodes(graph, nodes, target, (source,) + ((other,) if other is not None else ()), erased)
+        specs.append(RunSpec(target, units, final_relu, other is not None, tail, between, pool, gate))
     for node in list(graph.nodes):  # a norm -> ReLU left over, no conv fusable before it: one pass
         if (node in erased or node.op != "call_module" or str(node.target).startswith("_fusedres_")
                 or _module_kind(node, module) != "bn" or len(node.args) != 1 or node.kwargs):
@@ -689,8 +700,8 @@ def _describe_runs(specs) -> str:
         acts = [("relu" if op is None else op.name) for op in spec.between]
         chain = f"{spec.units[0][0]} -> {spec.units[0][1]}" + "".join(
             f" -> {a} -> {c} -> {b}" for a, (c, b) in zip(acts, spec.units[1:]))
-        parts.append(chain + (" + residual" if spec.join else "") + (" -> relu" if spec.final_relu else "")
-                     + (f" -> {spec.pool}" if spec.pool else ""))
+        parts.append((f"{spec.gate} -> " if spec.gate else "") + chain + (" + residual" if spec.join else "")
+                     + (" -> relu" if spec.final_relu else "") + (f" -> {spec.pool}" if spec.pool else ""))
     return "; ".join(parts)
 
 
@@ -841,7 +852,7 @@ def _swap(module: nn.Module, path: str, entries: List[Entry]) -> nn.Module:
             names = list(module._modules)
             children = list(module._modules.values())
             parts = []
-            for start, stop, _, relu, tail, between, pool in runs:
+            for start, stop, _, relu, tail, between, pool, gate in runs:
                 part = " -> ".join(names[start:stop])
                 if any(op is not None for op in between):
                     part += f" ({', '.join(op.name for op in between if op is not None)} between units, inside the kernels)"

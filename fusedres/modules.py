@@ -29,6 +29,7 @@ forward instead and says so once.
 import collections
 import copy
 import functools
+import operator
 import threading
 from typing import Callable, NamedTuple, Optional
 
@@ -96,6 +97,43 @@ def pool_spec(pool: nn.MaxPool2d) -> PoolSpec:
                     bool(pool.ceil_mode))
 
 
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._root = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self._root
+
+
+def gate_program(module: nn.Module) -> Optional[torch.fx.GraphModule]:
+    """For a module whose forward is `x * f(x)` (a squeeze-excitation: timm's SqueezeExcite,
+    torchvision's SqueezeExcitation, traced with its children as leaves), a GraphModule computing
+    f(x) alone (the gate, run on the module's own children); None for any other module. f must
+    read x once, and not through the product."""
+    try:
+        graph = _ChildrenAsLeaves(module).trace(module)
+    except Exception:  # noqa: BLE001 - not traceable: not a gate fusedres can split
+        return None
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    output = nodes[-1]
+    if len(inputs) != 1 or output.op != "output" or not isinstance(output.args[0], torch.fx.Node):
+        return None
+    x, product = inputs[0], output.args[0]
+    is_mul = (product.op == "call_function" and product.target in (operator.mul, torch.mul)) or (
+        product.op == "call_method" and product.target == "mul")
+    if not is_mul or len(product.args) != 2 or product.kwargs or x not in product.args or len(x.users) != 2:
+        return None
+    gate = product.args[1] if product.args[0] is x else product.args[0]
+    if not isinstance(gate, torch.fx.Node) or gate is x:
+        return None
+    output.args = (gate,)
+    graph.erase_node(product)
+    graph.lint()
+    return torch.fx.GraphModule(module, graph, class_name="FusedresGate")
+
+
 def is_plain_max_pool(module: nn.Module) -> bool:
     """An nn.MaxPool2d (exactly) that returns no indices: what a unit run may end with."""
     return type(module) is nn.MaxPool2d and not module.return_indices
@@ -118,7 +156,8 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
     fusedres_memory_efficient = False
 
     def _core_units(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
-                    conv_kernels: Optional[bool] = None, post_op=None, pool: Optional[nn.Module] = None) -> torch.Tensor:
+                    conv_kernels: Optional[bool] = None, post_op=None, pool: Optional[nn.Module] = None,
+                    gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) on the core path: in training
         or with gradients one ConvBNUnits Function for all the units (aten's conv, the BatchNorm
         ops); in eval without gradients, per unit BN folded into the conv (cached) and bias +
@@ -128,7 +167,8 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         last unit (relu False): in training the last unit's own activation inside the BatchNorm
         ops where it is one of theirs (PostOp.activation), in inference the last conv's oneDNN
         post-op or the kernels' epilogue; else applied after. pool: an nn.MaxPool2d after it all
-        (a stem's; inside the one Function in training, which keeps its indices, not its input)."""
+        (a stem's; inside the one Function in training, which keeps its indices, not its input).
+        gate: an [N, C, 1, 1] tensor x is multiplied by first (inside the Function in training)."""
         bns = [bn_args(bn) for _, bn in units]  # once per BatchNorm per forward: it counts batches
         between = self._between_post_ops(units)
         if any(b.batch_stats for b in bns) or grad_needed(x, residual, *[m for unit in units for m in unit]):
@@ -137,10 +177,10 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
             pool_inside = pool is not None and (post_op is None or inside is not None)
             out = conv_bn_units(x, [Unit(conv_args(conv), b) for (conv, _), b in zip(units, bns)], residual,
                                 relu if inside is None else inside, self.fusedres_memory_efficient,
-                                pool_spec(pool) if pool_inside else None)
+                                pool_spec(pool) if pool_inside else None, gate)
             out = out if post_op is None or inside is not None else post_op.apply(out)
             return out if pool is None or pool_inside else pool(out)
-        out = x
+        out = x if gate is None else x * gate
         last = len(units) - 1
         for i, (conv, bn) in enumerate(units):
             weight, bias, packs = self._folded(conv, bn)
@@ -232,15 +272,15 @@ class _FusedBlockBase(CachesDerivedValues, nn.Module):
         return kernel_unsupported_reason(x, units[0][0].weight, autocast_dtype(x)) is not None
 
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
-                      post_op=None, pool=None) -> torch.Tensor:
+                      post_op=None, pool=None, gate=None) -> torch.Tensor:
         """The block on the core path: aten's convs with the BatchNorm ops (or folded, in inference);
-        post_op, pool: _core_units'."""
+        post_op, pool, gate: _core_units'."""
         units = units or self._units()
         conv_kernels = None
         if not torch.is_autocast_enabled(x.device.type):  # every conv of the block alike: ask once
             conv_kernels = kernel_unsupported_reason(x, units[0][0].weight) is None
         identity = self._shortcut(x, conv_kernels=conv_kernels) if residual is None else residual
-        return self._core_units(units, x, identity, self._final_relu, conv_kernels, post_op, pool)
+        return self._core_units(units, x, identity, self._final_relu, conv_kernels, post_op, pool, gate)
 
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """(weight, bias, packs): BN folded into conv, cached until anything it derives from changes
@@ -488,9 +528,12 @@ class FusedUnits(FusedResidual):
     unregistered, for fusedres.unfuse."""
 
     def __init__(self, block: nn.Module, units, final_relu: bool = True, join: bool = False, view: bool = False,
-                 tail: Optional[str] = None, tail_post_op=None, between=None, pool: Optional[str] = None) -> None:
+                 tail: Optional[str] = None, tail_post_op=None, between=None, pool: Optional[str] = None,
+                 gate: Optional[str] = None) -> None:
         super().__init__(block, units, (), final_relu, ())
         self.join = bool(join)
+        # a squeeze-excitation child whose output x * f(x) is the first conv's input (gate_program)
+        self.gate_name = gate
         self.pool_name = pool  # an nn.MaxPool2d child after the last unit's ReLU (a stem's), or None
         # per unit but the last, the activation after it: an ops.PostOp one of the kernels' activations
         # (ReLU6, SiLU, Hardswish, ... child or functional), None for a ReLU; a norm with its own
@@ -569,10 +612,10 @@ class FusedUnits(FusedResidual):
         return None
 
     def _keeps_less_alone(self) -> bool:
-        # the pool's input is not kept (its indices are); a smooth activation's input is not
+        # the pool's input is not kept (its indices are); nor the gated product; nor a smooth activation's input
         post_op = self._tail_post_op()
-        return self.pool_name is not None or (post_op is not None and post_op.activation is not None
-                                              and post_op.name not in ("hardtanh", "leaky_relu"))
+        return self.pool_name is not None or self.gate_name is not None or (
+            post_op is not None and post_op.activation is not None and post_op.name not in ("hardtanh", "leaky_relu"))
 
     def _pool(self) -> Optional[nn.Module]:
         return self.get_submodule(self.pool_name) if self.pool_name is not None else None
@@ -581,7 +624,25 @@ class FusedUnits(FusedResidual):
         pool = self._pool()
         return out if pool is None else pool(out)
 
+    def _gate(self) -> Optional[nn.Module]:
+        return self.get_submodule(self.gate_name) if self.gate_name is not None else None
+
+    def _gate_factor(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """f(x) of the gate child x * f(x), where it is an [N, C, 1, 1] tensor; else None (then
+        the caller runs the child itself)."""
+        module = self._gate()
+        program = cached_per_submodules(module, "_fusedres_gate", lambda: gate_program(module))
+        if program is None:
+            return None
+        factor = program(x)
+        n, c = x.shape[:2]
+        if not isinstance(factor, torch.Tensor) or tuple(factor.shape) != (n, c, 1, 1):
+            return None
+        return factor
+
     def _chain(self, units, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        if self.gate_name is not None:  # (the gate runs as its module before the chain)
+            x = self._gate()(x)
         post_op = self._tail_post_op()
         inside = post_op.activation if post_op is not None else None
         if inside is not None:  # inside the last unit's BatchNorm passes
@@ -589,15 +650,19 @@ class FusedUnits(FusedResidual):
         return self._pooled(self._with_tail(super()._chain(units, x, residual, relu)))
 
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
-                      post_op=None, pool=None) -> torch.Tensor:
+                      post_op=None, pool=None, gate=None) -> torch.Tensor:
+        if self.gate_name is not None:
+            gate = self._gate_factor(x)
+            if gate is None:  # not the [N, C, 1, 1] factor expected: the child as it is
+                x = self._gate()(x)
         post_op = self._tail_post_op()
         if post_op is not None:  # the tail on every core path: in inference the last conv's post-op
-            return super()._core_forward(x, units, residual, post_op, self._pool())
+            return super()._core_forward(x, units, residual, post_op, self._pool(), gate)
         nothing_after = self._final_relu or self.join or (self.tail_name is None and self.tail_post_op is None
                                                           and not norm_with_tail(self._units()[-1][1]))
         if self._pool() is not None and nothing_after:  # the pool inside the units' Function
-            return super()._core_forward(x, units, residual, None, self._pool())
-        return self._pooled(self._with_tail(super()._core_forward(x, units, residual)))
+            return super()._core_forward(x, units, residual, None, self._pool(), gate)
+        return self._pooled(self._with_tail(super()._core_forward(x, units, residual, gate=gate)))
 
     MEMO_SIZE = 8  # inputs remembered per view
 
@@ -633,7 +698,7 @@ class FusedUnits(FusedResidual):
 
     def _reference_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         units = self._units()
-        out = x
+        out = x if self.gate_name is None else self._gate()(x)
         for i, (conv, bn) in enumerate(units):
             out = bn(conv(out))  # (a norm's own activation inside: applied here)
             if i < len(units) - 1:
@@ -686,6 +751,7 @@ class SequentialRun(NamedTuple):
     tail: Optional[str] = None  # the run's last child: an activation other than ReLU (ops.PostOp), run after
     between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
     pool: Optional[str] = None  # an nn.MaxPool2d after the run's ReLU (a stem's), run last
+    gate: Optional[str] = None  # a squeeze-excitation x * f(x) whose output is the run's input, run first
 
 
 class HoldsViews:
@@ -734,7 +800,7 @@ class FusedSequential(HoldsViews, nn.Sequential):
                 part = nn.Sequential(collections.OrderedDict((n, self._modules[n]) for n in names[run.start:run.stop]))
                 part.training = self.training
                 views[run.start] = FusedUnits(part, run.units, run.final_relu, view=True, tail=run.tail,
-                                              between=run.between, pool=run.pool)
+                                              between=run.between, pool=run.pool, gate=run.gate)
                 views[run.start].fusedres_memory_efficient = self.fusedres_memory_efficient
             return views
 
@@ -776,7 +842,7 @@ class UnitRun(nn.Module):
     FusedUnits view over the run falls back to."""
 
     def __init__(self, modules, units, final_relu: bool, join: bool, tail=None, between=None,
-                 pool: Optional[str] = None) -> None:
+                 pool: Optional[str] = None, gate: Optional[str] = None) -> None:
         super().__init__()
         for name, module in modules.items():
             self._modules[name] = module
@@ -787,8 +853,11 @@ class UnitRun(nn.Module):
         # per unit but the last: the ops.PostOp after it, None for ReLU or the norm's own activation
         self.between = tuple(between) if between else (None,) * (len(self.units) - 1)
         self.pool = pool  # the name of an nn.MaxPool2d child run last, or None
+        self.gate = gate  # the name of a gate child (x * f(x)) run first, or None
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.gate is not None:
+            x = self._modules[self.gate](x)
         for i, (conv, bn) in enumerate(self.units):
             norm = self._modules[bn]
             x = norm(self._modules[conv](x))
@@ -862,6 +931,7 @@ class RunSpec(NamedTuple):
     tail: Optional[object] = None  # an ops.PostOp activation after the last unit (a module or a functional)
     between: tuple = ()  # per unit but the last: the ops.PostOp after it, None for ReLU (or the norm's own)
     pool: Optional[str] = None  # an nn.MaxPool2d after the run's ReLU (a stem's), run last
+    gate: Optional[str] = None  # a squeeze-excitation x * f(x) whose output is the run's input, run first
 
 
 class NormReLUSpec(NamedTuple):
@@ -913,13 +983,14 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
                     views.append(view)
                     continue
                 names = {path: path.replace(".", "__") for unit in spec.units for path in unit}
-                if spec.pool is not None:
-                    names[spec.pool] = spec.pool.replace(".", "__")
+                for extra in (spec.pool, spec.gate):
+                    if extra is not None:
+                        names[extra] = extra.replace(".", "__")
                 part = UnitRun({names[p]: self.get_submodule(p) for p in names},
                                [(names[c], names[b]) for c, b in spec.units], spec.final_relu, spec.join, spec.tail,
-                               spec.between, names.get(spec.pool))
+                               spec.between, names.get(spec.pool), names.get(spec.gate))
                 view = FusedUnits(part, part.units, spec.final_relu, spec.join, view=True, tail_post_op=spec.tail,
-                                  between=spec.between, pool=names.get(spec.pool))
+                                  between=spec.between, pool=names.get(spec.pool), gate=names.get(spec.gate))
                 view.training = self.training
                 view.fusedres_memory_efficient = self.fusedres_memory_efficient
                 root._modules[spec.target] = view

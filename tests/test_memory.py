@@ -161,3 +161,122 @@ def test_memory_efficient_setting_reaches_views_built_before_and_after():
     assert all(v.fusedres_memory_efficient for v in fused.derived_holders())
     x = torch.randn(2, 4, 5, 5)
     assert _saved(fused, x) < _saved(seq, x)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SqueezeExcitation (its forward is `scale * input`), written here."""
+
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+        self.activation = nn.SiLU()
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class ConvNormActivation(nn.Sequential):
+    """torchvision's Conv2dNormActivation: an nn.Sequential subclass of conv, norm[, activation]."""
+
+    def __init__(self, cin, cout, k=1, groups=1, act=nn.ReLU6):
+        layers = [nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        if act is not None:
+            layers.append(act(inplace=True))
+        super().__init__(*layers)
+
+
+def inverted_residual(c, hidden, act=nn.ReLU6, se=False):
+    """MobileNetV2's (se=False) or EfficientNet's (SiLU, se=True) block body as torchvision nests it."""
+    layers = [ConvNormActivation(c, hidden, act=act), ConvNormActivation(hidden, hidden, 3, hidden, act=act)]
+    if se:
+        layers.append(SqueezeExcitation(hidden, 4))
+    layers.append(ConvNormActivation(hidden, c, act=None))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("se", [False, True], ids=["mobilenet_v2", "efficientnet"])
+def test_inverted_residual_keeps_its_pre_bn_outputs_and_trains_like_stock(se):
+    """One run through the nested Sequentials (ReLU6 / SiLU between units inside the kernels); with
+    a squeeze-excitation before the projection, the gate joins the projection's run: the gated
+    product is kept by neither. Kept: z of each unit, the SE's input (the gated run's input):
+    stock keeps each activation besides (and the product)."""
+    torch.manual_seed(1)
+    n, c, hidden, size = 2, 8, 24, 9
+    block = inverted_residual(c, hidden, nn.SiLU if se else nn.ReLU6, se).train()
+    fused = fusedres.fuse(block)
+    runs = fused.runs
+    assert runs[0].units[:2] == (("0.0", "0.1"), ("1.0", "1.1")) and runs[0].between[0].name == (
+        "silu" if se else "hardtanh")
+    if se:  # the gate ends the first run and starts the projection's
+        assert len(runs) == 2 and runs[1].gate == "2" and runs[1].units == (("3.0", "3.1"),)
+    else:  # one run of three units
+        assert len(runs) == 1 and runs[0].units[2] == ("2.0", "2.1") and runs[0].gate is None
+    x = torch.randn(n, c, size, size).contiguous(memory_format=torch.channels_last)
+    plane = n * size * size * FLOAT
+    small = n * hidden * 8 * FLOAT  # the gate's [N, C, 1, 1] tensors
+    allowance = _stats_allowance(block) + small
+    # fused: z1, z2, z3, and with the gate its run's input (the depthwise unit's output); stock keeps
+    # at least each unit's activation besides (and the gated product)
+    kept = ((3 if se else 2) * hidden + c) * plane
+    fused_bytes, stock_bytes = _saved(fused, x), _saved(block, x)
+    assert kept <= fused_bytes <= kept + allowance, (fused_bytes, kept)
+    assert stock_bytes >= fused_bytes + 2 * hidden * plane, (stock_bytes, fused_bytes)
+    # float64: values, every gradient and the running statistics, two steps
+    stock64, fused64 = copy.deepcopy(block).double(), fusedres.fuse(copy.deepcopy(block).double())
+    for step in range(2):
+        x64 = (torch.randn(n, c, size, size, dtype=torch.float64) + 0.2).requires_grad_()
+        outs = []
+        for m in (stock64, fused64):
+            xi = x64.detach().clone().requires_grad_()
+            y = m(xi)
+            y.square().sum().backward()
+            outs.append((y, xi.grad))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-9, atol=1e-11)
+    for (name, p), q in zip(stock64.named_parameters(), fused64.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10 * max(1.0, p.grad.abs().max().item()),
+                                   msg=name)
+    for (name, b), q in zip(stock64.named_buffers(), fused64.buffers()):
+        torch.testing.assert_close(q, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_stem_pool_keeps_indices_not_its_input():
+    """conv -> BN -> ReLU -> max pool: the pool's indices and the unit's z are kept; stock keeps the
+    ReLU output (the pool's input) too. Values and gradients as stock's in float64."""
+    torch.manual_seed(2)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, 2, 1)).train()
+    fused = fusedres.fuse(stem)
+    assert fused.runs[0].pool == "3" and fused.runs[0].stop == 4
+    x = torch.randn(2, 3, 31, 29)
+    full = 2 * 8 * 16 * 15 * FLOAT  # the conv's output: 16x15
+    pooled = 2 * 8 * 8 * 8 * 8  # int64 indices of the 8x8 output
+    allowance = _stats_allowance(stem)
+    assert full + pooled <= _saved(fused, x) <= full + pooled + allowance
+    assert 2 * full + pooled <= _saved(stem, x) <= 2 * full + pooled + allowance
+    stem64, fused64 = copy.deepcopy(stem).double(), fusedres.fuse(copy.deepcopy(stem).double())
+    x64 = torch.randn(2, 3, 31, 29, dtype=torch.float64)
+    for m in (stem64, fused64):
+        m(x64).square().sum().backward()
+    for p, q in zip(stem64.parameters(), fused64.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11)
+    fused64.eval(), stem64.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused64(x64), stem64(x64), rtol=1e-12, atol=1e-12)
+
+
+def test_train_slowdown_allowance_is_read_and_checked(monkeypatch):
+    from fusedres.block_plumbing import train_slowdown_allowed
+
+    monkeypatch.delenv("FUSEDRES_CPU_TRAIN_SLOWDOWN", raising=False)
+    assert train_slowdown_allowed() == 0.05
+    monkeypatch.setenv("FUSEDRES_CPU_TRAIN_SLOWDOWN", "0.2")
+    assert train_slowdown_allowed() == 0.2
+    for bad in ("-1", "fast", "nan"):
+        monkeypatch.setenv("FUSEDRES_CPU_TRAIN_SLOWDOWN", bad)
+        with pytest.raises(ValueError, match="FUSEDRES_CPU_TRAIN_SLOWDOWN"):
+            train_slowdown_allowed()

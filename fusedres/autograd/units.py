@@ -266,18 +266,21 @@ class ConvBNUnits(torch.autograd.Function):
 
     pool (PoolSpec or None): a max pool after the last unit (a ResNet stem's): its indices are kept,
     not its input (stock keeps both); backward recomputes that input.
+    gate ([N, C, 1, 1] tensor or None): the first conv's input is x * gate (a squeeze-excitation's
+    output): x and the gate are kept, not the product (stock keeps x in the multiply and the product
+    in the conv); backward recomputes it and returns both factors' gradients.
 
     specs: per unit (ConvSpec, BNSpec, recompute_z); tensors: per unit (weight, bias, gamma,
     beta, running_mean, running_var), None where absent."""
 
     @staticmethod
-    def forward(ctx, x, residual, specs, residual_is_x, pool, *tensors):
+    def forward(ctx, x, residual, specs, residual_is_x, pool, gate, *tensors):
         # residual_is_x: the identity shortcut, passed as a flag (torch.compile cannot trace a
         # Function given one tensor twice)
         if residual_is_x:
             residual = x
         ctx.residual_is_x = residual_is_x
-        h = x
+        h = x if gate is None else gated(x, gate, specs[0][0], tensors[0])
         saved, counts = [x], []
         last = len(specs) - 1
         for k, (conv, bn, recompute_z) in enumerate(specs):
@@ -300,15 +303,15 @@ class ConvBNUnits(torch.autograd.Function):
         if pool is not None:
             h, indices = torch.ops.aten.max_pool2d_with_indices.default(h, *pool)
             ctx.mark_non_differentiable(indices)
-            ctx.save_for_backward(*saved, indices)
+            ctx.save_for_backward(*saved, indices, gate)
             return h
-        ctx.save_for_backward(*saved, h if ctx.mask_from_output else None)
+        ctx.save_for_backward(*saved, h if ctx.mask_from_output else None, gate)
         return h
 
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
-        x, output = saved[0], saved[-1]
+        x, output, gate = saved[0], saved[-2], saved[-1]
         per_unit = [saved[1 + 7 * k:8 + 7 * k] for k in range(len(ctx.specs))]
         needs = ctx.needs_input_grad
         grads = [None] * len(ctx.dtypes)
@@ -325,7 +328,7 @@ class ConvBNUnits(torch.autograd.Function):
         def conv_input(k, z_before):
             """h_k: x, or act(BN_{k-1}(z_{k-1})) recomputed (one pass; freed after unit k's conv)."""
             if k == 0:
-                return x
+                return x if gate is None else gated(x, gate, ctx.specs[0][0], per_unit[0][0])
             _, _, _, mean, scale, shift, _ = per_unit[k - 1]
             return direct.bn_act_forward(z_before, mean, scale, shift, None, ctx.specs[k - 1][1].act)
 
@@ -346,8 +349,8 @@ class ConvBNUnits(torch.autograd.Function):
         for k in range(last, -1, -1):
             conv, bn, _ = ctx.specs[k]
             weight, _, z, mean, scale, shift, invstd = per_unit[k]
-            base = 5 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, pool, then the tensors
-            need_h = k > 0 or needs[0]
+            base = 6 + 6 * k  # needs_input_grad: x, residual, specs, residual_is_x, pool, gate, then the tensors
+            need_h = k > 0 or needs[0] or needs[5]
             need_w, need_b = needs[base], needs[base + 1]
             h = None
             if z is None:  # recomputed (memory_efficient): at unit k + 1's step, or here from h_k
@@ -386,6 +389,11 @@ class ConvBNUnits(torch.autograd.Function):
             g, grads[6 * k], grads[6 * k + 1] = conv_backward(grad_z, h, weight, ctx.dtypes[6 * k + 1] is not None,
                                                               *conv, (need_h, need_w, need_b))
             del h, grad_z
+        grad_gate = None
+        if gate is not None and g is not None:  # g: the gradient of x * gate
+            if needs[5]:
+                grad_gate = (g * x).sum((2, 3), keepdim=True, dtype=stats_dtype(g)).to(gate.dtype)
+            g = (g * gate).to(x.dtype) if needs[0] else None
         if ctx.residual_is_x:
             grad_x = None
             if needs[0]:  # the input's gradient: through the units and through the shortcut
@@ -393,10 +401,10 @@ class ConvBNUnits(torch.autograd.Function):
                     grad_x = grad_residual
                 else:  # (into conv_backward's fresh tensor: a new one costs its page faults, ~0.6 ms per 3 MB)
                     grad_x = g.add_(like(grad_residual, g).to(g.dtype))
-            return (grad_x, None, None, None, None, *grads)
+            return (grad_x, None, None, None, None, grad_gate, *grads)
         if grad_residual is not None:
             grad_residual = grad_residual.to(ctx.residual_dtype) if needs[1] else None
-        return (g if needs[0] else None, grad_residual, None, None, None, *grads)
+        return (g if needs[0] else None, grad_residual, None, None, None, grad_gate, *grads)
 
 
 def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
@@ -415,6 +423,11 @@ def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
     return tuple(flags)
 
 
+def gated(x: torch.Tensor, gate: torch.Tensor, conv: ConvSpec, weight: torch.Tensor) -> torch.Tensor:
+    """x * gate as the conv takes it: in the weight's dtype (autocast's), laid out as x."""
+    return dense((x * gate).to(weight.dtype))
+
+
 class PoolSpec(NamedTuple):
     """A max pool's arguments as aten.max_pool2d_with_indices takes them (pairs)."""
     kernel_size: tuple
@@ -425,7 +438,8 @@ class PoolSpec(NamedTuple):
 
 
 def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[torch.Tensor] = None,
-                  act=True, memory_efficient: bool = False, pool: Optional[PoolSpec] = None) -> torch.Tensor:
+                  act=True, memory_efficient: bool = False, pool: Optional[PoolSpec] = None,
+                  gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """act(BN_n(conv_n(act_1(... act_1(BN_1(conv_1(x))) ...))) + residual) on aten's conv and the core
     BatchNorm ops, one autograd Function (ConvBNUnits) for all the units: the fused modules' core
     path in training and eval with gradients. units: Unit(ConvArgs, BNArgs), the modules' own
@@ -433,12 +447,13 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
     ReLU / none). Under autocast the convs run in the autocast dtype; BN math is float32.
     Backward keeps the pre-BN z of each unit, not its activation (ConvBNUnits); memory_efficient
     also drops the z of the units recomputed_units names, running their conv again in backward.
-    pool: a max pool after the last unit's activation (no residual), its indices kept."""
+    pool: a max pool after the last unit's activation (no residual), its indices kept. gate: an
+    [N, C, 1, 1] tensor the input is multiplied by first (x * gate kept by neither)."""
     inside, after = inside_and_after(as_activation(act), residual)
     if pool is not None and residual is not None:
         raise ValueError("fusedres: conv_bn_units: a pool after the units takes no residual")
     if after is not None:
-        return after.apply(conv_bn_units(x, units, residual, inside, memory_efficient))
+        return after.apply(conv_bn_units(x, units, residual, inside, memory_efficient, pool, gate))
     dtype = autocast_dtype(x)
     specs, tensors = [], []
     last = len(units) - 1
@@ -457,12 +472,14 @@ def conv_bn_units(x: torch.Tensor, units: Sequence[Unit], residual: Optional[tor
     if residual_is_x:
         residual = None
     if dtype is None:
-        return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, pool, *tensors)
+        return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, pool, gate, *tensors)
     with torch.autocast(x.device.type, enabled=False):
+        if gate is not None:  # (the product is cast to the conv's dtype inside: x as it is)
+            return ConvBNUnits.apply(x, residual, tuple(specs), residual_is_x, pool, gate, *tensors)
         x_in = x.to(dtype)
         if residual_is_x and x_in is not x:  # the shortcut adds the input as it is, not its autocast copy
-            return ConvBNUnits.apply(x_in, x, tuple(specs), False, pool, *tensors)
-        return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, pool, *tensors)
+            return ConvBNUnits.apply(x_in, x, tuple(specs), False, pool, gate, *tensors)
+        return ConvBNUnits.apply(x_in, residual, tuple(specs), residual_is_x, pool, gate, *tensors)
 
 
 def bn_act(z, bn_weight, bn_bias, stats: BatchNormStats, residual=None, *, batch_stats: bool, act=True,
