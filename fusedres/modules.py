@@ -31,6 +31,7 @@ import copy
 import functools
 import operator
 import threading
+import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -98,12 +99,15 @@ def pool_spec(pool: nn.MaxPool2d) -> PoolSpec:
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: Optional[nn.Module] = None) -> None:
         super().__init__()
         self._root = root
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root
+
+
+_GATE_PROGRAMS = weakref.WeakKeyDictionary()  # gate module -> (its children, gate_program(module))
 
 
 def gate_program(module: nn.Module) -> Optional[torch.fx.GraphModule]:
@@ -631,7 +635,11 @@ class FusedUnits(FusedResidual):
         """f(x) of the gate child x * f(x), where it is an [N, C, 1, 1] tensor; else None (then
         the caller runs the child itself)."""
         module = self._gate()
-        program = cached_per_submodules(module, "_fusedres_gate", lambda: gate_program(module))
+        key = tuple(module._modules.values())
+        cached = _GATE_PROGRAMS.get(module)
+        if cached is None or cached[0] != key:  # (kept beside the module, not in it: never pickled with it)
+            cached = _GATE_PROGRAMS[module] = (key, gate_program(module))
+        program = cached[1]
         if program is None:
             return None
         factor = program(x)
@@ -652,7 +660,8 @@ class FusedUnits(FusedResidual):
     def _core_forward(self, x: torch.Tensor, units=None, residual: Optional[torch.Tensor] = None,
                       post_op=None, pool=None, gate=None) -> torch.Tensor:
         if self.gate_name is not None:
-            gate = self._gate_factor(x)
+            # (while torch.compile traces, the child as it is: its graph is inductor's to fuse)
+            gate = None if tracing() else self._gate_factor(x)
             if gate is None:  # not the [N, C, 1, 1] factor expected: the child as it is
                 x = self._gate()(x)
         post_op = self._tail_post_op()

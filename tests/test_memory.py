@@ -5,6 +5,7 @@ The lean units keep per unit its pre-BN conv output z and per-channel statistics
 input and (ReLU after a residual) the block output; stock keeps z and the activation per unit.
 Budgets below are those tensors' exact bytes, plus a per-channel allowance for the statistics."""
 import copy
+import io
 
 import pytest
 import torch
@@ -242,6 +243,12 @@ def test_inverted_residual_keeps_its_pre_bn_outputs_and_trains_like_stock(se):
                                    msg=name)
     for (name, b), q in zip(stock64.named_buffers(), fused64.buffers()):
         torch.testing.assert_close(q, b, rtol=1e-12, atol=1e-12, msg=name)
+    buffer = io.BytesIO()  # a gate's split program lives beside the module: pickling is unaffected
+    torch.save(fused64, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x.double()), stock64.eval()(x.double()), rtol=1e-10, atol=1e-12)
 
 
 def test_a_stem_pool_keeps_indices_not_its_input():
