@@ -74,6 +74,39 @@ def saved_bytes(archs=MODELS, batch: int = 8, size: int = 112, out_dir: str = No
     return rows
 
 
+def summary_png(rows: List[dict], path: str) -> str:
+    """Grouped bars per model: stock, fused and memory_efficient MiB kept for backward (matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "stock_mib" in r]
+    labels = [r["model"] for r in rows]
+    series = (("stock", "stock_mib"), ("fusedres", "fused_mib"), ("fusedres memory_efficient", "efficient_mib"))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.27
+    for k, (name, key) in enumerate(series):
+        xs = [i + (k - 1) * width for i in range(len(rows))]
+        bars = ax.bar(xs, [r[key] for r in rows], width, label=name)
+        if key != "stock_mib":
+            ratio = "ratio" if key == "fused_mib" else "efficient_ratio"
+            for bar, r in zip(bars, rows):
+                ax.annotate(f"{r[ratio]:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("MiB kept for backward")
+    first = rows[0] if rows else {}
+    ax.set_title(f"Saved for backward after one training forward, batch {first.get('batch')}, "
+                 f"{first.get('size')}x{first.get('size')}, float32 (fusedres.memory_report)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _train_step(model, opt, x, labels):
     def step():
         loss = F.cross_entropy(model(x), labels)
@@ -133,8 +166,14 @@ def run(out_dir: str = None, quick: bool = False, timed: bool = True, progress=p
     """The suite; the CPU-only parts (the measured choice's bytes, step times) where no GPU is."""
     cpu = not torch.cuda.is_available()
     saved = saved_bytes(out_dir=out_dir, cpu_default=cpu, progress=progress)
+    chart = None
+    if out_dir is not None:
+        try:
+            chart = summary_png(saved, os.path.join(out_dir, "memory_summary.png"))
+        except ImportError as e:
+            chart = f"not drawn: {e}"
     times = step_times(rounds=3 if quick else 8, progress=progress) if timed and cpu else []
-    return dict(saved=saved, step_times=times)
+    return dict(saved=saved, step_times=times, chart=chart)
 
 
 SAVED_COLUMNS = ("model", "source", "stock_mib", "fused_mib", "ratio", "goal", "met", "efficient_mib",

@@ -99,6 +99,8 @@ def pool_spec(pool: nn.MaxPool2d) -> PoolSpec:
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
+    proxy_buffer_attributes = True  # (a buffer read while tracing is a graph node, never touched)
+
     def __init__(self, root: Optional[nn.Module] = None) -> None:
         super().__init__()
         self._root = root
@@ -114,7 +116,10 @@ def gate_program(module: nn.Module) -> Optional[torch.fx.GraphModule]:
     """For a module whose forward is `x * f(x)` (a squeeze-excitation: timm's SqueezeExcite,
     torchvision's SqueezeExcitation, traced with its children as leaves), a GraphModule computing
     f(x) alone (the gate, run on the module's own children); None for any other module. f must
-    read x once, and not through the product."""
+    read x once, and not through the product. A module with buffers is none (tracing runs its
+    Python: a norm's forward would count a batch)."""
+    if any(True for _ in module.buffers()) or isinstance(module, nn.modules.batchnorm._NormBase):
+        return None
     try:
         graph = _ChildrenAsLeaves(module).trace(module)
     except Exception:  # noqa: BLE001 - not traceable: not a gate fusedres can split

@@ -287,3 +287,17 @@ def test_train_slowdown_allowance_is_read_and_checked(monkeypatch):
         monkeypatch.setenv("FUSEDRES_CPU_TRAIN_SLOWDOWN", bad)
         with pytest.raises(ValueError, match="FUSEDRES_CPU_TRAIN_SLOWDOWN"):
             train_slowdown_allowed()
+
+
+def test_only_a_product_x_times_f_of_x_is_a_gate_and_finding_one_touches_nothing():
+    from fusedres.modules import gate_program
+
+    norm = nn.BatchNorm2d(4).train()
+    assert gate_program(norm) is None and norm.num_batches_tracked.item() == 0  # (its forward never ran)
+    assert gate_program(nn.Sequential(nn.Conv2d(4, 4, 1))) is None
+    assert gate_program(nn.SiLU()) is None  # x * sigmoid(x) inside one op: no product in its graph
+    se = SqueezeExcitation(6, 2)
+    program = gate_program(se)
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(x * program(x), se(x), rtol=0, atol=0)
+    assert tuple(program(x).shape) == (2, 6, 1, 1)
