@@ -26,6 +26,18 @@ def _cases():
 BACKEND_CASES = _cases()
 FAST_BACKENDS = [c for c in BACKEND_CASES if c.values[1] != "reference"]
 
+@pytest.fixture(autouse=True, params=["cpu-isa-auto", "cpu-isa-baseline"])
+def both_cpu_builds(request, monkeypatch):
+    """The C++ CPU kernels are built twice (baseline x86-64, and AVX2 + FMA where the CPU has both:
+    csrc/cpu/isa.h): a test module that takes this fixture (`cpu_isa = both_cpu_builds`) runs every
+    test with the build this CPU picks and with the baseline one forced."""
+    if request.param == "cpu-isa-baseline":
+        monkeypatch.setenv("FUSEDRES_CPU_ISA", "baseline")
+    else:
+        monkeypatch.delenv("FUSEDRES_CPU_ISA", raising=False)
+    return request.param
+
+
 OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elementwise", "bn_backward_finalize")
 
 

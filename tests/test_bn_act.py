@@ -10,21 +10,12 @@ from fusedres import ops
 from fusedres.common import ACTIVATIONS, Activation
 from fusedres.ops.bn_act import (bn_act_backward_elementwise_reference, bn_act_backward_reduce_reference,
                                  bn_act_forward_reference)
-from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, backend, same_format
+from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, backend, both_cpu_builds, same_format
 
 SHAPES = [(2, 5, 7, 9), (3, 13, 1, 1), (1, 3, 5, 5), (2, 70, 4, 3)]
 
 
-@pytest.fixture(autouse=True, params=["cpu-isa-auto", "cpu-isa-baseline"])
-def cpu_isa(request, monkeypatch):
-    """The C++ CPU kernels are built twice (baseline x86-64, and AVX2 + FMA where the CPU has both,
-    csrc/cpu/bn_act_cpu.cpp): every test runs with the one this CPU picks and with the baseline
-    build forced, both against float64."""
-    if request.param == "cpu-isa-baseline":
-        monkeypatch.setenv("FUSEDRES_CPU_ISA", "baseline")
-    else:
-        monkeypatch.delenv("FUSEDRES_CPU_ISA", raising=False)
-    return request.param
+cpu_isa = both_cpu_builds  # every test twice: the C++ CPU kernels' AVX2 + FMA build and the baseline one
 VARIANTS = list(itertools.product([True, False], [True, False], [True, False]))  # (normalize, residual, relu)
 
 

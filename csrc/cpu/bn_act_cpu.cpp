@@ -1,15 +1,14 @@
 // Normalize-activate y = act((x - mean) * scale + shift + residual) and its backward, on the CPU:
 // the kernels (bn_act_cpu_kernels.h) built for the baseline x86-64 here and with AVX2 + FMA in
-// bn_act_cpu_avx2.cpp, the latter run where the CPU has both. Measured, 2 threads, float32
+// avx2.cpp, the latter run where the CPU has both. Measured, 2 threads, float32
 // channels_last: the AVX2 build's passes take 0.5-0.7x the baseline's (e.g. [8, 512, 14, 14]:
 // normalize 0.165 -> 0.078 ms, reduction 0.24 -> 0.14, elementwise 0.23 -> 0.15), below aten's
 // BatchNorm (runtime-dispatched AVX2 itself) where the baseline build was ~2x above it.
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "../activation.h"
 #include "channel_reduce_cpu.h"
+#include "isa.h"
 
 #define FUSEDRES_CPU_ISA baseline
 #include "bn_act_cpu_kernels.h"
@@ -17,8 +16,7 @@
 
 namespace fusedres {
 namespace cpu {
-namespace avx2 {  // bn_act_cpu_avx2.cpp
-bool compiled();
+namespace avx2 {  // avx2.cpp
 at::Tensor bn_act_forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& mean,
                               const c10::optional<at::Tensor>& scale, const at::Tensor& shift,
                               const c10::optional<at::Tensor>& residual, int64_t act, double alpha);
@@ -33,21 +31,6 @@ at::Tensor bn_act_backward_elementwise_cpu(const at::Tensor& grad, const at::Ten
 }  // namespace avx2
 
 namespace {
-
-// Whether a call runs the AVX2 + FMA build: compiled in and the CPU has both (found once), unless
-// FUSEDRES_CPU_ISA=baseline (read per call, ~0.1 us: the tests run both builds against float64).
-bool use_avx2() {
-  static const bool available = [] {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    return avx2::compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  if (!available) return false;
-  const char* forced = std::getenv("FUSEDRES_CPU_ISA");
-  return forced == nullptr || std::string(forced) != "baseline";
-}
 
 at::Tensor forward(const at::Tensor& input, const c10::optional<at::Tensor>& mean,
                    const c10::optional<at::Tensor>& scale, const at::Tensor& shift,

@@ -1,5 +1,5 @@
-// The kernels of bn_act_cpu_kernels.h built with AVX2 + FMA (namespace fusedres::cpu::avx2), run
-// where the CPU has both (bn_act_cpu.cpp decides). Every header is included BEFORE the target
+// The kernels of bn_act_cpu_kernels.h and bn_stats_cpu_kernels.h built with AVX2 + FMA (namespace
+// fusedres::cpu::avx2), run where the CPU has both (isa.h decides). Every header is included BEFORE the target
 // pragma, so the inline functions they define are compiled for the baseline here as everywhere
 // else (the linker keeps one copy of each: it must run on any x86-64); only this file's own
 // functions and the templates instantiated for them (channel_reduce_cpu.h's loops over this file's
@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@
 
 #define FUSEDRES_CPU_ISA avx2
 #include "bn_act_cpu_kernels.h"
+#include "bn_stats_cpu_kernels.h"
 #undef FUSEDRES_CPU_ISA
 
 #ifdef FUSEDRES_AVX2_BUILD
