@@ -28,7 +28,7 @@ FAST_BACKENDS = [c for c in BACKEND_CASES if c.values[1] != "reference"]
 
 @pytest.fixture(autouse=True, params=["cpu-isa-auto", "cpu-isa-baseline"])
 def both_cpu_builds(request, monkeypatch):
-    """The C++ CPU kernels are built twice (baseline x86-64, and AVX2 + FMA where the CPU has both:
+    """The C++ CPU kernels are built twice (baseline x86-64, and AVX2 where the CPU has AVX2 and FMA:
     csrc/cpu/isa.h): a test module that takes this fixture (`cpu_isa = both_cpu_builds`) runs every
     test with the build this CPU picks and with the baseline one forced."""
     if request.param == "cpu-isa-baseline":

@@ -15,7 +15,7 @@ from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, ba
 SHAPES = [(2, 5, 7, 9), (3, 13, 1, 1), (1, 3, 5, 5), (2, 70, 4, 3)]
 
 
-cpu_isa = both_cpu_builds  # every test twice: the C++ CPU kernels' AVX2 + FMA build and the baseline one
+cpu_isa = both_cpu_builds  # every test twice: the C++ CPU kernels' AVX2 build and the baseline one
 VARIANTS = list(itertools.product([True, False], [True, False], [True, False]))  # (normalize, residual, relu)
 
 

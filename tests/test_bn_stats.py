@@ -7,7 +7,7 @@ from fusedres import ops
 from fusedres.ops.bn_stats import bn_stats_reference
 from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, backend, both_cpu_builds
 
-cpu_isa = both_cpu_builds  # every test twice: the C++ CPU kernels' AVX2 + FMA build and the baseline one
+cpu_isa = both_cpu_builds  # every test twice: the C++ CPU kernels' AVX2 build and the baseline one
 SHAPES = [(2, 5, 7, 9), (3, 13, 1, 1), (1, 3, 5, 5), (4, 17, 3, 5), (2, 70, 4, 3), (2, 3, 23, 29)]
 
 

@@ -1,4 +1,4 @@
-// The kernels of bn_act_cpu_kernels.h and bn_stats_cpu_kernels.h built with AVX2 + FMA (namespace
+// The kernels of bn_act_cpu_kernels.h and bn_stats_cpu_kernels.h built with AVX2 (namespace
 // fusedres::cpu::avx2), run where the CPU has both (isa.h decides). Every header is included BEFORE the target
 // pragma, so the inline functions they define are compiled for the baseline here as everywhere
 // else (the linker keeps one copy of each: it must run on any x86-64); only this file's own

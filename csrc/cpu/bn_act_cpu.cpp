@@ -1,5 +1,5 @@
 // Normalize-activate y = act((x - mean) * scale + shift + residual) and its backward, on the CPU:
-// the kernels (bn_act_cpu_kernels.h) built for the baseline x86-64 here and with AVX2 + FMA in
+// the kernels (bn_act_cpu_kernels.h) built for the baseline x86-64 here and with AVX2 in
 // avx2.cpp, the latter run where the CPU has both. Measured, 2 threads, float32
 // channels_last: the AVX2 build's passes take 0.5-0.7x the baseline's (e.g. [8, 512, 14, 14]:
 // normalize 0.165 -> 0.078 ms, reduction 0.24 -> 0.14, elementwise 0.23 -> 0.15), below aten's

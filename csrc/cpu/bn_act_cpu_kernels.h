@@ -1,5 +1,5 @@
 // The C++ CPU kernels of normalize-activate and its backward, compiled twice: for the baseline
-// x86-64 (bn_act_cpu.cpp) and with AVX2 + FMA (avx2.cpp), each in its own namespace
+// x86-64 (bn_act_cpu.cpp) and with AVX2 (avx2.cpp), each in its own namespace
 // FUSEDRES_CPU_ISA; bn_act_cpu.cpp picks one at run time. Include after every header these
 // kernels use (all that a second TU compiles with another target must be defined here or be a
 // template instantiated here).

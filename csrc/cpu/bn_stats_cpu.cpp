@@ -1,5 +1,5 @@
 // BatchNorm batch statistics and the per-channel backward bookkeeping on the CPU: the kernels
-// (bn_stats_cpu_kernels.h) built for the baseline x86-64 here and with AVX2 + FMA in avx2.cpp,
+// (bn_stats_cpu_kernels.h) built for the baseline x86-64 here and with AVX2 in avx2.cpp,
 // picked per call as bn_act_cpu.cpp picks (isa.h).
 #include <cmath>
 

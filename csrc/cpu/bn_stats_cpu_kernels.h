@@ -1,5 +1,5 @@
 // The C++ CPU kernels of BatchNorm's statistics and backward bookkeeping, compiled twice like
-// bn_act_cpu_kernels.h (baseline x86-64 in bn_stats_cpu.cpp, AVX2 + FMA in avx2.cpp), each in its
+// bn_act_cpu_kernels.h (baseline x86-64 in bn_stats_cpu.cpp, AVX2 in avx2.cpp), each in its
 // namespace FUSEDRES_CPU_ISA.
 #ifndef FUSEDRES_CPU_ISA
 #error "define FUSEDRES_CPU_ISA (the namespace of this build of the kernels) before including this file"

@@ -1,4 +1,4 @@
-// Which build of the C++ CPU kernels a call runs: the AVX2 + FMA one (avx2.cpp) where it was
+// Which build of the C++ CPU kernels a call runs: the AVX2 one (avx2.cpp, no FMA contraction) where it was
 // compiled and the CPU has both (found once), unless FUSEDRES_CPU_ISA=baseline (read per call,
 // ~0.1 us: the tests run both builds against float64).
 #pragma once
