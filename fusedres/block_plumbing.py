@@ -263,13 +263,19 @@ def post_op_of(module: Optional[nn.Module]):
     return None
 
 
+def kernel_post_op(module: Optional[nn.Module]):
+    """post_op_of(module) where it is one of the kernels' activations (common.ACTIVATIONS: ReLU6,
+    SiLU, Hardswish, LeakyReLU, GELU), applied inside a run's BatchNorm passes; else None."""
+    op = post_op_of(module)
+    return op if op is not None and op.activation is not None else None
+
+
 def norm_post_op(norm: nn.Module):
     """The ops.PostOp of the activation inside timm's BatchNormAct2d (norm_with_tail) where it is
     one of the kernels' activations and nothing else is inside (`drop` an nn.Identity), else None."""
     if not norm_with_tail(norm) or type(norm._modules.get("drop")) is not nn.Identity:
         return None
-    op = post_op_of(norm._modules.get("act"))
-    return op if op is not None and op.activation is not None else None
+    return kernel_post_op(norm._modules.get("act"))
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module, sync_ok: bool = True, relu_inside_ok: bool = False,

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from .dense_modules import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .batchnorm import check_sync_args, convert_sync_batchnorm
-from .block_plumbing import (drop_derived, norm_post_op, norm_unfusable_reason, norm_with_relu, norm_with_tail,
-                             post_op_of, unfusable_reason)
+from .block_plumbing import (drop_derived, kernel_post_op, norm_post_op, norm_unfusable_reason, norm_with_relu,
+                             norm_with_tail, post_op_of, unfusable_reason)
 from .ops import PostOp
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedGraph, FusedNormReLU, FusedResidual, FusedSequential,
                       FusedUnits, NormReLUSpec, RunSpec, gate_program, is_plain_max_pool, set_memory_efficient)
@@ -315,13 +315,6 @@ def _chain_match(nodes, block: nn.Module, x, last, final_relu: bool, visited) ->
     return _Plan(tuple(units), None, final_relu), ""
 
 
-def _kernel_post_op(module: nn.Module):
-    """The ops.PostOp of an activation module the kernels apply between units (ReLU6, SiLU,
-    Hardswish, LeakyReLU, GELU: common.ACTIVATIONS), else None."""
-    op = post_op_of(module)
-    return op if op is not None and op.activation is not None else None
-
-
 def _unit_group(child: nn.Module) -> bool:
     """Whether `child` is a plain nn.Sequential (or subclass with its forward: torchvision's
     Conv2dNormActivation) of exactly conv, norm[, activation], an activation a ReLU or one the
@@ -333,7 +326,7 @@ def _unit_group(child: nn.Module) -> bool:
         return False
     if not isinstance(parts[1], nn.modules.batchnorm._NormBase):
         return False
-    return len(parts) == 2 or type(parts[2]) is nn.ReLU or _kernel_post_op(parts[2]) is not None
+    return len(parts) == 2 or type(parts[2]) is nn.ReLU or kernel_post_op(parts[2]) is not None
 
 
 def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
@@ -382,11 +375,10 @@ def _sequential_runs(seq: nn.Sequential) -> Tuple[list, List[Tuple[str, str]]]:
             return ("norm" if norm_post_op(norm) is not None else None), j
         if j < len(children) and type(children[j]) is nn.ReLU:
             return "relu", j + 1
-        if j < len(children) and _kernel_post_op(children[j]) is not None and owner[j] == owner[j - 1]:
-            return _kernel_post_op(children[j]), j + 1  # a unit group's own activation
-        if j < len(children) and _kernel_post_op(children[j]) is not None and j + 1 < len(children) and (
-                unit_at(j + 1) is not None):
-            return _kernel_post_op(children[j]), j + 1  # an activation child with a unit after it
+        op = kernel_post_op(children[j]) if j < len(children) else None
+        # a unit group's own activation, or an activation child with a unit after it
+        if op is not None and (owner[j] == owner[j - 1] or (j + 1 < len(children) and unit_at(j + 1) is not None)):
+            return op, j + 1
         return None, j
 
     def top_index(i):
@@ -594,7 +586,7 @@ def _grow_run(first, module: nn.Module, calls, refused):
             nodes.append(user)
             pool = user.target
     gate, source = None, first.args[0]
-    producer = first.args[0]
+    producer = source
     if (producer.op == "call_module" and len(producer.users) == 1 and len(producer.args) == 1 and not producer.kwargs
             and isinstance(producer.args[0], torch.fx.Node) and calls[producer.target] == 1
             and gate_program(module.get_submodule(producer.target)) is not None):  # x * f(x) feeding the run

@@ -130,7 +130,7 @@ def _row_paths(fused: nn.Module) -> Dict[str, str]:
     return rows
 
 
-def saved_bytes_by_path(model: nn.Module, example_input, paths: Sequence[str], loss: bool = False) -> Dict[str, int]:
+def saved_bytes_by_path(model: nn.Module, example_input, paths: Sequence[str]) -> Dict[str, int]:
     """{path or REST: bytes} that one training-mode forward of `model` on `example_input` (a
     tensor or a tuple of them) keeps for backward, per storage once, put on the innermost of
     `paths` whose forward was running when it was first saved. The model's parameters, buffers
@@ -143,6 +143,7 @@ def saved_bytes_by_path(model: nn.Module, example_input, paths: Sequence[str], l
     stack: List[str] = []
     handles = []
     modules = dict(model.named_modules())
+
     def enter(path):
         def hook(module, args):
             stack.append(path)

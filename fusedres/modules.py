@@ -670,12 +670,12 @@ class FusedUnits(FusedResidual):
             if gate is None:  # not the [N, C, 1, 1] factor expected: the child as it is
                 x = self._gate()(x)
         post_op = self._tail_post_op()
-        if post_op is not None:  # the tail on every core path: in inference the last conv's post-op
-            return super()._core_forward(x, units, residual, post_op, self._pool(), gate)
         nothing_after = self._final_relu or self.join or (self.tail_name is None and self.tail_post_op is None
                                                           and not norm_with_tail(self._units()[-1][1]))
-        if self._pool() is not None and nothing_after:  # the pool inside the units' Function
-            return super()._core_forward(x, units, residual, None, self._pool(), gate)
+        if post_op is not None or nothing_after:
+            # the tail on every core path (in inference the last conv's post-op), and the pool
+            # inside the units' Function where nothing else runs between them
+            return super()._core_forward(x, units, residual, post_op, self._pool(), gate)
         return self._pooled(self._with_tail(super()._core_forward(x, units, residual, gate=gate)))
 
     MEMO_SIZE = 8  # inputs remembered per view

@@ -280,7 +280,7 @@ class ConvBNUnits(torch.autograd.Function):
         if residual_is_x:
             residual = x
         ctx.residual_is_x = residual_is_x
-        h = x if gate is None else gated(x, gate, specs[0][0], tensors[0])
+        h = x if gate is None else gated(x, gate, tensors[0])
         saved, counts = [x], []
         last = len(specs) - 1
         for k, (conv, bn, recompute_z) in enumerate(specs):
@@ -328,7 +328,7 @@ class ConvBNUnits(torch.autograd.Function):
         def conv_input(k, z_before):
             """h_k: x, or act(BN_{k-1}(z_{k-1})) recomputed (one pass; freed after unit k's conv)."""
             if k == 0:
-                return x if gate is None else gated(x, gate, ctx.specs[0][0], per_unit[0][0])
+                return x if gate is None else gated(x, gate, per_unit[0][0])
             _, _, _, mean, scale, shift, _ = per_unit[k - 1]
             return direct.bn_act_forward(z_before, mean, scale, shift, None, ctx.specs[k - 1][1].act)
 
@@ -423,7 +423,7 @@ def recomputed_units(convs: Sequence[ConvArgs]) -> Tuple[bool, ...]:
     return tuple(flags)
 
 
-def gated(x: torch.Tensor, gate: torch.Tensor, conv: ConvSpec, weight: torch.Tensor) -> torch.Tensor:
+def gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x * gate as the conv takes it: in the weight's dtype (autocast's), laid out as x."""
     return dense((x * gate).to(weight.dtype))
 
@@ -613,9 +613,7 @@ def conv_bias_act_inference_unchecked(x: torch.Tensor, weight: torch.Tensor, bia
                 ops.onednn_unsupported_reason(x, weight) is None):
             packed = pack(weight, conv, x.shape) if pack is not None else None
             return direct.conv2d_bias_act_inference(x, weight, bias, residual, *conv, relu, packed, post_op)
-        act = None
-        if post_op is not None:  # the conv kernels' epilogue applies every one; the BatchNorm ops' pass: see there
-            act = post_op.activation
+        act = post_op.activation if post_op is not None else None
         if tracing() and not conv_kernels:
             y = _conv_bias_act_traced(x, weight, bias, residual, conv, relu)
             return y if post_op is None else post_op.apply(y)
