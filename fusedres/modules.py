@@ -29,6 +29,7 @@ forward instead and says so once.
 import collections
 import copy
 import functools
+import inspect
 import operator
 import threading
 import weakref
@@ -46,7 +47,7 @@ from .block_plumbing import (CachesDerivedValues, bn_state_tensors, cached_per_s
                              norm_post_op, norm_unfusable_reason, norm_with_tail, post_op_of, runs_reference,
                              unfusable_reason,
                              train_slowdown_allowed, uses_fused_training, cpu_train_path)
-from .common import tracing
+from .common import tracing, warn_once
 from .models.resnet import BasicBlock, Bottleneck
 from .ops import fold_bn, kernel_unsupported_reason, pack_weight
 
@@ -954,6 +955,32 @@ class NormReLUSpec(NamedTuple):
     norm: str  # its path in the traced module
 
 
+class ProgramArguments(NamedTuple):
+    """The parameters of a module's forward as its traced program takes them: `required` (no
+    default: tensors in the trace), then `optional` ((name, default) pairs, each traced at its
+    default by torch.fx's concrete_args, so a branch on `arg is None` took the default's side)."""
+    required: tuple
+    optional: tuple
+
+    def traced_inputs(self, forward, module, args, kwargs) -> Optional[tuple]:
+        """The program's inputs for forward(module, *args, **kwargs) (the required arguments), or
+        None where the call is not one the trace followed: a required argument that is no tensor,
+        an optional one given another value than its default."""
+        try:
+            bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+        except TypeError:
+            return None
+        values = [bound.get(name) for name in self.required]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            return None
+        for name, default in self.optional:
+            if name in bound:
+                value = bound[name]
+                if not (value is default or (type(value) is type(default) and value == default)):
+                    return None
+        return tuple(values)
+
+
 class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
     """A module whose forward fusedres.fuse traced (torch.fx, its own children as leaves) and
     rewrote: each run of conv -> BN (-> ReLU -> conv -> BN)* (-> ReLU) among its submodules, with
@@ -973,11 +1000,12 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
     _fusedres_original_class = nn.Module  # set on each class fused_graph_class makes
 
     @classmethod
-    def adopt(cls, module: nn.Module, programs) -> nn.Module:
+    def adopt(cls, module: nn.Module, programs, arguments: "ProgramArguments") -> nn.Module:
         """`module` itself, its class made fused_graph_class(type(module)), running `programs`:
-        {training flag: (torch.fx.Graph, (RunSpec, ...))}."""
+        {training flag: (torch.fx.Graph, (RunSpec, ...))}, traced for the calls `arguments` covers."""
         module.__class__ = fused_graph_class(type(module))
         module.__dict__["_fusedres_programs"] = dict(programs)
+        module.__dict__["_fusedres_arguments"] = arguments
         return module
 
     def _program(self, training: bool):
@@ -1031,7 +1059,17 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
         return self.derived_holders()
 
     def forward(self, *args, **kwargs):
-        return self._program(self.training)(*args, **kwargs)
+        arguments = self.__dict__["_fusedres_arguments"]
+        if kwargs or len(args) != len(arguments.required) or not all(isinstance(a, torch.Tensor) for a in args):
+            traced = arguments.traced_inputs(self._fusedres_original_class.forward, self, args, kwargs)
+            if traced is None:  # a call the trace did not follow: the module's own forward, said once
+                warn_once(("graph-call", self._fusedres_original_class),
+                          f"fusedres: {self._fusedres_original_class.__name__}.forward was called with arguments its "
+                          f"fused program was not traced for (tensors for {', '.join(arguments.required)}, the "
+                          f"defaults for the rest): such calls run its own forward")
+                return self._fusedres_original_class.forward(self, *args, **kwargs)
+            args = traced
+        return self._program(self.training)(*args)
 
     def unfused(self) -> nn.Module:
         """This module as an object of its original class (the same children, parameters,
