@@ -14,9 +14,12 @@ drawn at random, so no norm is the identity; the memory format alternating chann
 
   fuse       fusedres.fuse(model) does not raise
   runs       the fused model runs a train step (forward, backward, SGD step) and an eval forward
-  float64    fused float64 equals stock float64 on every tensor (output, input gradient, every
-             parameter gradient and buffer after the step, the eval output after it) to 1e-8
-             (L2-relative; gradients that are zero in exact arithmetic against a floor, below)
+  float64    fused float64 equals stock float64 in the same memory format on every tensor
+             (output, input gradient, every parameter gradient and buffer after the step, the
+             eval output after it) to 1e-8 (L2-relative; gradients that are zero in exact
+             arithmetic against a floor, below), plus twice what the format alone moves stock
+             float64 (a deep net at a random init is ill-conditioned: MobileNetV2's eval output
+             moves 6e-9 between stock's NCHW and channels_last runs)
   float32    fused float32 is within 2x stock float32's own error against the float64 run, per
              tensor, + 2e-5, where stock's own error is the worse of stock's two memory formats
              (channels_last and NCHW: both are stock, they sum in other orders); the worst ratio
@@ -27,6 +30,9 @@ drawn at random, so no norm is the identity; the memory format alternating chann
   unfuse     fusedres.unfuse gives back the original module types and stock's eval output
   BN share   aten BatchNorm calls a fused train-step forward still makes, against stock's
              (counted with a TorchDispatchMode); the fuse report's fused / left layers and why
+
+Dropout and drop path are off in the train step (without_dropout: a mask is drawn in memory
+order, so two memory formats would drop other elements).
 
 Gradients that are zero in exact arithmetic (a bias before a training-mode BatchNorm) are noise in
 every run, so their relative error is noise over noise: each gradient is judged relative to the
@@ -196,12 +202,25 @@ def floors(exact: Dict[str, object]) -> Dict[str, float]:
             for n, t in exact.items()}
 
 
+def without_dropout(model) -> None:
+    """Dropout and drop path off in training (their modules in eval, timm's functional head
+    dropout's rate 0): a mask is drawn in memory order, so runs in two memory formats (the
+    float64 reference is NCHW) would drop other elements and differ by far more than rounding."""
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) or type(m).__name__ in ("DropPath", "DropBlock2d"):
+            m.eval()
+        if isinstance(getattr(m, "drop_rate", None), float):
+            m.drop_rate = 0.0
+
+
 def train_then_eval(model, x, grad, dtype, memory_format) -> Dict[str, object]:
     """{name: tensor}: a train forward + backward (output, input gradient, every parameter
     gradient), an SGD step, every floating buffer (running statistics), then an eval forward (the
     stepped weights and updated statistics: the eval caches must see both)."""
     import torch
     model = model.to(dtype=dtype, memory_format=memory_format).train()
+    without_dropout(model)
     xi = x.detach().to(dtype, copy=True).contiguous(memory_format=memory_format).requires_grad_(True)
     torch.manual_seed(1)  # the same dropout / drop-path draws in every run
     y = model(xi)
@@ -274,6 +293,16 @@ def _input_size(source: str, name: str, model, size: int, x_dtype) -> Optional[i
     return None
 
 
+STAGE_MARK = "zoo_sweep stage: "
+
+
+def _announce(stage: str) -> str:
+    """The stage, also on stderr: a worker killed by a signal (a segfault inside torch) leaves it
+    as its last line, so the row says whether stock or fused was running."""
+    print(STAGE_MARK + stage, file=sys.stderr, flush=True)
+    return stage
+
+
 def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: int = 96, batch: int = 2) -> dict:
     """One model's row (module docstring): every check at every seed; `status` is "ok" (every
     check passed), "fail" (one failed: `failed` lists which), "crash" (fuse or a fused run raised:
@@ -298,11 +327,11 @@ def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: 
     del probe
     formats = [torch.channels_last, torch.contiguous_format]
     worst32, worst64, seed_rows = None, 0.0, []
-    stage = "build"
+    stage = _announce("build")
     try:
         for k, seed in enumerate(seeds):
             fmt = formats[k % 2]
-            stage = f"seed {seed}: build"
+            stage = _announce(f"seed {seed}: build")
             torch.manual_seed(seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -311,7 +340,7 @@ def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: 
             randomize_bn(model, gen)
             x = torch.randn(batch, 3, side, side, dtype=torch.float64, generator=gen) + 0.5
             grad = torch.randn(batch, CLASSES, dtype=torch.float64, generator=gen)
-            stage = f"seed {seed}: fuse"
+            stage = _announce(f"seed {seed}: fuse")
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -328,12 +357,16 @@ def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: 
                 row["modules_left"] = [f"{e.path}: {e.detail[:200]}" for e in report.left][:20]
                 row["fuse_warnings"] = sorted({str(w.message)[:200] for w in caught})[:10]
             checks["fuse"] = True
-            stage = f"seed {seed}: stock runs"
+            stage = _announce(f"seed {seed}: stock runs")
             exact = train_then_eval(copy.deepcopy(model), x, grad, torch.float64, torch.contiguous_format)
+            # stock float64 in this seed's format: fused float64 is compared with it (some models' own
+            # float64 results move with the layout: EfficientViT's gradients by 5e-7)
+            exact_fmt = exact if fmt is torch.contiguous_format else train_then_eval(
+                copy.deepcopy(model), x, grad, torch.float64, fmt)
             stock32 = train_then_eval(copy.deepcopy(model), x, grad, torch.float32, fmt)
             # the control: stock again in the other memory format (its other summation orders)
             stock32_alt = train_then_eval(copy.deepcopy(model), x, grad, torch.float32, formats[(k + 1) % 2])
-            stage = f"seed {seed}: fused runs"
+            stage = _announce(f"seed {seed}: fused runs")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 got64 = train_then_eval(copy.deepcopy(fused), x, grad, torch.float64, fmt)
@@ -345,15 +378,22 @@ def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: 
                 row.setdefault("run_warnings", [])
                 row["run_warnings"] = sorted(set(row["run_warnings"]) | set(fallbacks))[:10]
             checks["runs"] = True
-            stage = f"seed {seed}: compare"
+            stage = _announce(f"seed {seed}: compare")
             fl = floors(exact)
             if got64.keys() != exact.keys():
                 raise AssertionError(f"fused results have other tensors: {sorted(set(got64) ^ set(exact))[:5]}")
-            err64 = {n: l2_rel(got64[n], e, fl[n]) for n, e in exact.items() if e is not None}
-            name64 = max(err64, key=err64.get)
-            worst64 = max(worst64, err64[name64])
-            if err64[name64] > F64_TOLERANCE:
-                row.setdefault("float64_worst", f"seed {seed} {name64}: {err64[name64]:.2e}")
+            # over: error against stock float64 in the same format beyond 1e-8 + twice what the
+            # format alone moves stock float64 (its NCHW run against its channels_last run)
+            err64 = {n: l2_rel(got64[n], exact_fmt[n], fl[n]) for n, e in exact.items() if e is not None}
+            moved64 = {n: l2_rel(exact_fmt[n], e, fl[n]) for n, e in exact.items() if e is not None}
+            excess = {n: err64[n] - 2 * moved64[n] for n in err64}
+            name64 = max(excess, key=excess.get)
+            worst64 = max(worst64, excess[name64])
+            row["float64_max_error"] = max(row.get("float64_max_error", 0.0), max(err64.values()))
+            row["float64_format_moves_stock"] = max(row.get("float64_format_moves_stock", 0.0), max(moved64.values()))
+            if excess[name64] > F64_TOLERANCE:
+                row.setdefault("float64_worst", f"seed {seed} {name64}: {err64[name64]:.2e} (the format moves stock "
+                                                f"{moved64[name64]:.2e})")
             over, over_same_format, control_over, ratios, control = 0, 0, 0, [], []
             for n, e in exact.items():
                 if e is None:
@@ -383,31 +423,32 @@ def check_model(source: str, name: str, seeds: Sequence[int] = (0, 1, 2), size: 
                 checks["bitwise"] = all(
                     (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
                     for a, b in ((got32[n], again[n]) for n in got32))
-                stage = "state_dict"
+                stage = _announce("state_dict")
                 keys_same = list(fused.state_dict()) == list(model.state_dict())
                 fused.load_state_dict(model.state_dict(), strict=True)
                 model.load_state_dict(fused.state_dict(), strict=True)
                 checks["state_dict"] = keys_same
-                stage = "unfuse"
+                stage = _announce("unfuse")
                 plain = fusedres.unfuse(fused)
                 same_types = [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
                 xe = x.float()
                 with torch.no_grad():
                     same_out = torch.equal(plain.float().eval()(xe), model.float().eval()(xe))
                 checks["unfuse"] = same_types and same_out
-                stage = "BN share"
+                stage = _announce("BN share")
                 x32 = x.float()
                 row["aten_bn_stock"] = aten_bn_calls(copy.deepcopy(model).float(), x32, True)
                 with fusedres_strict(False):  # (a dispatch mode sees the reference path; counting only)
                     row["aten_bn_fused_train"] = aten_bn_calls(copy.deepcopy(fused).float(), x32, True)
                     row["aten_bn_fused_eval"] = aten_bn_calls(copy.deepcopy(fused).float(), x32, False)
-            del model, fused, exact, stock32, stock32_alt, got64, got32
+            del model, fused, exact, exact_fmt, stock32, stock32_alt, got64, got32
     except Exception as e:  # noqa: BLE001 - the row says where and what
-        row.update(status="crash", stage=stage, error=_error(e), checks=checks)
+        # stock itself failing (e.g. a model that cannot be channels_last) is the model's, not fusedres's
+        row.update(status="stock-fails" if stage.endswith("stock runs") else "crash", stage=stage, error=_error(e),
+                   checks=checks)
         return row
     checks["float64"] = worst64 <= F64_TOLERANCE
     checks["float32"] = all(s["tensors_over"] == 0 and s["num_batches_tracked_equal"] for s in seed_rows)
-    row["float64_max_error"] = worst64
     row["float32_worst"] = worst32
     row["float32_seeds"] = seed_rows
     stock_calls = row.get("aten_bn_stock", 0)
@@ -486,9 +527,13 @@ def sweep(entries: Sequence[dict], seeds, size, jobs: int, timeout: float, on_ro
                 try:
                     row = json.loads(out.strip().splitlines()[-1])
                 except (ValueError, IndexError):
-                    tail = " | ".join(err.strip().splitlines()[-3:])[:400]
-                    row = {"source": entry["source"], "model": entry["model"], "status": "crash",
-                           "stage": "process", "error": f"the worker exited with {proc.returncode}: {tail}"}
+                    lines = err.strip().splitlines()
+                    stages = [ln[len(STAGE_MARK):] for ln in lines if ln.startswith(STAGE_MARK)]
+                    stage = stages[-1] if stages else "process"
+                    tail = " | ".join(ln for ln in lines[-3:] if not ln.startswith(STAGE_MARK))[:400]
+                    row = {"source": entry["source"], "model": entry["model"],
+                           "status": "stock-fails" if stage.endswith("stock runs") else "crash", "stage": stage,
+                           "error": f"the worker died (exit {proc.returncode}) {tail}".strip()}
             row["family"] = entry["family"]
             row["seconds"] = round(time.time() - t0, 1)
             rows.append(row)
