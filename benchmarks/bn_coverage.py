@@ -80,13 +80,13 @@ def measure(name: str, library: str, ctor: str, size: int) -> dict:
             "left": dict(reasons.most_common())}
 
 
-def _short(detail: str) -> str:
+def _short(detail: str, limit: int = 110) -> str:
     """A reason without the module paths, so equal reasons group."""
     if "left: " in detail:
         detail = detail.split("left: ", 1)[1]
     if "]: " in detail:
         detail = detail.split("]: ", 1)[1]
-    return detail[:110]
+    return detail[:limit]
 
 
 def main(argv=None) -> int:

@@ -61,6 +61,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # bn_coverage, beside this file (PYTHONSAFEPATH=1 leaves it off)
+    sys.path.insert(0, HERE)
 CLASSES = 10
 F64_TOLERANCE = 1e-8
 F32_RATIO = 2.0
@@ -240,40 +242,16 @@ def train_then_eval(model, x, grad, dtype, memory_format) -> Dict[str, object]:
     return out
 
 
-def _batchnorm_counter():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountBatchNorm(TorchDispatchMode):
-        """aten BatchNorm kernels run (every op whose name holds "batch_norm" but not "backward")."""
-
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.name()
-            self.calls += "batch_norm" in name and "backward" not in name
-            return func(*args, **(kwargs or {}))
-
-    return CountBatchNorm()
-
-
 def aten_bn_calls(model, x, training: bool) -> int:
-    import torch
-    model.train(training)
-    counter = _batchnorm_counter()
-    with counter, torch.set_grad_enabled(training):
-        model(x)
-    return counter.calls
+    """aten BatchNorm kernels one forward runs (bn_coverage's counter)."""
+    from bn_coverage import aten_bn_calls as count
+    return count(model, x, training)
 
 
 def _short_reason(detail: str) -> str:
-    """A fuse-report reason without module paths, so that equal reasons group."""
-    if "left: " in detail:
-        detail = detail.split("left: ", 1)[1]
-    if "]: " in detail:
-        detail = detail.split("]: ", 1)[1]
-    return detail[:160]
+    """A fuse-report reason without module paths, so that equal reasons group (bn_coverage's)."""
+    from bn_coverage import _short
+    return _short(detail, limit=160)
 
 
 def _input_size(source: str, name: str, model, size: int, x_dtype) -> Optional[int]:

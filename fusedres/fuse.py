@@ -601,10 +601,10 @@ def _grow_run(first, module: nn.Module, calls, refused):
             pool = user.target
     gate, source = None, first.args[0]
     producer = source
-    if (producer.op == "call_module" and len(producer.users) == 1 and len(producer.args) == 1 and not producer.kwargs
+    producer_module = _submodule(module, producer.target) if producer.op == "call_module" else None
+    if (producer_module is not None and len(producer.users) == 1 and len(producer.args) == 1 and not producer.kwargs
             and isinstance(producer.args[0], torch.fx.Node) and calls[producer.target] == 1
-            and _submodule(module, producer.target) is not None
-            and gate_program(_submodule(module, producer.target)) is not None):  # x * f(x) feeding the run
+            and gate_program(producer_module) is not None):  # x * f(x) feeding the run
         nodes.insert(0, producer)
         gate, source = producer.target, producer.args[0]
     return nodes, tuple(units), final_relu, other, tail, tuple(between), pool, gate, source
@@ -615,9 +615,10 @@ def _tail_of(node, module: nn.Module):
     activation module of post_op_of, or F.silu / F.hardswish / F.relu6 / F.gelu / F.leaky_relu
     (with `inplace` or not, which changes no value)."""
     if node.op == "call_module":
-        if len(node.args) != 1 or node.kwargs or _submodule(module, node.target) is None:
+        target = _submodule(module, node.target)
+        if len(node.args) != 1 or node.kwargs or target is None:
             return None
-        return post_op_of(_submodule(module, node.target))
+        return post_op_of(target)
     if node.op != "call_function":
         return None
     kwargs = dict(node.kwargs)
