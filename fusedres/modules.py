@@ -993,20 +993,55 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
     then the original class: fused_graph_class), so its attributes, methods, isinstance, hooks and
     state_dict keys are the module's own; only forward differs. The traced forward is specialized
     to the module's own `training` flag (the graph for each mode is kept, chosen per call) and to
-    its other attributes as they were when fused. unfused() gives back an object of the original
+    its other attributes as they were when traced: setting one (GhostNet's `drop_rate`, a
+    `grad_checkpointing` flag) traces the forward again (where it then no longer traces, the
+    original forward runs, said once). unfused() gives back an object of the original
     class. The views are not submodules (no duplicate keys): rebuilt when a child is replaced; a
     mode flip, a move and fusedres.refresh reach their caches through this module."""
 
     _fusedres_original_class = nn.Module  # set on each class fused_graph_class makes
 
     @classmethod
-    def adopt(cls, module: nn.Module, programs, arguments: "ProgramArguments") -> nn.Module:
+    def adopt(cls, module: nn.Module, programs, arguments: "ProgramArguments", retrace: Callable) -> nn.Module:
         """`module` itself, its class made fused_graph_class(type(module)), running `programs`:
-        {training flag: (torch.fx.Graph, (RunSpec, ...))}, traced for the calls `arguments` covers."""
+        {training flag: (torch.fx.Graph, (RunSpec, ...))}, traced for the calls `arguments` covers.
+        retrace(module of its original class) -> (programs, arguments), or (None, None) where its
+        forward no longer traces: called when an attribute the trace may have read is set
+        (fuse's graph_programs; a module-level function, so the module stays picklable)."""
         module.__class__ = fused_graph_class(type(module))
         module.__dict__["_fusedres_programs"] = dict(programs)
         module.__dict__["_fusedres_arguments"] = arguments
+        module.__dict__["_fusedres_retrace"] = retrace
+        # the plain attributes a trace may have read: the module's own when fused (not nn.Module's
+        # bookkeeping; torch sets others on it, such as torch.compile's _is_torch_compile)
+        module.__dict__["_fusedres_traced_attributes"] = frozenset(
+            name for name in module.__dict__ if name not in _NOT_READ_BY_TRACES and not name.startswith("_fusedres_"))
         return module
+
+    def __setattr__(self, name: str, value) -> None:
+        stale = (name in self.__dict__.get("_fusedres_traced_attributes", ()) and not isinstance(value, nn.Module)
+                 and not _same_value(self.__dict__.get(name, _MISSING), value))
+        super().__setattr__(name, value)
+        if stale:
+            self._retrace(name)
+
+    def _retrace(self, changed: str) -> None:
+        """The programs traced again for the attributes as they are now (`changed` was set)."""
+        fused_class = type(self)
+        drop_derived(self)
+        for training in (0, 1):
+            self.__dict__.pop(f"_fusedres_program_{training}", None)
+        object.__setattr__(self, "__class__", self._fusedres_original_class)  # torch.fx traces type(root).forward
+        try:
+            programs, arguments = self.__dict__["_fusedres_retrace"](self)
+        finally:
+            object.__setattr__(self, "__class__", fused_class)
+        self.__dict__["_fusedres_programs"] = None if programs is None else dict(programs)
+        self.__dict__["_fusedres_arguments"] = arguments
+        if programs is None:
+            warn_once(("graph-retrace", self._fusedres_original_class, changed),
+                      f"fusedres: {self._fusedres_original_class.__name__}.{changed} was set and its forward "
+                      f"no longer traces into a fused program: it runs its own forward")
 
     def _program(self, training: bool):
         """The GraphModule that runs the rewritten forward for this mode, built once per set of
@@ -1054,12 +1089,14 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
 
     def views(self):
         """The FusedUnits views of both modes' programs (built if need be)."""
-        for training in self.__dict__["_fusedres_programs"]:
+        for training in self.__dict__["_fusedres_programs"] or ():
             self._program(training)
         return self.derived_holders()
 
     def forward(self, *args, **kwargs):
         arguments = self.__dict__["_fusedres_arguments"]
+        if arguments is None:  # retraced after an attribute was set, and it no longer traces
+            return self._fusedres_original_class.forward(self, *args, **kwargs)
         if kwargs or len(args) != len(arguments.required) or not all(isinstance(a, torch.Tensor) for a in args):
             traced = arguments.traced_inputs(self._fusedres_original_class.forward, self, args, kwargs)
             if traced is None:  # a call the trace did not follow: the module's own forward, said once
@@ -1088,6 +1125,26 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
         # the programs rebuilt now, not on the first call: that may be inside torch.compile's
         # tracing (a deep copy, then compile), where building a GraphModule is a graph break
         self.views()
+
+
+# nn.Module's own bookkeeping (hooks, the compiled call, the mode: the programs exist per mode):
+# setting these changes nothing a traced forward read
+_NOT_READ_BY_TRACES = frozenset(nn.Module().__dict__) | {"_is_full_backward_hook", "_compiled_call_impl"}
+_MISSING = object()
+
+
+def _same_value(old, new) -> bool:
+    """Whether setting `new` over `old` leaves what a trace read as it was (the same object, or an
+    equal number, string, flag or tuple of them)."""
+    if old is new:
+        return True
+    plain = (bool, int, float, str, type(None), tuple)
+    if type(old) is not type(new) or not isinstance(old, plain):
+        return False
+    try:
+        return bool(old == new)
+    except Exception:
+        return False
 
 
 def _unfused_state(state: dict) -> dict:

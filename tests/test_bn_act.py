@@ -10,7 +10,8 @@ from fusedres import ops
 from fusedres.common import ACTIVATIONS, Activation
 from fusedres.ops.bn_act import (bn_act_backward_elementwise_reference, bn_act_backward_reduce_reference,
                                  bn_act_forward_reference)
-from helpers import BACKEND_CASES, DTYPES, FORMATS, activation, assert_close, backend, both_cpu_builds, same_format
+from helpers import (BACKEND_CASES, DTYPES, FAST_BACKENDS, FORMATS, activation, assert_close, backend, both_cpu_builds,
+                     same_format)
 
 SHAPES = [(2, 5, 7, 9), (3, 13, 1, 1), (1, 3, 5, 5), (2, 70, 4, 3)]
 
@@ -234,3 +235,74 @@ def test_activation_arguments_are_checked():
         ops.bn_act_backward_reduce(x, x, mean, scale, shift, x, Activation("silu"))
     with pytest.raises(RuntimeError, match="activation code"):
         torch.ops.fusedres_kernels.bn_act_forward(x, mean, scale, shift, None, 9, 0.0)
+
+
+# The kinks of the piecewise activations (where a slope jumps). SiLU and the GELUs are smooth:
+# a rounding difference there moves the gradient by a rounding, not by a slope.
+KINKS = {"relu": (0.0,), "leaky_relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0)}
+KINKED = [a for a in ACTS if a.name in KINKS]
+ULPS = 8  # inputs from 8 ulps below each kink's x to 8 above
+
+
+def _near_kinks(act: Activation, mean, scale, shift, dtype, fmt, device):
+    """x [2, C, kinks, 2 * ULPS + 1]: per channel and kink, the x whose u = (x - mean) * scale +
+    shift is the kink (in float64, rounded to dtype), and its ULPS neighbours each side (stepped
+    through the bit pattern), so u lands within a few roundings of the kink: the forward's
+    rounding and a recompute's decide the side."""
+    kinks = torch.tensor(KINKS[act.name], dtype=torch.float64)
+    centre = (kinks[None, :] - shift.double()[:, None]) / scale.double()[:, None] + mean.double()[:, None]
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    steps = torch.arange(-ULPS, ULPS + 1, dtype=bits)
+    x = (centre.to(dtype).view(bits)[:, :, None] + steps).view(dtype)  # [C, kinks, 2 * ULPS + 1]
+    return x[None].expand(2, -1, -1, -1).to(device).contiguous(memory_format=fmt)
+
+
+def _slope_agrees_with_forward(act: Activation, y, slope, dtype):
+    """Per element, whether backward's slope belongs to the piece the forward's own output y
+    lies on (ReLU: y > 0 slope 1, else 0; LeakyReLU: 1 or alpha; ReLU6: 1 inside (0, 6), else 0;
+    Hardswish: 1 from y = 3, 0 at y = 0 from below -3, the middle piece's u / 3 + 1/2 between).
+    Where a bfloat16 output rounded onto a kink's value (ReLU6's 6, Hardswish's 3) it no longer
+    tells the side: both slopes are taken."""
+    y, s = y.double(), slope.double()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # (a bfloat16 dx = scale * dz, divided by scale again)
+    one, zero = (s - 1).abs() < tol, s.abs() < tol
+    rounded_onto = (lambda v: y == v) if dtype == torch.bfloat16 else (lambda v: torch.zeros_like(y, dtype=torch.bool))
+    if act.name == "relu":
+        return torch.where(y > 0, one, zero)
+    if act.name == "leaky_relu":
+        return torch.where(y > 0, one, (s - act.alpha).abs() < tol)
+    if act.name == "relu6":
+        return torch.where((y > 0) & (y < 6), one, zero) | (rounded_onto(6.0) & (one | zero))
+    middle = ~one & ~zero & (s > -0.51) & (s < 1.51)  # u / 3 + 1/2 within a few ulps of -3 or 3
+    return torch.where(y >= 3, one, torch.where(y == 0, zero, middle)) | (rounded_onto(3.0) & (one | middle))
+
+
+@pytest.mark.parametrize("device,name", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("act", KINKED, ids=[a.name for a in KINKED])
+def test_backward_takes_the_slope_of_the_side_the_forward_computed(device, name, dtype, fmt, act):
+    """Issue 32: backward recomputes u from x; an element a few ulps from a kink must get the slope
+    of the piece the forward's own value is on, in the reduction (dz written) and in the
+    elementwise pass. Inputs step through the bit patterns around each kink's x, so u falls on
+    both sides of it by roundings; the check must see both sides taken (the inputs straddle it)."""
+    channels = 7
+    torch.manual_seed(3)
+    mean = (torch.randn(channels) * 2 + 0.5).to(device)
+    scale = (torch.rand(channels) + 0.5).to(device)
+    shift = torch.randn(channels).to(device)
+    x = _near_kinks(act, mean, scale, shift, dtype, fmt, device)
+    grad = torch.ones_like(x)
+    zero = torch.zeros(channels, device=device)
+    with backend(name, device):
+        y = ops.bn_act_forward(x, mean, scale, shift, None, act)
+        _, _, grad_z = ops.bn_act_backward_reduce(grad, x, mean, scale, shift, None, act, write_grad_z=True)
+        dx = ops.bn_act_backward_elementwise(grad, x, mean, scale, shift, zero, zero, act)
+    for what, slope in (("reduce's dz", grad_z), ("elementwise dz", dx.double() / scale.double().view(1, -1, 1, 1))):
+        agree = _slope_agrees_with_forward(act, y, slope, dtype)
+        assert bool(agree.all()), (f"{what}: {int((~agree).sum())} of {agree.numel()} elements take the other "
+                                   f"slope than the forward's value (y {y[~agree][:4].tolist()}, slope "
+                                   f"{slope[~agree][:4].tolist()})")
+    for kink in range(len(KINKS[act.name])):  # the inputs do reach both sides of every kink
+        pieces = torch.unique(grad_z[:, :, kink].double().round(decimals=2))
+        assert pieces.numel() >= 2, f"kink {KINKS[act.name][kink]}: one slope only ({pieces.tolist()})"

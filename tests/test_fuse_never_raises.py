@@ -164,3 +164,48 @@ def test_a_program_whose_runs_take_the_wrong_arguments_is_refused():
     run.args = run.args + (run.args[0],)
     problem = fuse_module.program_problem(block, graph, specs, arguments)
     assert problem is not None and specs[0].target in problem
+
+
+class ReadsAttributes(nn.Module):
+    """A forward whose trace reads plain attributes (timm's GhostNet: `F.dropout(x, self.drop_rate,
+    self.training)`): each is a constant in the traced graph, so setting one must trace again."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c, c)
+        self.scale = 1.0
+        self.gated = False
+        self.mode = "traceable"
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x))) * self.scale
+        if self.gated:
+            y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        if self.mode == "data-dependent" and bool(x.sum() > 0):  # a branch torch.fx cannot trace
+            y = y + 1
+        return y
+
+
+def test_setting_an_attribute_the_trace_read_traces_again():
+    """After fuse, a user sets attributes the traced forward read: the fused model follows them
+    (traced again, so still the fused program) and equals stock; one whose forward then no
+    longer traces runs its own forward, says so once, and equals stock."""
+    torch.manual_seed(0)
+    stock = randomize_bn(ReadsAttributes()).double()
+    fused = fusedres.fuse(stock)
+    assert isinstance(fused, FusedGraph)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64) + 0.5
+    for name, value in (("scale", 0.25), ("gated", True), ("scale", 0.25)):
+        setattr(stock, name, value)
+        setattr(fused, name, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fused program runs: nothing falls back
+            compare_train_then_eval(stock, fused, x, TOL, steps=1)
+        assert fused.__dict__["_fusedres_arguments"] is not None
+        assert fused._program(False)  # (the eval program built for the new attributes)
+    with pytest.warns(RuntimeWarning, match="no longer traces") as caught:
+        stock.mode = fused.mode = "data-dependent"
+    assert len([w for w in caught if "no longer traces" in str(w.message)]) == 1
+    compare_train_then_eval(stock, fused, x, TOL, steps=1)  # its own forward
+    unfused = fusedres.unfuse(fused)
+    assert type(unfused) is ReadsAttributes and unfused.mode == "data-dependent"
