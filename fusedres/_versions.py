@@ -2,13 +2,13 @@
 
 torch >= 2.4: torch.library.custom_op, which registers every op. triton >= 3.0: the Triton
 kernels' language features. Supported (tested in CI at both ends, README "Supported versions"):
-torch 2.11 / triton 3.6 (the GPU machine's) to torch 2.14 / triton 3.9.
+torch 2.11 / triton 3.6 (the GPU machine's) to torch 2.15 / triton 3.9.
 """
 from packaging.version import Version
 
 MIN_TORCH = "2.4"
 MIN_TRITON = "3.0"
-SUPPORTED_TORCH = ("2.11", "2.14")  # oldest and newest minor versions CI tests
+SUPPORTED_TORCH = ("2.11", "2.15")  # oldest and newest minor versions CI tests
 # triton-lang/triton#9171: before 3.7 the interpreter converts one-element arrays with int(),
 # which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars")
 INTERPRETER_NUMPY_FIXED_IN = "3.7"

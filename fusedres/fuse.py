@@ -136,13 +136,24 @@ class _ChildrenTracer(_Tracer):
 
 
 def _trace(block: nn.Module, training: bool, tracer=None, concrete_args=None) -> torch.fx.Graph:
+    """block's forward traced in `training` mode. A tensor constant the forward makes (torch.fx
+    puts it on block as `_tensor_constant<k>`: torchvision's MaxViT) is kept under a fusedres name
+    instead (`_fusedres_constant_<mode>_...`: a FusedGraph's program takes it from there, unfuse
+    drops it)."""
     was = [(m, m.training) for m in block.modules()]
     try:
         block.train(training)
-        return (tracer or _Tracer()).trace(block, concrete_args=concrete_args)
+        graph = (tracer or _Tracer()).trace(block, concrete_args=concrete_args)
     finally:
         for m, mode in was:
             m.training = mode
+    for node in graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and node.target.startswith("_tensor_constant") \
+                and node.target in block.__dict__:
+            kept = f"_fusedres_constant_{int(training)}_{node.target}"
+            block.__dict__[kept] = block.__dict__.pop(node.target)
+            node.target = kept
+    return graph
 
 
 def _submodule(block: nn.Module, target) -> Optional[nn.Module]:
@@ -152,6 +163,13 @@ def _submodule(block: nn.Module, target) -> Optional[nn.Module]:
         return block.get_submodule(target)
     except AttributeError:
         return None
+
+
+def _has_path(module: nn.Module, target: str) -> bool:
+    """Whether a get_attr target resolves to one of module's parameters, buffers or submodules."""
+    owner, _, name = target.rpartition(".")
+    holder = _submodule(module, owner) if owner else module
+    return holder is not None and (name in holder._parameters or name in holder._buffers or name in holder._modules)
 
 
 def _is_relu(node, block) -> bool:
@@ -717,6 +735,8 @@ def program_problem(module: nn.Module, graph: torch.fx.Graph, specs, arguments: 
     runs = {spec.target: spec for spec in specs}
     called = collections.Counter()
     for node in graph.nodes:
+        if node.op == "get_attr" and not (node.target.startswith("_fusedres_constant_") or _has_path(module, node.target)):
+            return f"the traced program reads {node.target}, which is none of its modules, parameters or buffers"
         if node.op != "call_module":
             continue
         spec = runs.get(node.target)

@@ -1051,6 +1051,9 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
             root = nn.Module()
             for name, child in self._modules.items():
                 root._modules[name] = child
+            for node in graph.nodes:  # the tensor constants its trace made (fuse._trace)
+                if node.op == "get_attr" and node.target.startswith("_fusedres_constant_"):
+                    setattr(root, node.target, self.__dict__[node.target])
             views = []
             for spec in specs:
                 if isinstance(spec, NormReLUSpec):

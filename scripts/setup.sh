@@ -4,11 +4,13 @@
 #   scripts/setup.sh                the torch that already imports (a GPU user's CUDA build is never
 #                                   replaced); only when none imports, torch==2.13.0 (CPU) in ./.venv
 #   scripts/setup.sh --real-models  an environment where real torchvision and timm import, for
-#                                   tests/test_real_models.py: ./.venv-oracle with torch 2.14.1 (the
-#                                   newest supported; a CUDA 13.0 build, which runs on the CPU too),
-#                                   torchvision 0.29.1 and timm, created once and reused; fusedres is
-#                                   built there with its CUDA kernels (sm_80, sm_90) whenever nvcc is
-#                                   present
+#                                   tests/test_real_models.py and the zoo sample: ./.venv-newest with
+#                                   torch 2.15.0 (the newest supported; a CUDA 13.2 build, which runs
+#                                   on the CPU too; pip's cap at 2.14.1 on these machines, a
+#                                   constraint file, is lifted for this install only), torchvision
+#                                   0.29.2 and timm 1.0.31 (pinned: the zoo sample lists its families),
+#                                   created once and reused; fusedres is built there with its CUDA
+#                                   kernels (sm_80, sm_90) whenever nvcc is present
 #   scripts/setup.sh --oldest       the same for the oldest supported torch, the GPU machine's:
 #                                   ./.venv-oldest with torch 2.11.0 (CUDA 13.0 build; triton 3.6
 #                                   comes with it), torchvision 0.26.0, timm and numpy<2.4 (triton
@@ -30,17 +32,20 @@ pip_quiet() { "$1" -m pip install -q "${@:2}" >&2; }
 
 if [ "$ENV_KIND" != default ]; then
   if [ "$ENV_KIND" = newest ]; then
-    VENV=.venv-oracle TORCH=2.14.1 TORCHVISION=0.29.1 ARCHS="8.0;9.0"
+    VENV=.venv-newest TORCH=2.15.0 TORCHVISION=0.29.2 ARCHS="8.0;9.0"
+    # every install into this environment past pip's cap (a later `pip install timm` under the cap
+    # would take torch back to 2.14.1 to satisfy it)
+    export PIP_CONSTRAINT=/dev/null
   else
     VENV=.venv-oldest TORCH=2.11.0 TORCHVISION=0.26.0 ARCHS="9.0" NUMPY="numpy<2.4"
   fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   PY="$PWD/$VENV/bin/python"
-  if ! "$PY" -c "import torch, torchvision, timm; assert torch.__version__.startswith('$TORCH')" >/dev/null 2>&1; then
+  if ! "$PY" -c "import torch, torchvision, timm; assert torch.__version__.startswith('$TORCH') and timm.__version__ == '1.0.31'" >/dev/null 2>&1; then
     pip_quiet "$PY" --upgrade pip
     # pinned together: an unpinned torchvision would pull another torch
     pip_quiet "$PY" "torch==$TORCH" "torchvision==$TORCHVISION"
-    pip_quiet "$PY" timm
+    pip_quiet "$PY" timm==1.0.31
   fi
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCHS}"
 elif ! "$PY" -c "import torch" >/dev/null 2>&1; then

@@ -2,10 +2,11 @@
 # README's test command: set up, build, run the tests in two stages.
 #   stage 1  setup.sh's environment: the whole suite (CPU: Triton under the interpreter); extra
 #            arguments go to this pytest
-#   stage 2  the newest supported torch (2.14.1) with real torchvision / timm as the oracle
-#            (tests/test_real_models.py) and the extension built with its CUDA kernels
-#            (setup.sh --real-models); skipped when stage 1's environment already has torchvision
-#            and timm (stage 1 then ran those tests itself)
+#   stage 2  the newest supported torch (2.15.0) with real torchvision / timm as the oracle
+#            (tests/test_real_models.py), the zoo sweep's family sample (tests/test_zoo_sample.py)
+#            and the extension built with its CUDA kernels (setup.sh --real-models); skipped when
+#            stage 1's environment already has torchvision and timm (stage 1 then ran the
+#            real-model tests itself; the zoo sample asks for FUSEDRES_ZOO_SAMPLE=1)
 #   stage 3  the oldest supported torch (2.11.0, the GPU machine's, with triton 3.6; setup.sh
 #            --oldest), torchvision and timm present: compile / export, fuse, modules, CPU paths,
 #            errors, build and the real models (the numerics of the families beyond ResNet / DenseNet,
@@ -59,6 +60,10 @@ if [[ "$STAGES" == *2* ]]; then
   OMP_NUM_THREADS=1 FUSEDRES_REAL_MODELS=1 "$PY2" -m pytest -q -p no:cacheprovider "${XDIST2[@]}" tests/test_real_models.py \
     tests/test_build.py::test_extension_is_loaded_and_has_cpu_kernels \
     tests/test_build.py::test_cuda_kernels_registered_when_built_with_cuda
+  echo "== stage 2: real models took $((SECONDS / 60)) min $((SECONDS % 60)) s"
+  # the zoo sweep's family sample: one process per model, two at a time (the sweep's own pool)
+  OMP_NUM_THREADS=1 FUSEDRES_REAL_MODELS=1 FUSEDRES_ZOO_SAMPLE=1 "$PY2" -m pytest -q -p no:cacheprovider \
+    tests/test_zoo_sample.py
   echo "== stage 2 took $((SECONDS / 60)) min $((SECONDS % 60)) s"
 fi
 if [[ "$STAGES" == *3* ]]; then

@@ -10,7 +10,9 @@
 - tests marked needs_cuda skip, with the reason, where no GPU is present (the only skips);
 - tests/test_real_models.py is collected only where torchvision and timm import (scripts/test.sh
   runs it in its second stage, in an environment that has them); FUSEDRES_REAL_MODELS=1 makes
-  their absence an error instead."""
+  their absence an error instead;
+- tests/test_zoo_sample.py (the zoo sweep's family sample) only with FUSEDRES_ZOO_SAMPLE=1 as
+  well (scripts/test.sh's second stage)."""
 import importlib.util
 import os
 
@@ -33,6 +35,9 @@ REAL_MODELS = all(importlib.util.find_spec(m) is not None for m in ("torchvision
 if os.environ.get("FUSEDRES_REAL_MODELS") == "1" and not REAL_MODELS:
     raise RuntimeError("FUSEDRES_REAL_MODELS=1 but torchvision or timm does not import here")
 collect_ignore = [] if REAL_MODELS else ["test_real_models.py"]
+# CI's zoo sample (~70 models, minutes): scripts/test.sh's second stage asks for it
+if not (REAL_MODELS and os.environ.get("FUSEDRES_ZOO_SAMPLE") == "1"):
+    collect_ignore.append("test_zoo_sample.py")
 
 
 def pytest_report_header(config):

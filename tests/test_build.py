@@ -26,7 +26,7 @@ KERNEL_OPS = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_ba
 
 def test_cuda_kernels_registered_when_built_with_cuda():
     """A CUDA torch with nvcc present builds the CUDA kernels (scripts/test.sh's real-model stage
-    builds them with torch 2.14.1 + CUDA 13 on this CPU machine), and then every op has a CUDA
+    builds them with torch 2.15.0 + CUDA 13.2 (nvcc 13.0) on this CPU machine), and then every op has a CUDA
     implementation registered with the dispatcher, whether or not a GPU is present."""
     built = bool(torch.ops.fusedres_kernels.built_with_cuda())
     assert built == (torch.version.cuda is not None and os.environ.get("FUSEDRES_SKIP_CUDA_BUILD") != "1"
