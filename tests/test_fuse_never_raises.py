@@ -209,3 +209,33 @@ def test_setting_an_attribute_the_trace_read_traces_again():
     compare_train_then_eval(stock, fused, x, TOL, steps=1)  # its own forward
     unfused = fusedres.unfuse(fused)
     assert type(unfused) is ReadsAttributes and unfused.mode == "data-dependent"
+
+
+class MakesAConstant(nn.Module):
+    """A forward that makes a tensor constant (torch.fx keeps it as `_tensor_constant0` on the
+    traced module, as in torchvision's MaxViT: fuse once crashed building the program)."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c, c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return y * torch.tensor([0.5, 2.0, -1.0]).repeat(2).view(1, 6, 1, 1).to(x.dtype)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_a_traced_tensor_constant_is_kept_by_the_program_and_left_out_by_unfuse(fmt):
+    import pickle
+    stock = _model(MakesAConstant())
+    fused = fusedres.fuse(stock)
+    assert isinstance(fused[1], FusedGraph), str(fusedres.fuse_report(fused))
+    x = (torch.randn(2, 3, 7, 9, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+    compare_train_then_eval(stock, fused, x, TOL, steps=2)
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
+    unfused = fusedres.unfuse(fused)
+    assert type(unfused[1]) is MakesAConstant
+    assert not [k for k in vars(unfused[1]) if "constant" in k], sorted(vars(unfused[1]))
+    assert not [k for k in vars(stock[1]) if "constant" in k], "fuse must leave the user's model as it was"

@@ -24,8 +24,34 @@ with open(os.path.join(HERE, "..", "benchmarks", "zoo_sample.json")) as _f:
     SAMPLE = json.load(_f)
 SEEDS = (0,)
 
-# "source:model" -> (the checks it fails at seed 0, why: the measured numbers)
+# "source:model" -> (the checks it fails at seed 0, why: the measured numbers). Measured on torch
+# 2.15.0, torchvision 0.29.2, timm 1.0.31, CPU (2026-12-08); open in issue 32 unless it says why not.
+# "float32 Nx": fused float32's error against float64 over the worse of stock's two memory formats
+# on the tensor where it is worst; "the control": stock in the other format against stock in this one
+# (how far rounding alone moves stock).
 KNOWN = {
+    # stock itself: aten's CPU convolution_backward for a 1x1 stride-2 conv with 3-4 input
+    # channels, channels_last, corrupts the heap (torch 2.13, 2.14.1 and 2.15.0; RepVGG, MobileOne,
+    # FastViT stems)
+    "timm:fastvit_t8": ({"stock-fails"}, "stock crashes in aten's CPU conv backward (heap corruption)"),
+    "timm:inception_v4": ({"float64"}, "float64 2.28e-8 at features.6.branch1.0.bn.weight.grad, where the memory "
+                                       "format alone moves stock 4.35e-9 (1e-8 + 2x that allowed)"),
+    # a single tensor over, the control within 2x: rounding at a kink (an element within a rounding of
+    # ReLU's / ReLU6's / Hardswish's kink takes the other slope than in float64; each run's slope is
+    # its own forward's, tests/test_kink_slopes.py), or not: open
+    "tv:mnasnet0_5": ({"float32"}, "float32 3.90x at layers.12.3.layers.4.bias.grad, 1 of 266 tensors, control 1.12x"),
+    "timm:hardcorenas_b": ({"float32"}, "float32 3.32x at blocks.5.0.bn1.weight.grad, 1 of 299 tensors, control 1.39x"),
+    "timm:levit_128s": ({"float32"}, "float32 2.19x at the eval output, 1 of 277 tensors, control 1.36x"),
+    "timm:repghostnet_050": ({"float32"}, "float32 2.40x at blocks.6.0.ghost1.primary_conv.1.bias.grad, 1 of 564 "
+                                          "tensors, control 1.09x"),
+    "timm:rexnet_100": ({"float32"}, "float32 138x at features.3.se.fc1.bias.grad, 1 of 355 tensors, control 19.2x"),
+    "timm:legacy_seresnet18": ({"float32"}, "float32 2.45x at layer1.1.se_module.fc1.bias.grad, 2 of 138 tensors, "
+                                            "control 0.98x"),
+    # many tensors over: systematic, open
+    "timm:nextvit_small": ({"float32"}, "float32 16.2x at stages.2.blocks.1.mhca.group_conv3x3.weight.grad, 108 of "
+                                        "415 tensors, control 1.56x"),
+    "timm:legacy_xception": ({"float32"}, "float32 466x at block11.rep.8.bias.grad, 8 of 240 tensors, control 0.28x "
+                                          "(the BatchNorm before a ReLU and a separable conv)"),
 }
 
 
