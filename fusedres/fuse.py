@@ -786,14 +786,6 @@ def graph_programs(module: nn.Module) -> Tuple[Optional[dict], Optional[ProgramA
     return programs, arguments, ""
 
 
-def retraced_programs(module: nn.Module):
-    """(programs, arguments) of graph_programs for a FusedGraph's module (of its original class
-    while this runs) after one of its attributes was set, or (None, None): FusedGraph.adopt's
-    `retrace`."""
-    programs, arguments, _ = graph_programs(module)
-    return programs, arguments
-
-
 def _describe_runs(specs) -> str:
     parts = []
     for spec in specs:
@@ -1013,7 +1005,7 @@ def _swap_unchecked(module: nn.Module, path: str, entries: List[Entry]) -> nn.Mo
     if programs is not None:
         runs = _describe_runs(programs[True][1] or programs[False][1])
         entries.append(Entry(path, kind, "swapped", f"FusedGraph (its own forward, runs fused: {runs})"))
-        return _recurse(FusedGraph.adopt(module, programs, arguments, retraced_programs), path, entries)
+        return _recurse(FusedGraph.adopt(module, programs, arguments, graph_programs), path, entries)
     if _looks_residual(module) and path:
         entries.append(Entry(path, kind, "left", f"{why}; as a graph: {graph_why}"))
     return _recurse(module, path, entries)

@@ -1005,7 +1005,7 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
     def adopt(cls, module: nn.Module, programs, arguments: "ProgramArguments", retrace: Callable) -> nn.Module:
         """`module` itself, its class made fused_graph_class(type(module)), running `programs`:
         {training flag: (torch.fx.Graph, (RunSpec, ...))}, traced for the calls `arguments` covers.
-        retrace(module of its original class) -> (programs, arguments), or (None, None) where its
+        retrace(module of its original class) -> (programs, arguments, why), programs None where its
         forward no longer traces: called when an attribute the trace may have read is set
         (fuse's graph_programs; a module-level function, so the module stays picklable)."""
         module.__class__ = fused_graph_class(type(module))
@@ -1033,7 +1033,7 @@ class FusedGraph(HoldsViews, CachesDerivedValues, nn.Module):
             self.__dict__.pop(f"_fusedres_program_{training}", None)
         object.__setattr__(self, "__class__", self._fusedres_original_class)  # torch.fx traces type(root).forward
         try:
-            programs, arguments = self.__dict__["_fusedres_retrace"](self)
+            programs, arguments, _ = self.__dict__["_fusedres_retrace"](self)
         finally:
             object.__setattr__(self, "__class__", fused_class)
         self.__dict__["_fusedres_programs"] = None if programs is None else dict(programs)

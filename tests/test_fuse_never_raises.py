@@ -4,6 +4,7 @@ module's own forward), a rewrite that fails (the module left as it was, the reas
 FUSEDRES_STRICT=1 raises), and the traced program checked before it replaces a forward."""
 import copy
 import importlib
+import pickle
 import warnings
 
 import pytest
@@ -226,7 +227,6 @@ class MakesAConstant(nn.Module):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 def test_a_traced_tensor_constant_is_kept_by_the_program_and_left_out_by_unfuse(fmt):
-    import pickle
     stock = _model(MakesAConstant())
     fused = fusedres.fuse(stock)
     assert isinstance(fused[1], FusedGraph), str(fusedres.fuse_report(fused))
