@@ -185,10 +185,19 @@ def select(entries: Sequence[dict], families=None, models=None, max_params=60e6,
     return chosen[:limit] if limit else chosen
 
 
+# families CI's sample leaves out, and why
+SAMPLE_LEFT_OUT = {
+    "timm:fastvit": "its smallest model's stock run corrupts the heap (aten's CPU conv backward, 1x1 stride 2, "
+                    "3-4 channels, channels_last; torch 2.13-2.15): the process then dies at a random later stage, "
+                    "fused or stock",
+}
+
+
 def sample_file(entries: Sequence[dict], max_params: float = 60e6) -> dict:
     """CI's family sample (tests/test_zoo_sample.py): the smallest model of each family that has a
-    BatchNorm within max_params, and why each other family has none."""
-    chosen = select(entries, max_params=max_params, sample=True)
+    BatchNorm within max_params, and why each other family has none (or is SAMPLE_LEFT_OUT)."""
+    chosen = [e for e in select(entries, max_params=max_params, sample=True)
+              if f"{e['source']}:{e['family']}" not in SAMPLE_LEFT_OUT]
     picked = {(e["source"], e["family"]) for e in chosen}
     left_out: Dict[str, str] = {}
     by_family: Dict[tuple, List[dict]] = {}
@@ -196,6 +205,9 @@ def sample_file(entries: Sequence[dict], max_params: float = 60e6) -> dict:
         by_family.setdefault((e["source"], e["family"]), []).append(e)
     for (source, family), models in sorted(by_family.items()):
         if (source, family) in picked:
+            continue
+        if f"{source}:{family}" in SAMPLE_LEFT_OUT:
+            left_out[f"{source}:{family}"] = SAMPLE_LEFT_OUT[f"{source}:{family}"]
             continue
         built = [e for e in models if "error" not in e]
         if not built:

@@ -30,10 +30,6 @@ SEEDS = (0,)
 # on the tensor where it is worst; "the control": stock in the other format against stock in this one
 # (how far rounding alone moves stock).
 KNOWN = {
-    # stock itself: aten's CPU convolution_backward for a 1x1 stride-2 conv with 3-4 input
-    # channels, channels_last, corrupts the heap (torch 2.13, 2.14.1 and 2.15.0; RepVGG, MobileOne,
-    # FastViT stems)
-    "timm:fastvit_t8": ({"stock-fails"}, "stock crashes in aten's CPU conv backward (heap corruption)"),
     "timm:inception_v4": ({"float64"}, "float64 2.28e-8 at features.6.branch1.0.bn.weight.grad, where the memory "
                                        "format alone moves stock 4.35e-9 (1e-8 + 2x that allowed)"),
     # a single tensor over, the control within 2x: rounding at a kink (an element within a rounding of
